@@ -1,0 +1,40 @@
+"""natedit: a PPTP NAT editor. Public names of the sans-I/O core."""
+
+from ._errors import NateditError, PolicyError, ProtocolError
+from ._events import (
+    ACCEPT,
+    Action,
+    CallEstablished,
+    CallInfo,
+    CallMapped,
+    CallRefused,
+    CallReleased,
+    Event,
+    ProtocolViolation,
+    Verdict,
+)
+from ._policy import Allocation, DisconnectRule, MalformedAction, Policy, load_policy
+from ._wire import Direction, MessageType
+
+__all__ = [
+    "ACCEPT",
+    "Action",
+    "Allocation",
+    "CallEstablished",
+    "CallInfo",
+    "CallMapped",
+    "CallRefused",
+    "CallReleased",
+    "Direction",
+    "DisconnectRule",
+    "Event",
+    "MalformedAction",
+    "MessageType",
+    "NateditError",
+    "Policy",
+    "PolicyError",
+    "ProtocolError",
+    "ProtocolViolation",
+    "Verdict",
+    "load_policy",
+]
