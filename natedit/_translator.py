@@ -1,12 +1,588 @@
-"""PLACEHOLDER: being written. Public API contract (stable):
+"""The sans-I/O translator: packets, a direction and a clock in; verdicts out.
+
+Theory of operation
+-------------------
+natedit sits on a client-side NAT. Each client picks its own Call ID; the
+server only sees the gateway's one public address, so two clients that pick
+the same Call ID toward the same server are indistinguishable to it, and
+its GRE comes back addressed to a Call ID that two clients own. natedit
+gives every call a *public* Call ID unique per (public address, server) and
+rewrites, like a NAT rewrites ports:
+
+* the control conversation (TCP 1723), where the client's Call ID appears:
+  every Call ID that an *outbound* message carries as the sender's own goes
+  private -> public (Outgoing-Call-Request, Incoming-Call-Reply,
+  Call-Clear-Request, ...), and every Peer's Call ID an *inbound* message
+  carries goes public -> private (Outgoing-Call-Reply, Incoming-Call-
+  Connected, WAN-Error-Notify, Set-Link-Info). ``_FIELDS`` is that table.
+  Call-Disconnect-Notify is the odd one: see ``_decide_disconnect``.
+* enhanced GRE: inbound packets carry the public Call ID; they are matched
+  on (public address, server, public Call ID) and get the client's address
+  and Call ID. Outbound packets carry the server's Call ID; they are matched
+  on (client, server, server Call ID) and get the public source address.
+
+Every rewrite keeps the length, so TCP sequence numbers never move; the TCP
+checksum (control) and the IP header checksum (GRE) are adjusted
+incrementally (RFC 1624). Control messages are framed by their Length field
+across segments (``_stream.py``); a segment is first framed without side
+effects, then, if it is let through, its messages are applied in order.
+
+Verdicts and reasons. Every packet gets ``accept`` (perhaps with new bytes)
+or ``drop``; ``reason`` names every drop and every deliberate pass-through,
+and :class:`Stats` counts them.
+
+=================  ======  =========================================================
+reason             action  when
+=================  ======  =========================================================
+(none)             accept  translated, or not natedit's business at all
+not_pptp_gre       accept  GRE that is not enhanced GRE v1 carrying PPP
+not_ours           accept  GRE to an address natedit does not own
+unsynced           accept  control data of a connection whose start natedit missed
+malformed (*)      drop    control message failing validation (policy: or accept)
+gap                drop    segment beyond the next expected byte (TCP resends it)
+no_call            drop    GRE that no live call owns (also a spoofed server address)
+fragment           drop    a GRE fragment (the kernel defragments before the queue)
+refused:<why>      drop    a new call over a limit (client_limit, table_full, ...)
+too_many_connections drop  control connection table full
+short_ip, ...      drop    a packet that does not parse (ProtocolError reasons)
+=================  ======  =========================================================
+(*) the reason is the ProtocolError's: bad_length, bad_cookie, ...
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import struct
+from collections import Counter
+from ipaddress import IPv4Address
+
+from ._checksum import apply_delta
+from ._errors import ProtocolError
+from ._events import (
+    ACCEPT,
+    Action,
+    CallEstablished,
+    CallInfo,
+    CallMapped,
+    CallRefused,
+    CallReleased,
+    Event,
+    ProtocolViolation,
+    Verdict,
+)
+from ._policy import DisconnectRule, MalformedAction, Policy
+from ._stream import SEQ_MOD, Piece, Stream, frame
+from ._table import Call, CallState, CallTable, ControlConnection
+from ._wire import (
+    GRE_PROTO_PPP,
+    IPPROTO_GRE,
+    IPPROTO_TCP,
+    PPTP_PORT,
+    RESULT_CONNECTED,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    Direction,
+    MessageType,
+    parse_control_header,
+)
+
+MT = MessageType
+OUT = Direction.OUTBOUND
+IN = Direction.INBOUND
+
+_U16 = struct.Struct("!H")
+_GRE = struct.Struct("!BBHHH")
+_TCP = struct.Struct("!HHI")
+
+
+class Field(enum.Enum):
+    NEW = "new"
+    """Outbound: the client's Call ID of a call this message creates."""
+    OWN = "own"
+    """Outbound: the client's Call ID of an existing call."""
+    PEER = "peer"
+    """Inbound: the client's Call ID, as the Peer's Call ID."""
+    DISCONNECT = "disconnect"
+    """Inbound Call-Disconnect-Notify Call ID (see _decide_disconnect)."""
+
+
+_FIELDS: dict[tuple[Direction, MessageType], tuple[int, Field]] = {
+    (OUT, MT.OUTGOING_CALL_REQUEST): (12, Field.NEW),
+    (OUT, MT.INCOMING_CALL_REPLY): (12, Field.NEW),
+    (OUT, MT.OUTGOING_CALL_REPLY): (12, Field.NEW),  # the client is a PAC
+    (OUT, MT.INCOMING_CALL_REQUEST): (12, Field.NEW),  # the client is a PAC
+    (OUT, MT.CALL_CLEAR_REQUEST): (12, Field.OWN),
+    (OUT, MT.CALL_DISCONNECT_NOTIFY): (12, Field.OWN),  # the client is a PAC
+    (IN, MT.OUTGOING_CALL_REPLY): (14, Field.PEER),
+    (IN, MT.INCOMING_CALL_REPLY): (14, Field.PEER),  # the client is a PAC
+    (IN, MT.INCOMING_CALL_CONNECTED): (12, Field.PEER),
+    (IN, MT.WAN_ERROR_NOTIFY): (12, Field.PEER),
+    (IN, MT.SET_LINK_INFO): (12, Field.PEER),
+    (IN, MT.CALL_DISCONNECT_NOTIFY): (12, Field.DISCONNECT),
+}
+"""The one field each (direction, message type) rewrites: offset and kind."""
+
+
+class Stats:
+    """Counters of everything the translator decided; metrics read them live."""
+
+    def __init__(self) -> None:
+        self.verdicts: Counter[tuple[str, str]] = Counter()
+        """(action, reason) of every drop and deliberate pass-through."""
+        self.messages: Counter[tuple[str, str]] = Counter()
+        """(direction, message type name) of every complete control message."""
+        self.rewrites: Counter[tuple[str, str]] = Counter()
+        """(message type name, field kind) of every Call ID field rewritten."""
+        self.gre_packets = [0, 0]
+        """Translated GRE packets by Direction."""
+        self.gre_bytes = [0, 0]
+        self.calls_mapped = 0
+        self.calls_released: Counter[str] = Counter()
+        self.calls_refused: Counter[str] = Counter()
+
 
 class Translator:
-    def __init__(self, policy: Policy, *, rng: random.Random | None = None) -> None
-        # policy.public_address must be set (resolve it at the edge).
-    policy: Policy            # current policy (reload replaces it via set_policy)
-    stats: Stats              # counters, read by metrics
-    def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict
-    def next_deadline(self) -> float | None
-    def handle_timer(self, now: float) -> list[Event]
-    def calls(self) -> list[CallInfo]
-"""
+    """The PPTP NAT editor core. No I/O: feed it packets and the time."""
+
+    def __init__(self, policy: Policy, *, rng: random.Random | None = None) -> None:
+        if policy.public_address is None:
+            raise ValueError("the core needs policy.public_address resolved")
+        self.policy = policy
+        self.public_ip = policy.public_address.packed
+        self.rng = rng if rng is not None else random.SystemRandom()
+        self.table = CallTable(policy, self.rng)
+        self.stats = Stats()
+        self._events: list[Event] = []
+
+    # -- public API -----------------------------------------------------------------------
+
+    def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict:
+        """Decide one IPv4 packet crossing the gateway in ``direction`` at time ``now``."""
+        try:
+            if len(data) < 20 or data[0] >> 4 != 4:
+                raise ProtocolError("short_ip" if len(data) < 20 else "not_ipv4")
+            ihl = (data[0] & 0x0F) * 4
+            total = (data[2] << 8) | data[3]
+            if ihl < 20 or total < ihl or total > len(data):
+                raise ProtocolError("bad_ip_header", f"IHL {ihl}, total length {total}")
+            proto = data[9]
+            if proto == IPPROTO_GRE:
+                if direction is IN:
+                    return self._gre_in(data, ihl, now)
+                return self._gre_out(data, ihl, now)
+            if proto == IPPROTO_TCP:
+                return self._tcp(data, ihl, total, direction, now)
+            return ACCEPT
+        except ProtocolError as exc:
+            return self._verdict(Action.DROP, exc.reason, violation=exc)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` should next be called (None: no timers)."""
+        return self.table.next_deadline()
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Expire requests, idle calls and idle control connections due by ``now``."""
+        for obj in self.table.expired(now):
+            if isinstance(obj, Call):
+                reason = "idle" if obj.state is CallState.ESTABLISHED else "request_timeout"
+                self._release(obj, reason)
+            else:
+                self._close_connection(obj, "control_idle")
+        return self._take_events()
+
+    def calls(self) -> list[CallInfo]:
+        """The live call table, one snapshot per call."""
+        return [call.info() for call in self.table.calls()]
+
+    def set_policy(self, policy: Policy) -> None:
+        """Use ``policy`` from now on; live calls keep their mappings."""
+        if policy.public_address is None:
+            raise ValueError("the core needs policy.public_address resolved")
+        self.policy = policy
+        self.table.policy = policy
+        self.public_ip = policy.public_address.packed
+
+    # -- verdict helpers ----------------------------------------------------------------
+
+    def _verdict(self, action: Action, reason: str | None, data: bytes | None = None,
+                 violation: ProtocolError | None = None) -> Verdict:
+        if reason is not None:
+            self.stats.verdicts[(action.value, reason)] += 1
+        if violation is not None:
+            self._events.append(ProtocolViolation(violation.reason, violation.detail))
+        events = self._take_events()
+        if data is None and reason is None and not events:
+            return ACCEPT
+        return Verdict(action, data, reason, tuple(events))
+
+    def _take_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    # -- GRE ------------------------------------------------------------------------------
+
+    def _gre_in(self, data: bytes, ihl: int, now: float) -> Verdict:
+        if len(data) < ihl + 8:
+            raise ProtocolError("short_gre", f"{len(data) - ihl} bytes after the IP header")
+        f0, f1, proto, _plen, call_id = _GRE.unpack_from(data, ihl)
+        if f1 & 0x07 != 1 or proto != GRE_PROTO_PPP or not f0 & 0x20:
+            return self._verdict(Action.ACCEPT, "not_pptp_gre")
+        dst = data[16:20]
+        call = self.table.by_public.get((dst, data[12:16], call_id))
+        if call is None or call.client_call_id is None:
+            if dst != self.public_ip:
+                return self._verdict(Action.ACCEPT, "not_ours")
+            return self._verdict(Action.DROP, "no_call")
+        if (data[6] << 8 | data[7]) & 0x3FFF:
+            return self._verdict(Action.DROP, "fragment")
+        buf = bytearray(data)
+        buf[16:20] = call.client_ip
+        _U16.pack_into(buf, ihl + 6, call.client_call_id)
+        _U16.pack_into(buf, 10, apply_delta((buf[10] << 8) | buf[11], call.in_csum_delta))
+        call.last_seen = now
+        call.gre_packets[1] += 1
+        call.gre_bytes[1] += len(data)
+        stats = self.stats
+        stats.gre_packets[1] += 1
+        stats.gre_bytes[1] += len(data)
+        return Verdict(Action.ACCEPT, bytes(buf))
+
+    def _gre_out(self, data: bytes, ihl: int, now: float) -> Verdict:
+        if len(data) < ihl + 8:
+            raise ProtocolError("short_gre", f"{len(data) - ihl} bytes after the IP header")
+        f0, f1, proto, _plen, call_id = _GRE.unpack_from(data, ihl)
+        if f1 & 0x07 != 1 or proto != GRE_PROTO_PPP or not f0 & 0x20:
+            return self._verdict(Action.ACCEPT, "not_pptp_gre")
+        call = self.table.by_server.get((data[12:16], data[16:20], call_id))
+        if call is None:
+            return self._verdict(Action.DROP, "no_call")
+        if (data[6] << 8 | data[7]) & 0x3FFF:
+            return self._verdict(Action.DROP, "fragment")
+        buf = bytearray(data)
+        buf[12:16] = call.public_ip
+        _U16.pack_into(buf, 10, apply_delta((buf[10] << 8) | buf[11], call.out_csum_delta))
+        call.last_seen = now
+        call.gre_packets[0] += 1
+        call.gre_bytes[0] += len(data)
+        stats = self.stats
+        stats.gre_packets[0] += 1
+        stats.gre_bytes[0] += len(data)
+        return Verdict(Action.ACCEPT, bytes(buf))
+
+    # -- TCP 1723 -------------------------------------------------------------------------
+
+    def _tcp(self, data: bytes, ihl: int, total: int, d: Direction, now: float) -> Verdict:
+        if total < ihl + 20:
+            raise ProtocolError("short_tcp", f"{total - ihl} bytes after the IP header")
+        sport, dport, seq = _TCP.unpack_from(data, ihl)
+        doff = (data[ihl + 12] >> 4) * 4
+        flags = data[ihl + 13]
+        if doff < 20 or ihl + doff > total:
+            raise ProtocolError("bad_tcp_header", f"data offset {doff}")
+        if d is OUT:
+            if dport != PPTP_PORT:
+                return ACCEPT
+            key = (data[12:16], sport, data[16:20], dport)
+        else:
+            if sport != PPTP_PORT:
+                return ACCEPT
+            key = (data[16:20], dport, data[12:16], sport)
+        start = ihl + doff
+        payload = data[start:total]
+        table = self.table
+        conn = table.connections.get(key)
+        if flags & TCP_SYN:
+            stream_seq = (seq + 1) % SEQ_MOD
+            if conn is not None and conn.streams[d].next_seq not in (None, stream_seq):
+                self._close_connection(conn, "reset")  # the 4-tuple is reused
+                conn = None
+        if conn is None:
+            if flags & TCP_RST:
+                return ACCEPT
+            conn = table.connection(key, now, create=True)
+            if conn is None:
+                return self._verdict(Action.DROP, "too_many_connections")
+        conn.last_seen = now
+        stream = conn.streams[d]
+        if flags & TCP_SYN:
+            stream.resync((seq + 1) % SEQ_MOD)
+        new_data: bytes | None = None
+        if payload:
+            verdict_or_data = self._segment(conn, stream, d, data, start, seq, payload, now)
+            if isinstance(verdict_or_data, Verdict):
+                return verdict_or_data
+            new_data = verdict_or_data
+        if flags & TCP_RST:
+            self._close_connection(conn, "reset")
+        elif flags & TCP_FIN:
+            conn.fin[d] = True
+            self._end_calls(conn, "fin")
+            if all(conn.fin):
+                table.forget_connection(conn)
+        return self._verdict(Action.ACCEPT, None, new_data)
+
+    def _segment(self, conn: ControlConnection, stream: Stream, d: Direction, data: bytes,
+                 start: int, seq: int, payload: bytes, now: float) -> Verdict | bytes | None:
+        """Returns the packet's new bytes (None: unchanged), or a Verdict to return at once."""
+        if stream.next_seq is None:
+            try:
+                parse_control_header(payload)
+            except ProtocolError:
+                return self._verdict(Action.ACCEPT, "unsynced")
+            stream.resync(seq)
+        assert stream.next_seq is not None
+        behind = (stream.next_seq - seq) % SEQ_MOD
+        if behind >= SEQ_MOD // 2:
+            return self._verdict(Action.DROP, "gap")
+        writes = stream.replay(seq, min(behind, len(payload)))
+        if behind >= len(payload):  # all of it is a retransmission
+            return _apply(data, start, writes) if writes else None
+        new = payload[behind:]
+        try:
+            pieces, pending, header = frame(stream, new)
+        except ProtocolError as exc:
+            if self.policy.malformed is MalformedAction.PASS:
+                stream.resync(None)
+                return self._verdict(Action.ACCEPT, exc.reason, violation=exc)
+            return self._verdict(Action.DROP, exc.reason, violation=exc)
+        refused = self._check_new_calls(conn, d, pieces)
+        if refused is not None:
+            return self._verdict(Action.DROP, f"refused:{refused}")
+        base = behind  # payload offset of the first new byte
+        new_seq = (seq + behind) % SEQ_MOD
+        for piece in pieces:
+            for off, value in self._rewrite(conn, stream, d, piece, now):
+                pos = base + piece.at + off - piece.start
+                if payload[pos] != value:
+                    writes.append((pos, value))
+                    stream.record((new_seq + piece.at + off - piece.start) % SEQ_MOD, value)
+            if piece.complete:
+                self._complete(conn, stream, d, piece.header.message_type, piece.message, now)
+        stream.pending, stream.header = pending, header
+        stream.next_seq = (seq + len(payload)) % SEQ_MOD
+        return _apply(data, start, writes) if writes else None
+
+    def _check_new_calls(self, conn: ControlConnection, d: Direction,
+                         pieces: list[Piece]) -> str | None:
+        n = 0
+        for piece in pieces:
+            spec = _FIELDS.get((d, piece.header.message_type))
+            if spec is not None and spec[1] is Field.NEW and piece.start <= spec[0] < piece.end:
+                n += 1
+        if not n:
+            return None
+        reason = self.table.refusal(conn.client_ip, conn.server_ip, self.public_ip, n)
+        if reason is not None:
+            self.stats.calls_refused[reason] += 1
+            self._events.append(CallRefused(
+                IPv4Address(conn.client_ip), None, IPv4Address(conn.server_ip), reason))
+        return reason
+
+    # -- Call ID fields ----------------------------------------------------------------------
+
+    def _rewrite(self, conn: ControlConnection, stream: Stream, d: Direction, piece: Piece,
+                 now: float) -> list[tuple[int, int]]:
+        """(message offset, byte) pairs to write for the field this piece carries."""
+        spec = _FIELDS.get((d, piece.header.message_type))
+        if spec is None:
+            return []
+        f, kind = spec
+        has_hi = piece.start <= f < piece.end
+        has_lo = piece.start <= f + 1 < piece.end
+        if not (has_hi or has_lo):
+            return []
+        msg = piece.message
+        hi = msg[f]
+        full = (hi << 8 | msg[f + 1]) if f + 1 < piece.end else None
+        out: list[tuple[int, int]] = []
+        if kind is Field.NEW:
+            call = stream.partial.pop(f, None) if not has_hi else self._new_call(conn, hi, now)
+            if not isinstance(call, Call):
+                return []
+            stream.new_call = call
+            if has_hi:
+                out.append((f, call.public_call_id >> 8))
+            if full is not None:
+                self._set_client_call_id(conn, call, full)
+                out.append((f + 1, call.public_call_id & 0xFF))
+            else:
+                stream.partial[f] = call
+        else:
+            if full is None:  # only the high byte is here: the one-to-one rule decides it
+                new_hi = self._decide_hi(conn, kind, hi)
+                stream.partial[f] = True
+                if new_hi is not None:
+                    out.append((f, new_hi))
+            else:
+                stream.partial.pop(f, None)
+                value = self._decide(conn, kind, full)
+                if value is not None:
+                    if has_hi:
+                        out.append((f, value >> 8))
+                    out.append((f + 1, value & 0xFF))
+        if out:
+            self.stats.rewrites[(piece.header.message_type.name, kind.value)] += 1
+        return out
+
+    def _new_call(self, conn: ControlConnection, client_hi: int, now: float) -> Call | None:
+        call = self.table.allocate(conn, client_hi, self.public_ip, now)
+        if call is None:  # the high-byte rule left no room (refusal() checked the rest)
+            self.stats.calls_refused["pool_exhausted"] += 1
+        return call
+
+    def _set_client_call_id(self, conn: ControlConnection, call: Call, call_id: int) -> None:
+        old = conn.call_by_client_id(call_id)
+        if old is not None and old is not call:
+            self._release(old, "replaced")  # the client reused a live Call ID
+        call.client_call_id = call_id
+
+    def _decide(self, conn: ControlConnection, kind: Field, value: int) -> int | None:
+        if kind is Field.OWN:
+            call = conn.call_by_client_id(value)
+            return None if call is None else call.public_call_id
+        if kind is Field.PEER:
+            call = conn.call_by_public_id(value)
+            return None if call is None else call.client_call_id
+        return self._decide_disconnect(conn, value)
+
+    def _decide_disconnect(self, conn: ControlConnection, value: int) -> int | None:
+        """The Call ID to write into an inbound Call-Disconnect-Notify.
+
+        RFC 2637 puts the PAC's own Call ID there; some PACs put the PNS's
+        (that is, our public) Call ID; and the PNS we know best (pptp-linux)
+        looks the value up in its *own* call table. natedit matches the value
+        against the server's Call IDs of this connection first, then against
+        its public Call IDs. With ``disconnect_rule: client`` (default) it
+        writes the matched call's client Call ID, as nf_nat_pptp does, so any
+        PNS finds its call; with ``rfc`` it leaves a server Call ID untouched
+        and only maps a public Call ID back to the client's.
+        """
+        call = conn.call_by_server_id(value)
+        if call is not None:
+            if self.policy.disconnect_rule is DisconnectRule.RFC:
+                return None
+            return call.client_call_id
+        call = conn.call_by_public_id(value)
+        return None if call is None else call.client_call_id
+
+    def _decide_hi(self, conn: ControlConnection, kind: Field, hi: int) -> int | None:
+        if kind is Field.OWN:
+            return conn.public_hi_for_client_hi(hi)
+        if kind is Field.PEER:
+            return conn.client_hi_for_public_hi(hi)
+        # Disconnect: the value may be a server or a public Call ID; write a high
+        # byte only when every candidate agrees on it.
+        his = {c.client_call_hi for c in conn.calls
+               if c.public_call_id >> 8 == hi
+               or (c.server_call_id is not None and c.server_call_id >> 8 == hi
+                   and self.policy.disconnect_rule is DisconnectRule.CLIENT)}
+        return his.pop() if len(his) == 1 else None
+
+    # -- message semantics ------------------------------------------------------------------
+
+    def _complete(self, conn: ControlConnection, stream: Stream, d: Direction,
+                  mt: MessageType, msg: bytes, now: float) -> None:
+        """Apply a whole message (original bytes) to the table."""
+        self.stats.messages[(d.name.lower(), mt.name)] += 1
+        new_call = stream.new_call
+        stream.new_call = None
+        stream.partial.clear()
+        if mt in (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY):
+            self._end_calls(conn, "stop")
+            return
+        u16 = _U16.unpack_from
+        if isinstance(new_call, Call):  # an outbound message created a call
+            if new_call.released:
+                return
+            new_call.last_seen = now
+            self.stats.calls_mapped += 1
+            self._events.append(CallMapped(new_call.info()))
+            if mt is MT.OUTGOING_CALL_REQUEST or mt is MT.INCOMING_CALL_REQUEST:
+                return  # REQUESTED until the peer answers
+            self.table.set_server_call_id(new_call, u16(msg, 14)[0])
+            if msg[16] != RESULT_CONNECTED:
+                self._release(new_call, "refused_by_client")
+            elif mt is MT.INCOMING_CALL_REPLY:
+                self.table.set_state(new_call, CallState.INCOMING, now)
+            else:
+                self._establish(new_call, now)
+            return
+        call: Call | None
+        if d is IN:
+            if mt is MT.OUTGOING_CALL_REPLY or mt is MT.INCOMING_CALL_REPLY:
+                call = conn.call_by_public_id(u16(msg, 14)[0])
+                if call is not None:
+                    self.table.set_server_call_id(call, u16(msg, 12)[0])
+                    if msg[16] == RESULT_CONNECTED:
+                        self._establish(call, now)
+                    else:
+                        self._release(call, "refused_by_server")
+            elif mt is MT.INCOMING_CALL_CONNECTED:
+                call = conn.call_by_public_id(u16(msg, 12)[0])
+                if call is not None:
+                    self._establish(call, now)
+            elif mt is MT.CALL_DISCONNECT_NOTIFY:
+                value = u16(msg, 12)[0]
+                call = conn.call_by_server_id(value) or conn.call_by_public_id(value)
+                if call is not None:
+                    self._release(call, "disconnect")
+            elif mt is MT.CALL_CLEAR_REQUEST:  # the client is a PAC
+                call = conn.call_by_server_id(u16(msg, 12)[0])
+                if call is not None:
+                    self.table.set_state(call, CallState.CLOSING, now)
+            elif mt is MT.WAN_ERROR_NOTIFY or mt is MT.SET_LINK_INFO:
+                call = conn.call_by_public_id(u16(msg, 12)[0])
+                if call is not None:
+                    call.last_seen = now
+        else:
+            if mt is MT.CALL_CLEAR_REQUEST:
+                call = conn.call_by_client_id(u16(msg, 12)[0])
+                if call is not None:
+                    self.table.set_state(call, CallState.CLOSING, now)
+            elif mt is MT.CALL_DISCONNECT_NOTIFY:  # the client is a PAC
+                call = conn.call_by_client_id(u16(msg, 12)[0])
+                if call is not None:
+                    self._release(call, "disconnect")
+
+    def _establish(self, call: Call, now: float) -> None:
+        self.table.set_state(call, CallState.ESTABLISHED, now)
+        self._events.append(CallEstablished(call.info()))
+
+    def _release(self, call: Call, reason: str) -> None:
+        if call.released:
+            return
+        info = call.info()
+        self.table.release(call)
+        self.stats.calls_released[reason] += 1
+        self._events.append(CallReleased(info, reason))
+
+    def _end_calls(self, conn: ControlConnection, reason: str) -> None:
+        for call in list(conn.calls):
+            self._release(call, reason)
+
+    def _close_connection(self, conn: ControlConnection, reason: str) -> None:
+        self._end_calls(conn, reason)
+        self.table.forget_connection(conn)
+
+
+def _apply(data: bytes, start: int, writes: list[tuple[int, int]]) -> bytes:
+    """``data`` with payload bytes replaced, TCP checksum updated per RFC 1624."""
+    buf = bytearray(data)
+    ihl = (buf[0] & 0x0F) * 4
+    delta = 0
+    for pos, value in writes:
+        old = buf[start + pos]
+        if old == value:
+            continue
+        buf[start + pos] = value
+        # Payload starts on an even offset of the checksummed data (the TCP header
+        # is a multiple of 4 bytes), so even payload offsets are high bytes.
+        if pos % 2 == 0:
+            delta += (~(old << 8) & 0xFFFF) + (value << 8)
+        else:
+            delta += (~old & 0xFFFF) + value
+    at = ihl + 16
+    _U16.pack_into(buf, at, apply_delta((buf[at] << 8) | buf[at + 1], delta))
+    return bytes(buf)
