@@ -31,39 +31,45 @@ FIRST_PUBLIC = 1000
 def conversation() -> list[bytes]:
     packets: list[bytes] = []
     for i, client in enumerate(CLIENTS):
-        cport = 40000 + i
-        cs, ss = 1000, 5000
-
-        def out(payload: bytes, flags: int = TCP_ACK) -> None:
-            nonlocal cs
-            packets.append(build_tcp(client, SERVER, cport, 1723, cs, payload, flags=flags))
-            cs += len(payload) + (1 if flags & TCP_SYN else 0)
-
-        def inb(payload: bytes, flags: int = TCP_ACK) -> None:
-            nonlocal ss
-            packets.append(build_tcp(SERVER, client, 1723, cport, ss, payload, flags=flags))
-            ss += len(payload) + (1 if flags & TCP_SYN else 0)
-
-        out(b"", TCP_SYN)
-        inb(b"", TCP_SYN | TCP_ACK)
-        ocr = msg(MT.OUTGOING_CALL_REQUEST, call_id=CLIENT_CALL_ID, serial=i)
-        if i == 0:  # the Outgoing-Call-Request split inside its Call ID field
-            out(msg(MT.START_CONTROL_CONNECTION_REQUEST))
-            inb(msg(MT.START_CONTROL_CONNECTION_REPLY))
-            out(ocr[:13])
-            out(ocr[13:])
-        elif i == 1:  # one segment carrying two messages
-            out(msg(MT.START_CONTROL_CONNECTION_REQUEST))
-            inb(msg(MT.START_CONTROL_CONNECTION_REPLY))
-            out(msg(MT.ECHO_REQUEST) + ocr)
-        else:  # Start-Control-Connection-Request and the call request coalesced
-            out(msg(MT.START_CONTROL_CONNECTION_REQUEST) + ocr[:100])
-            inb(msg(MT.START_CONTROL_CONNECTION_REPLY))
-            out(ocr[100:])
-        inb(msg(MT.OUTGOING_CALL_REPLY, call_id=128 * i, peer_call_id=FIRST_PUBLIC + i))
+        packets += control_packets(i, client)
     for i, client in enumerate(CLIENTS):
         packets.append(gre_out(client, 128 * i))
         packets.append(gre_in(FIRST_PUBLIC + i))
+    return packets
+
+
+def control_packets(i: int, client: str) -> list[bytes]:
+    packets: list[bytes] = []
+    cport = 40000 + i
+    cs, ss = 1000, 5000
+
+    def out(payload: bytes, flags: int = TCP_ACK) -> None:
+        nonlocal cs
+        packets.append(build_tcp(client, SERVER, cport, 1723, cs, payload, flags=flags))
+        cs += len(payload) + (1 if flags & TCP_SYN else 0)
+
+    def inb(payload: bytes, flags: int = TCP_ACK) -> None:
+        nonlocal ss
+        packets.append(build_tcp(SERVER, client, 1723, cport, ss, payload, flags=flags))
+        ss += len(payload) + (1 if flags & TCP_SYN else 0)
+
+    out(b"", TCP_SYN)
+    inb(b"", TCP_SYN | TCP_ACK)
+    ocr = msg(MT.OUTGOING_CALL_REQUEST, call_id=CLIENT_CALL_ID, serial=i)
+    if i == 0:  # the Outgoing-Call-Request split inside its Call ID field
+        out(msg(MT.START_CONTROL_CONNECTION_REQUEST))
+        inb(msg(MT.START_CONTROL_CONNECTION_REPLY))
+        out(ocr[:13])
+        out(ocr[13:])
+    elif i == 1:  # one segment carrying two messages
+        out(msg(MT.START_CONTROL_CONNECTION_REQUEST))
+        inb(msg(MT.START_CONTROL_CONNECTION_REPLY))
+        out(msg(MT.ECHO_REQUEST) + ocr)
+    else:  # Start-Control-Connection-Request and the call request coalesced
+        out(msg(MT.START_CONTROL_CONNECTION_REQUEST) + ocr[:100])
+        inb(msg(MT.START_CONTROL_CONNECTION_REPLY))
+        out(ocr[100:])
+    inb(msg(MT.OUTGOING_CALL_REPLY, call_id=128 * i, peer_call_id=FIRST_PUBLIC + i))
     return packets
 
 
@@ -122,7 +128,8 @@ def test_replay_three_clients_same_call_id(tmp_path: Path) -> None:
     # reassemble, so the split and coalesced requests are read from the
     # reassembled client streams by scapy's PPTP layer, a second parser.
     assert sorted(outgoing_call_ids(dst)) == [1000, 1001, 1002]
-    replies = [r for r in rows if r["pptp.control_message_type"] == str(int(MT.OUTGOING_CALL_REPLY))]
+    reply = str(int(MT.OUTGOING_CALL_REPLY))
+    replies = [r for r in rows if r["pptp.control_message_type"] == reply]
     assert len(replies) == 3
     assert {int(r["pptp.peer_call_id"]) for r in replies} == {CLIENT_CALL_ID}
     gre = [r for r in rows if r["gre.key.call_id"]]
