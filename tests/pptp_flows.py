@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 from natedit import Direction, Policy, Verdict
+from natedit._checksum import internet_checksum
 from natedit._translator import Translator
 from natedit._wire import (
     TCP_ACK,
@@ -103,3 +104,97 @@ def gre_in(call_id: int, payload: bytes = b"\xff\x03\xc0\x21", server: str = SER
 
 def gre_out(client: str, server_call_id: int, payload: bytes = b"\xff\x03\xc0\x21") -> bytes:
     return build_gre(client, SERVER, server_call_id, payload)
+
+
+# -- additions for the protocol-core suite ---------------------------------------------
+
+Flight = tuple[Direction, bytes]
+"""Bytes one side sends in a row (one or more whole messages), in conversation order."""
+
+
+def forward(conv: Conversation, d: Direction, payload: bytes) -> bytes:
+    """Send an in-order segment that must be accepted; the packet as it leaves."""
+    packet = conv.segment(d, payload)
+    v = conv.send(d, payload)
+    return out_bytes(v, packet)
+
+
+def establish(conv: Conversation, client_call_id: int, server_call_id: int) -> int:
+    """Outgoing-Call-Request out, a connected Outgoing-Call-Reply in; the public Call ID."""
+    ocrq = forward(conv, OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=client_call_id))
+    public = u16(payload_of(ocrq), 12)
+    ocrp = forward(conv, IN, msg(MessageType.OUTGOING_CALL_REPLY, call_id=server_call_id,
+                                 peer_call_id=public))
+    assert u16(payload_of(ocrp), 14) == client_call_id
+    return public
+
+
+def ip_checksum_ok(packet: bytes) -> bool:
+    ihl = (packet[0] & 0x0F) * 4
+    return internet_checksum(packet[:ihl]) == 0
+
+
+def tcp_checksum_ok(packet: bytes) -> bool:
+    ihl = (packet[0] & 0x0F) * 4
+    total = u16(packet, 2)
+    seg = packet[ihl:total]
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, 6, len(seg))
+    return internet_checksum(pseudo + seg) == 0
+
+
+def deliver(conv: Conversation, d: Direction, segments: list[bytes]) -> bytes:
+    """Feed in-order segments that must all be accepted; the payload bytes that leave."""
+    out = b""
+    for seg in segments:
+        packet = forward(conv, d, seg)
+        assert tcp_checksum_ok(packet) and ip_checksum_ok(packet)
+        out += payload_of(packet)
+    return out
+
+
+def run_flights(flights: list[Flight], cut: list[list[bytes]] | None = None, *,
+                client: str = "10.0.0.5", **policy: object) -> tuple[bytes, bytes, Translator]:
+    """Play ``flights`` on a fresh translator (same seed every time).
+
+    ``cut[i]`` is how flight ``i`` is segmented (default: one segment). Returns the
+    outbound and inbound byte streams as they leave the gateway, and the translator.
+    """
+    tr = make_translator(**policy)
+    conv = Conversation(tr, client)
+    conv.open()
+    streams = {OUT: b"", IN: b""}
+    for i, (d, data) in enumerate(flights):
+        segments = cut[i] if cut is not None else [data]
+        assert b"".join(segments) == data
+        streams[d] += deliver(conv, d, segments)
+    return streams[OUT], streams[IN], tr
+
+
+def split_messages(stream: bytes) -> list[bytes]:
+    """Cut a byte stream of whole control messages by their Length fields."""
+    out = []
+    i = 0
+    while i < len(stream):
+        n = u16(stream, i)
+        out.append(stream[i : i + n])
+        i += n
+    assert i == len(stream)
+    return out
+
+
+def run_timers(tr: Translator, until: float) -> list[object]:
+    """Virtual time: fire every deadline up to ``until``; the events, in order."""
+    events: list[object] = []
+    while (due := tr.next_deadline()) is not None and due <= until:
+        events.extend(tr.handle_timer(due))
+    events.extend(tr.handle_timer(until))
+    return events
+
+
+def write_pcap(path: str, packets: list[bytes]) -> None:
+    """A classic pcap of raw IPv4 packets (LINKTYPE_RAW = 101), 1 ms apart."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
+        for i, p in enumerate(packets):
+            f.write(struct.pack("<IIII", 1_700_000_000, i * 1000, len(p), len(p)))
+            f.write(p)
