@@ -24,6 +24,21 @@ directions, and owns GRE completely:
 * GRE version 0 (plain GRE tunnels) is not touched, nor is traffic between
   two inside networks.
 
+What the operator keeps doing, and must know:
+
+* the NAT of TCP 1723 (``-t nat -A POSTROUTING -o <wan> -j MASQUERADE`` or
+  SNAT): natedit never adds one, with or without ``natedit run``;
+* the filter: natedit queues in ``mangle``, before ``filter``, so in
+  ``filter FORWARD`` outbound GRE already carries the public source and
+  inbound GRE the private destination, and GRE is conntrack state
+  UNTRACKED: a FORWARD chain that drops by default needs something like
+  ``-p gre -m conntrack --ctstate UNTRACKED -j ACCEPT``;
+* the kernel PPTP helper must not be attached to TCP 1723:
+  :func:`check_no_pptp_helper` refuses to start if it is;
+* GRE v1 to the public address is natedit's: the gateway itself cannot
+  also be a PPTP endpoint on that address. One natedit per network
+  namespace (ownership is by chain name).
+
 The rules are one :class:`RuleSet` rendered two ways: iptables-restore
 input (``iptables-nft`` turns it into nft rules with ``xt`` matches; the
 native nft ``queue`` statement needs CONFIG_NFT_QUEUE, which some kernels
@@ -389,8 +404,9 @@ def _option(words: list[str], *names: str) -> tuple[bool, str | None]:
 
 def _has_port(spec: str) -> bool:
     for part in spec.split(","):
-        low, _, high = part.partition(":")
-        if int(low or 0) <= PPTP_PORT <= int(high or low or 65535):
+        low, colon, high = part.partition(":")
+        first = int(low or 0)
+        if first <= PPTP_PORT <= (int(high or 65535) if colon else first):
             return True
     return False
 
@@ -458,8 +474,7 @@ def install(rs: RuleSet, flavour: Flavour) -> Installation:
             host.run(["nft", "-f", "-"], stdin=render_nft(rs))
         except host.HostError as exc:
             raise RulesError(
-                f"{exc} (the nft queue statement needs CONFIG_NFT_QUEUE: "
-                "try --flavour iptables)"
+                f"{exc} (the nft queue statement needs CONFIG_NFT_QUEUE: try --flavour iptables)"
             ) from exc
         return Installation(flavour, rs.hooks, None)
     if host.have("nft"):
@@ -491,9 +506,12 @@ def cleanup() -> None:
 
 
 def _remove_iptables(before: NftChains | None, hooks: tuple[Hook, ...]) -> None:
+    """Delete natedit's chains, then prune (against ``before``, or after leftovers only)."""
     blocks = iptables_removal(host.run(["iptables-save"]))
     if blocks:
         host.run(["iptables-restore", "--noflush"], stdin=_restore_script(blocks))
+    elif before is None:
+        return  # nothing of natedit's: the empty base chains there are not ours either
     if host.have("nft") and host.iptables_is_nft():
         script = nft_prune(host.nft_ruleset("ip"), before, hooks)
         if script:

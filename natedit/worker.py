@@ -49,6 +49,7 @@ from typing import Any, Protocol
 from . import host, rules
 from ._events import Action, CallInfo, Event, ProtocolViolation, Verdict
 from ._policy import Policy
+from ._translator import Translator
 from ._wire import Direction
 
 log = logging.getLogger("natedit")
@@ -214,11 +215,7 @@ def run(
         policy = policy.with_public_address(host.default_route_address())
     ruleset = rules.build_ruleset(policy)
     rules.check_no_pptp_helper(ruleset.inside_networks)
-    if make_translator is None:
-        from ._translator import Translator
-
-        make_translator = Translator
-    dispatcher = Dispatcher(make_translator(policy))
+    dispatcher = Dispatcher((make_translator or Translator)(policy))
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     with _signals() as wakeup, _bound(queues, dispatcher) as bound:
         installation = rules.install(ruleset, flavour)

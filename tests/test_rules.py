@@ -17,6 +17,7 @@ from natedit.rules import (
     RulesError,
     build_ruleset,
     check_no_pptp_helper,
+    cleanup,
     install,
     iptables_blocks,
     iptables_removal,
@@ -207,6 +208,8 @@ def test_removal_of_a_clean_ruleset_is_nothing() -> None:
         ("-A PREROUTING -s 10.0.0.0/8 -p tcp -m tcp --dport 1723 -j CT --helper pptp", True),
         ("-A PREROUTING -p tcp -m multiport --dports 1700:1800 -j CT --helper pptp", True),
         ("-A PREROUTING -p tcp -m tcp ! --dport 21 -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -m multiport --dports 21,1000: -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -m multiport --dports 21,1724: -j CT --helper pptp", False),
         ("-A PREROUTING -p tcp -m tcp --dport 21 -j CT --helper pptp", False),
         ("-A PREROUTING -p tcp -m tcp ! --dport 1723 -j CT --helper pptp", False),
         ("-A PREROUTING -s 192.168.0.0/16 -p tcp -m tcp --dport 1723 -j CT --helper pptp", False),
@@ -382,6 +385,16 @@ def test_crash_in_an_empty_namespace_leaves_no_tables_behind(gw: Namespace) -> N
     remove(installation)
     assert gw.iptables_save() == ""
     assert gw.run(["nft", "list", "ruleset"]) == ""
+
+
+@pytest.mark.netns
+def test_cleanup_without_leftovers_touches_nothing(gw: Namespace) -> None:
+    # An operator's empty base chain and empty table: not natedit's, so not pruned.
+    gw.run(["iptables", "-t", "mangle", "-P", "POSTROUTING", "ACCEPT"])
+    gw.run(["nft", "add", "table", "ip", "raw"])
+    before = gw.run(["nft", "list", "ruleset"])
+    cleanup()
+    assert gw.run(["nft", "list", "ruleset"]) == before
 
 
 @pytest.mark.netns
