@@ -1,0 +1,80 @@
+"""Real-peer test harness for natedit: namespaces, pptpd, pptp-linux, capture, scenarios.
+
+Typical use::
+
+    from tests.harness import KERNEL_HELPER, require_netns, scenarios
+
+    def test_same_call_id() -> None:
+        require_netns()
+        result = scenarios.same_call_id(KERNEL_HELPER, n_clients=3)
+        assert all(c.clean for c in result.calls.values()), result.describe()
+"""
+
+from __future__ import annotations
+
+from . import scenarios
+from .capture import (
+    Capture,
+    GrePacket,
+    IcmpPacket,
+    PptpMessage,
+    WireSummary,
+    decode_pcap,
+)
+from .hdlc import HdlcDeframer, fcs16, hdlc_decode_all, hdlc_encode, ppp_frame
+from .lab import (
+    ClientNode,
+    Lab,
+    LabError,
+    PrivateMounts,
+    call_id_random_bytes,
+    prerequisite_problems,
+    require_netns,
+)
+from .peers import PptpClient, PptpServer, StandinInfo, start_pptp_client, start_pptpd
+from .pump import FramePump, PumpStats
+from .scenarios import (
+    KERNEL_HELPER,
+    MASQUERADE_ONLY,
+    CallResult,
+    Gateway,
+    ScenarioResult,
+    Session,
+    session,
+)
+
+__all__ = [
+    "KERNEL_HELPER",
+    "MASQUERADE_ONLY",
+    "CallResult",
+    "Capture",
+    "ClientNode",
+    "FramePump",
+    "Gateway",
+    "GrePacket",
+    "HdlcDeframer",
+    "IcmpPacket",
+    "Lab",
+    "LabError",
+    "PptpClient",
+    "PptpMessage",
+    "PptpServer",
+    "PrivateMounts",
+    "PumpStats",
+    "ScenarioResult",
+    "Session",
+    "StandinInfo",
+    "WireSummary",
+    "call_id_random_bytes",
+    "decode_pcap",
+    "fcs16",
+    "hdlc_decode_all",
+    "hdlc_encode",
+    "ppp_frame",
+    "prerequisite_problems",
+    "require_netns",
+    "scenarios",
+    "session",
+    "start_pptp_client",
+    "start_pptpd",
+]
