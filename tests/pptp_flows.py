@@ -9,10 +9,12 @@ from __future__ import annotations
 import ipaddress
 import random
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 
 from natedit import Direction, Policy, Verdict
 from natedit._checksum import internet_checksum
+from natedit._table import CallTable
 from natedit._translator import Translator
 from natedit._wire import (
     TCP_ACK,
@@ -198,3 +200,27 @@ def write_pcap(path: str, packets: list[bytes]) -> None:
         for i, p in enumerate(packets):
             f.write(struct.pack("<IIII", 1_700_000_000, i * 1000, len(p), len(p)))
             f.write(p)
+
+
+def assert_table_consistent(table: CallTable) -> None:
+    """The call table's indexes agree with each other and with every connection's calls."""
+    live = [c for conn in table.connections.values() for c in conn.calls]
+    assert sorted(map(id, live)) == sorted(map(id, table.by_public.values()))
+    for (pub, server, cid), call in table.by_public.items():
+        assert (pub, server, cid) == (call.public_ip, call.server_ip, call.public_call_id)
+        assert not call.released and not call.conn.released
+    per_pool = Counter((c.public_ip, c.server_ip, c.public_call_id) for c in live)
+    assert all(n == 1 for n in per_pool.values()), "duplicate live public Call ID"
+    for (pub, server), used in table.used.items():
+        assert used == {c.public_call_id for c in live
+                        if (c.public_ip, c.server_ip) == (pub, server)}
+    assert table.per_client == Counter(c.client_ip for c in live)
+    for key, call in table.by_server.items():
+        assert key == (call.client_ip, call.server_ip, call.server_call_id)
+        assert not call.released
+    for conn in table.connections.values():
+        pairs = {(c.client_call_hi, c.public_call_id >> 8) for c in conn.calls}
+        assert len({hi for hi, _ in pairs}) == len(pairs) == len({p for _, p in pairs}), (
+            "client and public high bytes are not one-to-one")
+        for call in conn.calls:
+            assert call.client_call_id is None or call.client_call_id >> 8 == call.client_call_hi

@@ -41,6 +41,7 @@ from tests.pptp_flows import (
     PUBLIC,
     SERVER,
     Conversation,
+    assert_table_consistent,
     establish,
     forward,
     make_translator,
@@ -118,7 +119,7 @@ class TableMachine(RuleBasedStateMachine):
         if not self.keys:
             return
         conn = self.t.connections[self.keys[which % len(self.keys)]]
-        if self.t.refusal(conn.client_ip, conn.server_ip, PUB, 1) is not None:
+        if self.t.refusal(conn, PUB, [client_call_id >> 8]) is not None:
             return
         before = len(self.t)
         old = conn.call_by_client_id(client_call_id)
@@ -170,22 +171,7 @@ class TableMachine(RuleBasedStateMachine):
 
     @invariant()
     def indexes_agree(self) -> None:
-        t = self.t
-        live = [c for conn in t.connections.values() for c in conn.calls]
-        assert sorted(map(id, live)) == sorted(map(id, t.by_public.values()))
-        for (pub, server, cid), call in t.by_public.items():
-            assert (pub, server, cid) == (call.public_ip, call.server_ip, call.public_call_id)
-            assert not call.released
-        # no duplicate live public Call ID per (public address, server)
-        per_pool = Counter((c.public_ip, c.server_ip, c.public_call_id) for c in live)
-        assert all(n == 1 for n in per_pool.values())
-        for (pub, server), used in t.used.items():
-            assert used == {c.public_call_id for c in live
-                            if (c.public_ip, c.server_ip) == (pub, server)}
-        assert t.per_client == Counter(c.client_ip for c in live)
-        for key, call in t.by_server.items():
-            assert key == (call.client_ip, call.server_ip, call.server_call_id)
-            assert not call.released
+        assert_table_consistent(self.t)
 
     @invariant()
     def limits_hold(self) -> None:
@@ -194,15 +180,6 @@ class TableMachine(RuleBasedStateMachine):
         assert all(n <= p.max_calls_per_client for n in self.t.per_client.values())
         for call in self.t.calls():
             assert p.call_id_first <= call.public_call_id <= p.call_id_last
-
-    @invariant()
-    def high_bytes_one_to_one_per_connection(self) -> None:
-        for conn in self.t.connections.values():
-            pairs = {(c.client_call_hi, c.public_call_id >> 8) for c in conn.calls}
-            assert len({hi for hi, _ in pairs}) == len(pairs) == len({p for _, p in pairs})
-            for call in conn.calls:
-                assert call.client_call_id is None or call.client_call_id >> 8 == (
-                    call.client_call_hi)
 
 
 TableMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=40,
@@ -221,7 +198,7 @@ def test_sequential_hands_out_in_order_across_connections() -> None:
         assert call is not None
         ids.append(call.public_call_id)
     assert ids == [100, 101, 102, 103, 104]
-    assert t.refusal(CLIENTS[0], SERVERS[0], PUB, 1) == "pool_exhausted"
+    assert t.refusal(conn_of(t, CLIENTS[0], 49999, SERVERS[0]), PUB, [0] * 1) == "pool_exhausted"
     # another server has its own pool
     other = new_call(t, conn_of(t, server=SERVERS[1]), 0x1234)
     assert other is not None and other.public_call_id == 100
@@ -234,7 +211,7 @@ def test_released_ids_are_reused() -> None:
     middle = calls[1]
     assert middle is not None
     t.release(middle)
-    assert t.refusal(CLIENTS[0], SERVERS[0], PUB, 1) is None
+    assert t.refusal(conn_of(t, CLIENTS[0], 49999, SERVERS[0]), PUB, [0] * 1) is None
     again = new_call(t, conn_of(t, port=9), 7)
     assert again is not None and again.public_call_id == 2
 
@@ -296,13 +273,13 @@ def test_refusal_reasons_and_their_order() -> None:
     t = table(max_calls_per_client=2, max_calls=3, call_id_first=1, call_id_last=4)
     for port in range(2):
         assert new_call(t, conn_of(t, port=port), 1) is not None
-    assert t.refusal(CLIENTS[0], SERVERS[0], PUB, 1) == "client_limit"
-    assert t.refusal(CLIENTS[1], SERVERS[0], PUB, 1) is None
-    assert t.refusal(CLIENTS[1], SERVERS[0], PUB, 2) == "table_full"
+    assert t.refusal(conn_of(t, CLIENTS[0], 49999, SERVERS[0]), PUB, [0] * 1) == "client_limit"
+    assert t.refusal(conn_of(t, CLIENTS[1], 49999, SERVERS[0]), PUB, [0] * 1) is None
+    assert t.refusal(conn_of(t, CLIENTS[1], 49999, SERVERS[0]), PUB, [0] * 2) == "table_full"
     assert new_call(t, conn_of(t, CLIENTS[1]), 1) is not None
-    assert t.refusal(CLIENTS[2], SERVERS[0], PUB, 1) == "table_full"
+    assert t.refusal(conn_of(t, CLIENTS[2], 49999, SERVERS[0]), PUB, [0] * 1) == "table_full"
     t2 = table(call_id_first=1, call_id_last=2)
-    assert t2.refusal(CLIENTS[0], SERVERS[0], PUB, 3) == "pool_exhausted"
+    assert t2.refusal(conn_of(t2, CLIENTS[0], 49999, SERVERS[0]), PUB, [0] * 3) == "pool_exhausted"
 
 
 def test_connection_limit() -> None:
