@@ -164,6 +164,8 @@ class CallTable:
         self.used: dict[tuple[bytes, bytes], set[int]] = {}
         """Public Call IDs in use per (public address, server address)."""
         self._cursor: dict[tuple[bytes, bytes], int] = {}
+        self.relaxed = 0
+        """Calls mapped without the high-byte rule (see :meth:`allocate`)."""
         self._timers: list[tuple[float, int, Call | ControlConnection]] = []
         self._timer_seq = 0
 
@@ -195,24 +197,44 @@ class CallTable:
 
     # -- calls ------------------------------------------------------------------------
 
-    def refusal(self, client_ip: bytes, server_ip: bytes, public_ip: bytes, n: int) -> str | None:
-        """Why ``n`` new calls of ``client_ip`` toward ``server_ip`` cannot be mapped, or None."""
+    def refusal(self, conn: ControlConnection, public_ip: bytes,
+                client_his: list[int]) -> str | None:
+        """Why new calls of ``conn`` (their client Call ID high bytes) cannot all be
+        mapped, or None."""
         p = self.policy
-        if self.per_client[client_ip] + n > p.max_calls_per_client:
+        n = len(client_his)
+        if self.per_client[conn.client_ip] + n > p.max_calls_per_client:
             return "client_limit"
         if len(self.by_public) + n > p.max_calls:
             return "table_full"
-        pool = p.call_id_last - p.call_id_first + 1
-        if len(self.used.get((public_ip, server_ip), ())) + n > pool:
+        used = self.used.get((public_ip, conn.server_ip), set())
+        if len(used) + n > p.call_id_last - p.call_id_first + 1:
             return "pool_exhausted"
+        for hi in client_his:
+            if not self._has_room(conn, hi, used):
+                return "pool_exhausted"
         return None
+
+    def _has_room(self, conn: ControlConnection, client_hi: int, used: set[int]) -> bool:
+        """Whether a free public ID keeps the high bytes of ``conn`` one-to-one."""
+        first, last = self.policy.call_id_first, self.policy.call_id_last
+        want_hi = conn.public_hi_for_client_hi(client_hi)
+        if want_hi is not None:
+            lo, hi = max(first, want_hi << 8), min(last, want_hi << 8 | 0xFF)
+            return any(cid not in used for cid in range(lo, hi + 1))
+        avoid = {c.public_call_id >> 8 for c in conn.calls}
+        if (last - first + 1) - len(used) > 256 * len(avoid):
+            return True  # more free IDs than the avoided blocks can hold
+        return any(cid not in used and cid >> 8 not in avoid for cid in range(first, last + 1))
 
     def allocate(self, conn: ControlConnection, client_call_hi: int, public_ip: bytes,
                  now: float) -> Call | None:
         """Map a new call of ``conn``; the caller has checked :meth:`refusal`.
 
-        Returns None only when no public Call ID satisfies the high-byte rule
-        (module docstring) - which needs a pool almost full or tiny.
+        Should several new calls in one segment together leave no ID that keeps
+        the high-byte rule (module docstring), the rule is relaxed for the last
+        one rather than let its private Call ID out (``relaxed`` counts it).
+        Returns None only when the pool is full.
         """
         pool_key = (public_ip, conn.server_ip)
         used = self.used.setdefault(pool_key, set())
@@ -227,7 +249,10 @@ class CallTable:
 
         cid = self._pick(pool_key, used, ok, want_hi)
         if cid is None:
-            return None
+            cid = self._pick(pool_key, used, lambda c: c not in used, None)
+            if cid is None:
+                return None
+            self.relaxed += 1
         call = Call(conn, client_call_hi, public_ip, cid, now)
         used.add(cid)
         self.by_public[(public_ip, conn.server_ip, cid)] = call

@@ -75,7 +75,6 @@ from ._policy import DisconnectRule, MalformedAction, Policy
 from ._stream import SEQ_MOD, Piece, Stream, frame
 from ._table import Call, CallState, CallTable, ControlConnection
 from ._wire import (
-    GRE_PROTO_PPP,
     IPPROTO_GRE,
     IPPROTO_TCP,
     PPTP_PORT,
@@ -85,6 +84,7 @@ from ._wire import (
     TCP_SYN,
     Direction,
     MessageType,
+    is_pptp_gre,
     parse_control_header,
 )
 
@@ -224,19 +224,19 @@ class Translator:
     # -- GRE ------------------------------------------------------------------------------
 
     def _gre_in(self, data: bytes, ihl: int, now: float) -> Verdict:
+        dst = data[16:20]
+        if dst != self.public_ip:
+            return self._verdict(Action.ACCEPT, "not_ours")
+        if (data[6] << 8 | data[7]) & 0x3FFF:  # no GRE header to read in most of them
+            return self._verdict(Action.DROP, "fragment")
         if len(data) < ihl + 8:
             raise ProtocolError("short_gre", f"{len(data) - ihl} bytes after the IP header")
         f0, f1, proto, _plen, call_id = _GRE.unpack_from(data, ihl)
-        if f1 & 0x07 != 1 or proto != GRE_PROTO_PPP or not f0 & 0x20:
+        if not is_pptp_gre(f0, f1, proto):
             return self._verdict(Action.ACCEPT, "not_pptp_gre")
-        dst = data[16:20]
         call = self.table.by_public.get((dst, data[12:16], call_id))
         if call is None or call.client_call_id is None:
-            if dst != self.public_ip:
-                return self._verdict(Action.ACCEPT, "not_ours")
             return self._verdict(Action.DROP, "no_call")
-        if (data[6] << 8 | data[7]) & 0x3FFF:
-            return self._verdict(Action.DROP, "fragment")
         buf = bytearray(data)
         buf[16:20] = call.client_ip
         _U16.pack_into(buf, ihl + 6, call.client_call_id)
@@ -250,16 +250,16 @@ class Translator:
         return Verdict(Action.ACCEPT, bytes(buf))
 
     def _gre_out(self, data: bytes, ihl: int, now: float) -> Verdict:
+        if (data[6] << 8 | data[7]) & 0x3FFF:
+            return self._verdict(Action.DROP, "fragment")
         if len(data) < ihl + 8:
             raise ProtocolError("short_gre", f"{len(data) - ihl} bytes after the IP header")
         f0, f1, proto, _plen, call_id = _GRE.unpack_from(data, ihl)
-        if f1 & 0x07 != 1 or proto != GRE_PROTO_PPP or not f0 & 0x20:
+        if not is_pptp_gre(f0, f1, proto):
             return self._verdict(Action.ACCEPT, "not_pptp_gre")
         call = self.table.by_server.get((data[12:16], data[16:20], call_id))
         if call is None:
             return self._verdict(Action.DROP, "no_call")
-        if (data[6] << 8 | data[7]) & 0x3FFF:
-            return self._verdict(Action.DROP, "fragment")
         buf = bytearray(data)
         buf[12:16] = call.public_ip
         _U16.pack_into(buf, 10, apply_delta((buf[10] << 8) | buf[11], call.out_csum_delta))
@@ -366,14 +366,14 @@ class Translator:
 
     def _check_new_calls(self, conn: ControlConnection, d: Direction,
                          pieces: list[Piece]) -> str | None:
-        n = 0
+        client_his = []
         for piece in pieces:
             spec = _FIELDS.get((d, piece.header.message_type))
             if spec is not None and spec[1] is Field.NEW and piece.start <= spec[0] < piece.end:
-                n += 1
-        if not n:
+                client_his.append(piece.message[spec[0]])
+        if not client_his:
             return None
-        reason = self.table.refusal(conn.client_ip, conn.server_ip, self.public_ip, n)
+        reason = self.table.refusal(conn, self.public_ip, client_his)
         if reason is not None:
             self.stats.calls_refused[reason] += 1
             self._events.append(CallRefused(
@@ -427,10 +427,7 @@ class Translator:
         return out
 
     def _new_call(self, conn: ControlConnection, client_hi: int, now: float) -> Call | None:
-        call = self.table.allocate(conn, client_hi, self.public_ip, now)
-        if call is None:  # the high-byte rule left no room (refusal() checked the rest)
-            self.stats.calls_refused["pool_exhausted"] += 1
-        return call
+        return self.table.allocate(conn, client_hi, self.public_ip, now)
 
     def _set_client_call_id(self, conn: ControlConnection, call: Call, call_id: int) -> None:
         old = conn.call_by_client_id(call_id)
@@ -472,12 +469,12 @@ class Translator:
             return conn.public_hi_for_client_hi(hi)
         if kind is Field.PEER:
             return conn.client_hi_for_public_hi(hi)
-        # Disconnect: the value may be a server or a public Call ID; write a high
-        # byte only when every candidate agrees on it.
-        his = {c.client_call_hi for c in conn.calls
-               if c.public_call_id >> 8 == hi
-               or (c.server_call_id is not None and c.server_call_id >> 8 == hi
-                   and self.policy.disconnect_rule is DisconnectRule.CLIENT)}
+        # Disconnect: the value may be a server or a public Call ID. Each candidate
+        # call says what the high byte becomes; write it only when they all agree.
+        rfc = self.policy.disconnect_rule is DisconnectRule.RFC
+        his = {hi if rfc else c.client_call_hi for c in conn.calls
+               if c.server_call_id is not None and c.server_call_id >> 8 == hi}
+        his |= {c.client_call_hi for c in conn.calls if c.public_call_id >> 8 == hi}
         return his.pop() if len(his) == 1 else None
 
     # -- message semantics ------------------------------------------------------------------

@@ -106,6 +106,12 @@ RESULT_CODE_OFFSET: dict[int, int] = {
     MT.OUTGOING_CALL_REPLY: 16,
     MT.INCOMING_CALL_REPLY: 16,
 }
+_OTHER_RESULT_OFFSET: dict[int, int] = {
+    MT.START_CONTROL_CONNECTION_REPLY: 14,
+    MT.STOP_CONTROL_CONNECTION_REPLY: 12,
+    MT.ECHO_REPLY: 16,
+}
+"""Result Codes natedit never reads, for the builder (RFC 2637 2.2, 2.4, 2.6)."""
 RESULT_CONNECTED = 1
 """Outgoing/Incoming-Call-Reply Result Code 1: the call is up."""
 
@@ -217,10 +223,9 @@ def build_control_message(
         _U16.pack_into(buf, 14, serial)
     if message_type in (MT.START_CONTROL_CONNECTION_REQUEST, MT.START_CONTROL_CONNECTION_REPLY):
         buf[12:14] = b"\x01\x00"  # protocol version 1.0
-    if message_type == MT.START_CONTROL_CONNECTION_REPLY or message_type in (
-        MT.STOP_CONTROL_CONNECTION_REPLY, MT.ECHO_REPLY,
-    ):
-        buf[14 if message_type == MT.START_CONTROL_CONNECTION_REPLY else 12] = result_code
+    result_at = _OTHER_RESULT_OFFSET.get(int(message_type))
+    if result_at is not None:
+        buf[result_at] = result_code
     return bytes(buf)
 
 
@@ -299,6 +304,11 @@ def build_gre(src: str, dst: str, call_id: int, payload: bytes = b"", *, seq: in
     return build_ipv4(src, dst, IPPROTO_GRE, gre + payload, options=ip_options)
 
 
+def is_pptp_gre(flags0: int, flags1: int, protocol: int) -> bool:
+    """Enhanced GRE: C=0, R=0, K=1, version 1, protocol PPP (RFC 2637 4.1)."""
+    return flags0 & 0xE0 == 0x20 and flags1 & 0x07 == 1 and protocol == GRE_PROTO_PPP
+
+
 @dataclass(frozen=True, slots=True)
 class GreHeader:
     call_id: int
@@ -313,7 +323,7 @@ def parse_gre(data: bytes | bytearray | memoryview, offset: int = 0) -> GreHeade
     if len(data) - offset < 8:
         raise ProtocolError("short_gre", f"{len(data) - offset} bytes")
     f0, f1, proto, plen, call_id = _GRE.unpack_from(data, offset)
-    if f1 & 0x07 != 1 or proto != GRE_PROTO_PPP or not f0 & 0x20 or f0 & 0xC0:
+    if not is_pptp_gre(f0, f1, proto):
         raise ProtocolError("not_pptp_gre", f"flags {f0:#04x} {f1:#04x} protocol {proto:#06x}")
     pos = offset + 8
     seq = ack = None

@@ -12,7 +12,6 @@ import ipaddress
 import random
 from collections import Counter
 
-import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -391,9 +390,6 @@ def test_too_many_connections() -> None:
     assert tr.handle_packet(udp, OUT, 0.0) is ACCEPT
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when allocate() finds no ID that keeps the "
-                   "high bytes one-to-one, the Outgoing-Call-Request is forwarded with the "
-                   "client's private Call ID and no CallRefused event")
 def test_no_id_for_the_high_byte_rule_tiny_pool() -> None:
     # Pool 1..3 has one high byte (0). The first call (client 0x0001) takes it; a second
     # call on the same connection with another client high byte (0x0100) cannot have one.
@@ -407,9 +403,6 @@ def test_no_id_for_the_high_byte_rule_tiny_pool() -> None:
     assert any(isinstance(e, CallRefused) for e in v.events)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with sequential allocation, once other "
-                   "connections fill a public high-byte block, a second call of a connection "
-                   "that needs that block leaks its private Call ID to the server")
 def test_no_id_for_the_high_byte_rule_default_pool() -> None:
     tr = make_translator(allocation=Allocation.SEQUENTIAL)
     x = Conversation(tr, "10.0.0.5")

@@ -248,10 +248,6 @@ def test_disconnect_notify_for_an_unknown_call_is_untouched() -> None:
     assert len(tr.calls()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: disconnect_rule=rfc, Call-Disconnect-Notify "
-                   "split between the Call ID bytes: _decide_hi ignores the server-ID "
-                   "candidate and rewrites the high byte, then _decide_disconnect leaves the "
-                   "low byte: 0x0080 leaves as 0x1280")
 def test_rfc_rule_disconnect_split_inside_the_call_id() -> None:
     # Sequential allocation gives public ID 1 (high byte 0) and pptpd's first Call ID is
     # 0x0080 (high byte 0 too): at the high byte the value could be either.
@@ -571,9 +567,6 @@ def test_first_fragments_are_dropped() -> None:
     assert (v.action, v.reason) == (Action.DROP, "fragment")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a non-first GRE fragment has no GRE header; "
-                   "_gre_in reads its payload as one and passes it as not_pptp_gre (the "
-                   "fragment check comes after the header check)")
 def test_non_first_fragment_is_dropped() -> None:
     tr, _conv, _public = call_up()
     # offset 24 bytes, last fragment: the payload is PPP data, not a GRE header
@@ -581,9 +574,6 @@ def test_non_first_fragment_is_dropped() -> None:
     assert verdict_of(tr, pkt, IN) == (Action.DROP, "fragment")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _gre_in/_gre_out accept GRE with the C or R "
-                   "bit set as PPTP GRE (parse_gre rejects it as not_pptp_gre); with C set "
-                   "bytes 6-7 are not the Call ID")
 def test_gre_with_checksum_bit_is_not_pptp_gre() -> None:
     tr, _conv, public = call_up()
     pkt = bytearray(gre_in(public))

@@ -196,8 +196,6 @@ def test_field_offsets_are_those_of_the_reference_table() -> None:
     assert RESULT_CODE_OFFSET == {MT.OUTGOING_CALL_REPLY: 16, MT.INCOMING_CALL_REPLY: 16}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: build_control_message writes the Echo-Reply "
-                   "Result Code at offset 12 (inside the Identifier); RFC 2637 puts it at 16")
 def test_echo_reply_result_code_offset() -> None:
     # RFC 2637 2.6: Identifier @12 (u32), Result Code @16, Error Code @17; scapy and
     # tshark agree (REAL[ECHO_REPLY] is 00000000 01 after the header for result 1).
