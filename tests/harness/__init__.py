@@ -41,6 +41,7 @@ from .scenarios import (
     ScenarioResult,
     Session,
     session,
+    worker_gateway,
 )
 
 __all__ = [
@@ -77,4 +78,5 @@ __all__ = [
     "session",
     "start_pptp_client",
     "start_pptpd",
+    "worker_gateway",
 ]

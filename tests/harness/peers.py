@@ -112,15 +112,24 @@ class PptpServer:
     def end_call(self, call: StandinInfo, how: str = "standin") -> None:
         """End one call from the server side, by PID.
 
-        ``how="standin"``: the "pppd" exits (SIGTERM to the stand-in); ``how="pptpctrl"``:
-        SIGTERM to the call's pptpctrl (the whole control connection).
+        ``how="pptpctrl"``: SIGTERM to the call's pptpctrl, which sends
+        Call-Disconnect-Notify (with its own Call ID) and Stop-Control-Connection-Request.
+        ``how="standin"``: the "pppd" exits (SIGTERM to the stand-in); pptpctrl then just
+        closes the TCP connection, no CDN.
         """
-        pid = call.pid if how == "standin" else call.pptpctrl_pid
         if how not in ("standin", "pptpctrl"):
             raise ValueError(how)
+        pid = call.pid if how == "standin" else call.pptpctrl_pid
         if pid not in self.lab.pids_in(self.lab.server_ns):
             raise LabError(f"pid {pid} is not a process of the server namespace")
         os.kill(pid, signal.SIGTERM)
+
+    def pidfile_pid(self) -> int | None:
+        """The PID pptpd wrote to its own pid file (``-p``)."""
+        try:
+            return int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self, timeout: float = 3.0) -> int | None:
         """Stop the pptpd manager by PID (SIGTERM). Its pptpctrl children are not touched."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .capture import CCRQ, CDN, OCRP, OCRQ, STOPCCRQ, Capture, WireSummary
@@ -41,6 +42,50 @@ class Gateway:
 
 KERNEL_HELPER = Gateway("kernel-helper", Lab.gateway_kernel_helper)
 MASQUERADE_ONLY = Gateway("masquerade-only", Lab.gateway_masquerade_only)
+
+
+def worker_gateway(
+    name: str,
+    argv: Callable[[Lab, Path], Sequence[str]],
+    *,
+    base: Callable[[Lab], object] = Lab.gateway_masquerade_only,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 10.0,
+    grace: float = 5.0,
+) -> Gateway:
+    """A gateway made of ``base`` rules plus a worker process in the gateway namespace.
+
+    ``argv(lab, ready_file)`` builds the command line (write any config into
+    ``lab.tmpdir``); the scenario starts only once ``ready_file`` exists. For natedit::
+
+        NATEDIT = worker_gateway(
+            "natedit",
+            lambda lab, ready: [
+                sys.executable, "-m", "natedit", "run",
+                "--policy", str(write_policy(lab)), "--ready-file", str(ready),
+            ],
+            cwd=str(REPO_ROOT),
+        )
+
+    The worker gets SIGTERM at teardown and ``grace`` seconds before SIGKILL; whether it
+    was still running at the end is in ``ScenarioResult.gateway_alive``.
+    """
+
+    def setup(lab: Lab) -> None:
+        base(lab)
+        ready_file = lab.tmpdir / f"{name}.ready"
+        lab.start_gateway_process(
+            argv(lab, ready_file),
+            ready=ready_file.exists,
+            timeout=timeout,
+            env=env,
+            cwd=cwd,
+            name=name,
+            grace=grace,
+        )
+
+    return Gateway(name, setup)
 
 
 @dataclass(frozen=True)

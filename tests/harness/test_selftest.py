@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import scenarios, worker_gateway
 from tests.harness.capture import CDN, OCRQ, decode_pcap
 from tests.harness.hdlc import (
     FCS_GOOD,
@@ -18,7 +19,7 @@ from tests.harness.hdlc import (
     hdlc_encode,
     ppp_frame,
 )
-from tests.harness.lab import call_id_random_bytes, require_netns
+from tests.harness.lab import Lab, call_id_random_bytes, require_netns
 from tests.harness.peers import _STANDIN, STANDIN_MARKER, parse_standin_hello
 from tests.harness.pump import FramePump, payload_for
 
@@ -146,3 +147,40 @@ def test_decode_pcap_with_tshark(tmp_path: Path) -> None:
     assert w.gre_call_ids_from_server == {0x4321}
     assert w.control_connections == {("198.51.100.1", 40000), ("198.51.100.1", 40001)}
     assert not w.malformed_streams
+
+
+@pytest.mark.netns
+def test_worker_gateway_is_started_ready_and_stopped() -> None:
+    """A dummy worker (kernel helper does the NAT) runs through a whole scenario."""
+    require_netns()
+
+    def argv(lab: Lab, ready: Path) -> list[str]:
+        return ["sh", "-c", f"sleep 0.2; touch {ready}; echo worker up >&2; exec sleep 600"]
+
+    gateway = worker_gateway("dummy", argv, base=Lab.gateway_kernel_helper)
+    result = scenarios.same_call_id(gateway, n_clients=1, frames=5)
+    assert result.gateway_alive, result.describe()
+    assert [p.name for p in result.gateway_processes] == ["gateway[0]"]
+    assert "worker up" in result.gateway_processes[0].log_tail
+    assert result.call(0).clean, result.describe()
+    leftover = [pid for pid in _pids_named("sleep") if _cmdline(pid).endswith("sleep 600")]
+    assert not leftover
+
+
+def _pids_named(comm: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == comm:
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
