@@ -285,7 +285,7 @@ class Session:
                 name=f"gateway[{i}]",
                 pid=p.pid,
                 returncode=p.poll(),
-                log_tail=lab.process_log(p)[-2000:],
+                log_tail=lab.process_log(p)[-50000:],
             )
             for i, p in enumerate(lab.gateway_processes)
         ]
