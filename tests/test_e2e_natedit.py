@@ -1,0 +1,132 @@
+"""natedit's worker with the real peers: the scenarios of the kernel baseline.
+
+Each scenario builds a fresh namespace lab (pptpd, pptp-linux clients forced
+onto one Call ID, a gateway doing MASQUERADE for TCP 1723) and runs
+``python -m natedit run`` in the gateway on its built-in default policy: the
+public address is found from the default route, the inside networks are
+RFC 1918. The worker's call events (one logfmt line each) tell what its
+call table did.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ScenarioResult, require_netns, scenarios
+from tests.harness.lab import SERVER_ADDR
+from tests.harness.scenarios import worker_gateway
+
+pytestmark = pytest.mark.netns
+
+REPO = Path(__file__).resolve().parent.parent
+FORCED = 0x1234
+PUBLIC = "198.51.100.1"
+
+NATEDIT = worker_gateway(
+    "natedit",
+    lambda lab, ready: [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready)],
+    cwd=str(REPO),
+)
+
+
+@pytest.fixture(autouse=True)
+def _real_peers() -> None:
+    require_netns()
+
+
+def events(result: ScenarioResult, name: str) -> list[dict[str, str]]:
+    """The worker's ``event=<name>`` log lines as dicts."""
+    log = "\n".join(p.log_tail for p in result.gateway_processes)
+    out = []
+    for line in log.splitlines():
+        if f"event={name} " in line:
+            out.append(dict(re.findall(r'(\w+)=("[^"]*"|\S+)', line)))
+    return out
+
+
+def assert_clean_exit(result: ScenarioResult) -> None:
+    info = result.describe()
+    assert result.gateway_alive, info  # it ran to the end of the scenario
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [ln for ln in listed.splitlines() if ln.startswith(f"{result.prefix}-")], info
+
+
+def test_same_call_id_three_clients() -> None:
+    """(a) Three clients, one private Call ID, one server: every frame comes home."""
+    r = scenarios.same_call_id(NATEDIT, n_clients=3, call_id=FORCED)
+    assert_clean_exit(r)
+    info = r.describe()
+    assert r.outcome["all_connected"], info
+    assert all(c.clean for c in r.calls.values()), info
+    assert r.total_foreign == 0, info
+    public = r.outcome["ocrq_call_ids_outside"]
+    assert len(public) == 3 and len(set(public)) == 3, info  # distinct on the wire (tshark)
+    assert FORCED not in public or public.count(FORCED) <= 1, info
+    assert set(r.outcome["public_call_ids"]) == set(public), info  # the server's GRE uses them
+    assert r.wire.gre_call_ids(src=PUBLIC, dst=SERVER_ADDR) == {0, 128, 256}, info
+    mapped = events(r, "call_mapped")
+    assert sorted(int(e["public_call_id"]) for e in mapped) == sorted(public), info
+    assert {int(e["client_call_id"]) for e in mapped} == {FORCED}, info
+    assert r.outcome["icmp_unreachable_for_gre"] == 0, info
+
+
+def test_teardown_mid_stream_five_clients() -> None:
+    """(b) Five clients; one pptp is killed mid-stream: the others keep flowing and the
+    victim's mapping leaves the table."""
+    r = scenarios.teardown_mid_stream(NATEDIT, n_clients=5, victim=2, call_id=FORCED)
+    assert_clean_exit(r)
+    info = r.describe()
+    assert r.outcome["all_connected"], info
+    assert r.outcome["before_all_returned"], info
+    assert r.outcome["after_survivors_returned"], info
+    assert r.total_foreign == 0, info
+    victim_addr = r.call(2).client_addr
+    released = [e for e in events(r, "call_released") if e["client_address"] == victim_addr]
+    assert released, info
+    # released before the end of the scenario, by the control conversation (the call
+    # manager's Call-Clear-Request, then the server's Call-Disconnect-Notify or the
+    # TCP close), not by the teardown that ends the other calls
+    assert released[0]["reason"] in ("disconnect", "fin", "stop", "reset"), info
+    survivors_released_early = [
+        e for e in events(r, "call_released")
+        if e["client_address"] != victim_addr and e["reason"] not in ("fin", "stop", "reset",
+                                                                       "disconnect")
+    ]
+    assert not survivors_released_early, info
+
+
+def test_server_ends_call() -> None:
+    """(d) The server ends one call (its pptpctrl sends Call-Disconnect-Notify, then
+    Stop-Control-Connection-Request): the mapping is released, the client is told with
+    its own Call ID, the others keep flowing."""
+    r = scenarios.server_ends_call(NATEDIT, n_clients=3, victim=1, how="pptpctrl",
+                                   call_id=FORCED)
+    assert_clean_exit(r)
+    info = r.describe()
+    assert r.outcome["before_all_returned"], info
+    assert r.outcome["after_survivors_returned"], info
+    assert r.outcome["victim_hung_up"], info
+    assert r.total_foreign == 0, info
+    # disconnect_rule: client (default) - pptp-linux finds its call by its own Call ID
+    assert r.outcome["cdn_call_ids_received_by_client"] == [FORCED], info
+    victim_addr = r.call(1).client_addr
+    released = [e for e in events(r, "call_released") if e["client_address"] == victim_addr]
+    assert released and released[0]["reason"] == "disconnect", info
+
+
+def test_server_stops_pptpd_standin() -> None:
+    """(d') The server side's "pppd" exits: pptpctrl closes TCP without a
+    Call-Disconnect-Notify; the TCP close releases the mapping."""
+    r = scenarios.server_ends_call(NATEDIT, n_clients=2, victim=0, how="standin",
+                                   call_id=FORCED)
+    assert_clean_exit(r)
+    info = r.describe()
+    assert r.outcome["after_survivors_returned"], info
+    victim_addr = r.call(0).client_addr
+    released = [e for e in events(r, "call_released") if e["client_address"] == victim_addr]
+    assert released and released[0]["reason"] in ("fin", "reset"), info
