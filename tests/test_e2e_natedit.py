@@ -11,6 +11,7 @@ call table did.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ScenarioResult, require_netns, scenarios
-from tests.harness.lab import SERVER_ADDR
-from tests.harness.scenarios import worker_gateway
+from tests.harness.lab import SERVER_ADDR, Lab
+from tests.harness.scenarios import Gateway, worker_gateway
 
 pytestmark = pytest.mark.netns
 
@@ -130,3 +131,76 @@ def test_server_stops_pptpd_standin() -> None:
     victim_addr = r.call(0).client_addr
     released = [e for e in events(r, "call_released") if e["client_address"] == victim_addr]
     assert released and released[0]["reason"] in ("fin", "reset"), info
+
+
+# -- the worker restarted during traffic -----------------------------------------------------
+
+
+def iptables_save(lab: Lab) -> str:
+    """The gateway's iptables ruleset without comments and counters."""
+    text = lab.exec(lab.gw_ns, ["iptables-save"]).stdout
+    return "\n".join(re.sub(r"\[\d+:\d+\]", "", ln) for ln in text.splitlines()
+                     if not ln.startswith("#"))
+
+
+def start_natedit(lab: Lab, name: str) -> subprocess.Popen[bytes]:
+    ready = lab.tmpdir / f"{name}.ready"
+    return lab.start_gateway_process(
+        [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready)],
+        ready=ready.exists, cwd=str(REPO), name=name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_worker_restart_during_traffic(sig: int) -> None:
+    """The worker is stopped (SIGTERM: clean exit; SIGKILL: a crash) while two calls
+    flow, then started again. What happens, exactly:
+
+    * during the gap no frame of the live calls comes back: after SIGKILL the rules stay
+      and queue to nobody (fail-closed); after SIGTERM the rules are gone and the kernel
+      alone cannot return PPTP GRE;
+    * the restarted worker starts with an empty table, so the calls that were live
+      stay dead (their GRE is dropped as ``no_call``) until the clients call again;
+    * a new call after the restart works;
+    * the ruleset after the final stop is exactly what it was before natedit started,
+      whether the first worker exited cleanly or was killed.
+    """
+    before_natedit: dict[str, str] = {}
+
+    def setup(lab: Lab) -> None:
+        lab.gateway_masquerade_only()
+        before_natedit["rules"] = iptables_save(lab)
+        start_natedit(lab, "natedit-1")
+
+    with scenarios.session(Gateway("natedit-restart", setup), 2) as s:
+        lab = s.lab
+        keys = [0, 1]
+        for i in keys:
+            s.start_call(i, forced_call_id=FORCED)
+        connected = s.wait_connected(keys)
+        before = s.phase("before", keys, 20)
+        first = lab.gateway_processes[0]
+        rc = lab.stop_process(first, sig, 5.0)
+        rules_after_stop = iptables_save(lab)
+        gap = s.phase("gap", keys, 10, timeout=1.0)
+        start_natedit(lab, "natedit-2")
+        after = s.phase("after_restart", keys, 10, timeout=1.0)
+        s.start_call(1, forced_call_id=FORCED, key=2)
+        new_connected = s.wait_connected([2])
+        new_call = s.phase("new_call", [2], 20)
+        second = lab.gateway_processes[1]
+        rc2 = lab.stop_process(second, signal.SIGTERM, 5.0)
+        rules_at_end = iptables_save(lab)
+        r = s.finish("worker_restart", {})
+    info = r.describe()
+    assert connected and before, info
+    if sig == signal.SIGTERM:
+        assert rc == 0 and rules_after_stop == before_natedit["rules"], info
+    else:
+        assert rc == -signal.SIGKILL and "NATEDIT" in rules_after_stop, info  # fail-closed
+    assert not gap, info
+    assert all(r.calls[k].phases["gap"].returned == 0 for k in keys), info
+    assert all(r.calls[k].phases["after_restart"].returned == 0 for k in keys), info
+    assert not after, info
+    assert new_connected and new_call and r.calls[2].clean, info
+    assert rc2 == 0 and rules_at_end == before_natedit["rules"], info
+    assert r.total_foreign == 0, info
