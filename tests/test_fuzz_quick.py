@@ -245,7 +245,9 @@ def test_handle_packet_never_raises_on_mutated_conversations(
         v = tr.handle_packet(packet, d, now)
         event(f"{v.action.value} {v.reason} {'rewritten' if v.data else ''}")
         check_verdict(v, packet)
-        assert_table_consistent(tr.table)
+        # several new calls in one segment may leave no ID for the high-byte rule: the
+        # table then relaxes it (and counts that) rather than let a private Call ID out
+        assert_table_consistent(tr.table, one_to_one=tr.table.relaxed == 0)
     deadline = tr.next_deadline()
     assert deadline is None or deadline >= 0
 
