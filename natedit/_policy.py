@@ -80,7 +80,9 @@ class Policy:
     disconnect_rule: DisconnectRule = DisconnectRule.CLIENT
     """What natedit writes into an inbound Call-Disconnect-Notify's Call ID."""
     metrics_listen: str = "127.0.0.1:9723"
-    """host:port of the Prometheus endpoint."""
+    """host:port of the Prometheus endpoint (loopback by default)."""
+    metrics_call_series: int = 10000
+    """Most per-call series the mapping-table metric exports; the rest is counted."""
     log_level: str = "info"
 
     def with_public_address(self, address: IPv4Address) -> Policy:
@@ -178,6 +180,8 @@ def check_policy(p: Policy) -> list[str]:
             f"call_id_first..call_id_last: expected 0 <= first <= last <= 65535, "
             f"found {p.call_id_first}..{p.call_id_last}"
         )
+    if p.metrics_call_series < 0:
+        problems.append(f"metrics_call_series: expected 0 or more, found {p.metrics_call_series}")
     for name in ("max_calls_per_client", "max_calls", "max_control_connections"):
         if getattr(p, name) < 1:
             problems.append(f"{name}: expected at least 1, found {getattr(p, name)}")
