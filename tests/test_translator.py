@@ -656,3 +656,31 @@ def test_translator_needs_a_public_address() -> None:
 def test_verdict_shapes() -> None:
     assert Verdict(Action.ACCEPT) == ACCEPT and ACCEPT.accepted
     assert not Verdict(Action.DROP, reason="gap").accepted
+
+
+def test_split_peer_call_id_of_no_call_is_untouched() -> None:
+    _tr, conv, public = call_up()
+    other = public ^ 0x8000  # a high byte no call of this connection has
+    sli = msg(MT.SET_LINK_INFO, peer_call_id=other)
+    first = forward(conv, IN, sli[:13])
+    rest = forward(conv, IN, sli[13:])
+    assert payload_of(first) + payload_of(rest) == sli
+    # and with a known high byte, split the same way, it is rewritten
+    sli = msg(MT.SET_LINK_INFO, peer_call_id=public)
+    first = forward(conv, IN, sli[:13])
+    rest = forward(conv, IN, sli[13:])
+    assert u16(payload_of(first) + payload_of(rest), 12) == 0x1234
+
+
+def test_request_times_out_before_the_message_is_complete() -> None:
+    tr = make_translator(request_timeout=60.0)
+    conv = opened(tr)
+    ocrq = msg(MT.OUTGOING_CALL_REQUEST, call_id=0x1234)
+    head = forward(conv, OUT, ocrq[:100])
+    public = u16(payload_of(head), 12)
+    assert released(run_timers(tr, 60.0)) == [(0x1234, "request_timeout")]
+    conv.now = 61.0
+    v = conv.send(OUT, ocrq[100:])
+    assert v is ACCEPT  # no CallMapped for a call that is already gone
+    assert tr.calls() == []
+    assert verdict_of(tr, gre_in(public), IN) == (Action.DROP, "no_call")
