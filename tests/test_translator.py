@@ -684,3 +684,18 @@ def test_request_times_out_before_the_message_is_complete() -> None:
     assert v is ACCEPT  # no CallMapped for a call that is already gone
     assert tr.calls() == []
     assert verdict_of(tr, gre_in(public), IN) == (Action.DROP, "no_call")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (minor): the client's last ACK after both FINs "
+                   "creates a new connection record (no SYN, no payload), which holds a "
+                   "max_control_connections slot until control_idle_timeout")
+def test_clean_close_leaves_no_connection_record() -> None:
+    tr = make_translator()
+    conv = opened(tr)
+    conv.send(OUT, b"", flags=TCP_FIN | TCP_ACK)
+    conv.send(IN, b"", flags=TCP_FIN | TCP_ACK)
+    assert tr.table.connections == {}
+    conv.out_seq += 1
+    assert conv.send(OUT, b"", flags=TCP_ACK) is ACCEPT  # the final ACK of the close
+    assert tr.table.connections == {}
+    assert tr.next_deadline() is None
