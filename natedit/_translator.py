@@ -299,8 +299,8 @@ class Translator:
                 self._close_connection(conn, "reset")  # the 4-tuple is reused
                 conn = None
         if conn is None:
-            if flags & TCP_RST:
-                return ACCEPT
+            if not (flags & TCP_SYN or payload) or flags & TCP_RST:
+                return ACCEPT  # nothing to follow: a bare ACK/FIN/RST of no known connection
             conn = table.connection(key, now, create=True)
             if conn is None:
                 return self._verdict(Action.DROP, "too_many_connections")

@@ -686,9 +686,6 @@ def test_request_times_out_before_the_message_is_complete() -> None:
     assert verdict_of(tr, gre_in(public), IN) == (Action.DROP, "no_call")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): the client's last ACK after both FINs "
-                   "creates a new connection record (no SYN, no payload), which holds a "
-                   "max_control_connections slot until control_idle_timeout")
 def test_clean_close_leaves_no_connection_record() -> None:
     tr = make_translator()
     conv = opened(tr)
