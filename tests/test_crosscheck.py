@@ -307,3 +307,17 @@ def test_tshark_flags_a_broken_checksum(tmp_path: Path) -> None:
     write_pcap(str(pcap), [bytes(bad)])
     [row] = tshark_fields(pcap)
     assert row["tcp.checksum.status"] == "0"  # 0 = Bad
+
+
+@pytest.mark.parametrize(("mt", "field"), [
+    (MT.START_CONTROL_CONNECTION_REPLY, "result_code"),
+    (MT.STOP_CONTROL_CONNECTION_REPLY, "result_code"),
+    (MT.ECHO_REPLY, "result_code"),
+])
+def test_builder_result_codes_natedit_does_not_read(mt: MessageType, field: str) -> None:
+    p = PPTP(build_control_message(mt, result_code=2))
+    assert getattr(p, field) == 2
+    if mt is MT.ECHO_REPLY:
+        assert p.identifier == 0
+    if mt is MT.START_CONTROL_CONNECTION_REPLY:
+        assert p.protocol_version == 0x0100

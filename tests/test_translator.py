@@ -696,3 +696,20 @@ def test_clean_close_leaves_no_connection_record() -> None:
     assert conv.send(OUT, b"", flags=TCP_ACK) is ACCEPT  # the final ACK of the close
     assert tr.table.connections == {}
     assert tr.next_deadline() is None
+
+
+def test_client_as_pac_incoming_call() -> None:
+    """The client (a PAC) places an Incoming-Call-Request; the server (a PNS) answers."""
+    tr = make_translator()
+    conv = opened(tr)
+    icrq = forward(conv, OUT, msg(MT.INCOMING_CALL_REQUEST, call_id=0x2345))
+    public = u16(payload_of(icrq), 12)
+    assert public == tr.calls()[0].public_call_id and tr.calls()[0].state == "requested"
+    v = conv.send(IN, msg(MT.INCOMING_CALL_REPLY, call_id=0x0100, peer_call_id=public))
+    assert v.data is not None and u16(payload_of(v.data), 14) == 0x2345
+    assert u16(payload_of(v.data), 12) == 0x0100
+    assert [type(e) for e in v.events] == [CallEstablished]
+    # its Incoming-Call-Connected names the server's Call ID: nothing to rewrite
+    assert conv.send(OUT, msg(MT.INCOMING_CALL_CONNECTED, peer_call_id=0x0100)) is ACCEPT
+    check_gre_in(tr, public, "10.0.0.5", 0x2345)
+    check_gre_out(tr, "10.0.0.5", 0x0100)
