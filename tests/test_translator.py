@@ -713,3 +713,21 @@ def test_client_as_pac_incoming_call() -> None:
     assert conv.send(OUT, msg(MT.INCOMING_CALL_CONNECTED, peer_call_id=0x0100)) is ACCEPT
     check_gre_in(tr, public, "10.0.0.5", 0x2345)
     check_gre_out(tr, "10.0.0.5", 0x0100)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG/LIMITATION: Call-Disconnect-Notify cut between "
+                   "its Call ID bytes when the high byte is ambiguous (one call's server ID "
+                   "and another's public ID share it): no high byte is written but the low "
+                   "byte still is, so 0x0100 leaves as 0x0134 (whole: 0x1234)")
+def test_ambiguous_split_disconnect_matches_the_whole_message() -> None:
+    def run(cut: list[bytes]) -> bytes:
+        tr = make_translator(allocation=Allocation.SEQUENTIAL)
+        conv = opened(tr)
+        assert establish(conv, 0x1234, 0x0100) == 0x0001  # A: public 0x0001, server 0x0100
+        assert establish(conv, 0x5678, 0x0080) == 0x0100  # B: public 0x0100, server 0x0080
+        return b"".join(payload_of(forward(conv, IN, seg)) for seg in cut)
+
+    cdn = msg(MT.CALL_DISCONNECT_NOTIFY, call_id=0x0100)  # A's server Call ID
+    whole = run([cdn])
+    assert u16(whole, 12) == 0x1234
+    assert run([cdn[:13], cdn[13:]]) == whole
