@@ -1,4 +1,4 @@
-"""The ``natedit`` command: run, rules, cleanup, replay.
+"""The ``natedit`` command: run, rules, cleanup, replay, calls.
 
 Errors natedit expects (a bad policy, not root, a queue in use, a command
 that failed) print one line ``natedit: error: ...`` and exit 1; usage
@@ -11,12 +11,14 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 
 from . import host, rules
 from ._errors import NateditError
 from ._policy import load_policy
+from .status import PolicyStatus
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -50,7 +52,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     policy = load_policy(args.policy)
     _setup_logging(args.log_level or policy.log_level)
-    return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file)
+    status = PolicyStatus(source=args.policy, loaded_at=time.time())
+    return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,
+                      policy_status=status)
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
@@ -67,6 +71,16 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     rules.cleanup()
+    return 0
+
+
+def _cmd_calls(args: argparse.Namespace) -> int:
+    from . import metrics, view
+
+    where = args.metrics or load_policy(args.policy).metrics_listen
+    calls = metrics.fetch_calls(where)
+    sys.stdout.write(view.format_calls(calls) + "\n")
+    print(f"natedit: {len(calls)} calls", file=sys.stderr)
     return 0
 
 
@@ -107,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     clean = sub.add_parser("cleanup", help="remove every rule a natedit run left behind")
     clean.set_defaults(func=_cmd_cleanup)
+
+    calls = sub.add_parser("calls", help="list the running worker's calls (like conntrack -L)")
+    calls.add_argument(
+        "--metrics", metavar="URL",
+        help="the worker's metrics endpoint (default: the policy's metrics_listen)",
+    )  # fmt: skip
+    calls.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")
+    calls.set_defaults(func=_cmd_calls)
 
     replay = sub.add_parser("replay", help="translate a pcap offline")
     replay.add_argument("input", metavar="IN.pcap")

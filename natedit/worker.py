@@ -9,12 +9,13 @@ packets go where). One thread, one ``selectors`` loop over the two queue
 sockets and a signal wake-up pipe; the loop sleeps until a packet comes or
 the translator's next deadline (``time.monotonic()``) is due.
 
-Start: bind both queues, then install the rules (so that no packet is ever
-queued to nobody by natedit's own start), then announce readiness: the line
-``natedit: ready ...`` on stderr, the ``--ready-file`` and, under systemd,
-``READY=1``. Stop (SIGTERM, SIGINT): remove the rules, then unbind; the
-kernel drops what was still queued. SIGHUP is reserved for a policy reload
-and is logged and ignored for now.
+Start: bind both queues, serve metrics (:mod:`natedit.metrics`, on
+``policy.metrics_listen``, in threads of their own), then install the rules
+(so that no packet is ever queued to nobody by natedit's own start), then
+announce readiness: the line ``natedit: ready ...`` on stderr, the
+``--ready-file`` and, under systemd, ``READY=1``. Stop (SIGTERM, SIGINT):
+remove the rules, then unbind; the kernel drops what was still queued.
+SIGHUP is reserved for a policy reload and is logged and ignored for now.
 
 Failure is closed everywhere: rules carry no queue bypass, so while no
 worker is bound (not started yet, crashed, stopped without removing its
@@ -46,11 +47,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from . import host, rules
+from . import host, metrics, rules
 from ._events import Action, CallInfo, Event, ProtocolViolation, Verdict
 from ._policy import Policy
 from ._translator import Translator
 from ._wire import Direction
+from .status import PolicyStatus
 
 log = logging.getLogger("natedit")
 
@@ -205,6 +207,7 @@ def run(
     flavour: rules.Flavour = rules.Flavour.IPTABLES,
     ready_file: str | None = None,
     make_translator: Callable[[Policy], PacketTranslator] | None = None,
+    policy_status: PolicyStatus | None = None,
 ) -> int:
     """``natedit run``: serve until SIGTERM or SIGINT; 0 after a clean stop.
 
@@ -215,9 +218,17 @@ def run(
         policy = policy.with_public_address(host.default_route_address())
     ruleset = rules.build_ruleset(policy)
     rules.check_no_pptp_helper(ruleset.inside_networks)
-    dispatcher = Dispatcher((make_translator or Translator)(policy))
+    translator = (make_translator or Translator)(policy)
+    dispatcher = Dispatcher(translator)
+    status = policy_status if policy_status is not None else PolicyStatus(loaded_at=time.time())
+    collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
+                                         queue_maxlen=QUEUE_MAXLEN)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
-    with _signals() as wakeup, _bound(queues, dispatcher) as bound:
+    with (
+        _signals() as wakeup,
+        _bound(queues, dispatcher) as bound,
+        metrics.serving(policy.metrics_listen, collector),  # /metrics and /calls
+    ):
         installation = rules.install(ruleset, flavour)
         try:
             _announce_ready(policy, flavour, ready_file)
