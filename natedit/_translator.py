@@ -45,6 +45,8 @@ fragment           drop    a GRE fragment (the kernel defragments before the que
 refused:<why>      drop    a new call over a limit (client_limit, table_full, ...)
 too_many_connections drop  control connection table full
 short_ip, ...      drop    a packet that does not parse (ProtocolError reasons)
+split_call_id_undecided  accept  (counted only) a Call ID cut after its first byte whose
+                   high byte no rule could decide: the field is left as it came
 =================  ======  =========================================================
 (*) the reason is the ProtocolError's: bad_length, bad_cookie, ...
 """
@@ -412,16 +414,20 @@ class Translator:
         else:
             if full is None:  # only the high byte is here: the one-to-one rule decides it
                 new_hi = self._decide_hi(conn, kind, hi)
-                stream.partial[f] = True
+                stream.partial[f] = hi if new_hi is None else new_hi  # the byte that went out
                 if new_hi is not None:
                     out.append((f, new_hi))
             else:
-                stream.partial.pop(f, None)
+                sent_hi = stream.partial.pop(f, None)
                 value = self._decide(conn, kind, full)
                 if value is not None:
                     if has_hi:
                         out.append((f, value >> 8))
-                    out.append((f + 1, value & 0xFF))
+                        out.append((f + 1, value & 0xFF))
+                    elif value >> 8 == sent_hi:
+                        out.append((f + 1, value & 0xFF))
+                    else:  # the high byte could not be decided alone: leave the field be
+                        self.stats.verdicts[("accept", "split_call_id_undecided")] += 1
         if out:
             self.stats.rewrites[(piece.header.message_type.name, kind.value)] += 1
         return out
@@ -495,15 +501,16 @@ class Translator:
                 return
             new_call.last_seen = now
             self.stats.calls_mapped += 1
-            self._events.append(CallMapped(new_call.info()))
             if mt is MT.OUTGOING_CALL_REQUEST or mt is MT.INCOMING_CALL_REQUEST:
+                self._events.append(CallMapped(new_call.info()))
                 return  # REQUESTED until the peer answers
             self.table.set_server_call_id(new_call, u16(msg, 14)[0])
+            if msg[16] == RESULT_CONNECTED and mt is MT.INCOMING_CALL_REPLY:
+                self.table.set_state(new_call, CallState.INCOMING, now)
+            self._events.append(CallMapped(new_call.info()))
             if msg[16] != RESULT_CONNECTED:
                 self._release(new_call, "refused_by_client")
-            elif mt is MT.INCOMING_CALL_REPLY:
-                self.table.set_state(new_call, CallState.INCOMING, now)
-            else:
+            elif mt is not MT.INCOMING_CALL_REPLY:
                 self._establish(new_call, now)
             return
         call: Call | None

@@ -715,11 +715,11 @@ def test_client_as_pac_incoming_call() -> None:
     check_gre_out(tr, "10.0.0.5", 0x0100)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG/LIMITATION: Call-Disconnect-Notify cut between "
-                   "its Call ID bytes when the high byte is ambiguous (one call's server ID "
-                   "and another's public ID share it): no high byte is written but the low "
-                   "byte still is, so 0x0100 leaves as 0x0134 (whole: 0x1234)")
-def test_ambiguous_split_disconnect_matches_the_whole_message() -> None:
+def test_ambiguous_split_disconnect_is_left_as_it_came() -> None:
+    """A documented limit: Call-Disconnect-Notify cut between its Call ID bytes, when one
+    call's server ID and another's public ID share the high byte, cannot be decided from
+    the first byte. natedit then leaves the field as it came (counted), rather than
+    write a low byte under an unrewritten high byte and invent a third value."""
     def run(cut: list[bytes]) -> bytes:
         tr = make_translator(allocation=Allocation.SEQUENTIAL)
         conv = opened(tr)
@@ -730,4 +730,4 @@ def test_ambiguous_split_disconnect_matches_the_whole_message() -> None:
     cdn = msg(MT.CALL_DISCONNECT_NOTIFY, call_id=0x0100)  # A's server Call ID
     whole = run([cdn])
     assert u16(whole, 12) == 0x1234
-    assert run([cdn[:13], cdn[13:]]) == whole
+    assert u16(run([cdn[:13], cdn[13:]]), 12) == 0x0100
