@@ -64,6 +64,15 @@ class CallRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionRefused:
+    """A new control connection was dropped: the policy's ACL denies its client or server."""
+
+    client_address: IPv4Address
+    server_address: IPv4Address
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolViolation:
     """Input the core would not accept; the verdict carries the same reason."""
 
@@ -71,7 +80,8 @@ class ProtocolViolation:
     detail: str
 
 
-Event = CallMapped | CallEstablished | CallReleased | CallRefused | ProtocolViolation
+Event = (CallMapped | CallEstablished | CallReleased | CallRefused | ConnectionRefused
+         | ProtocolViolation)
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,8 +104,8 @@ class Call:
 
 
 class ControlConnection:
-    __slots__ = ("calls", "client_ip", "client_port", "fin", "key", "last_seen", "released",
-                 "server_ip", "server_port", "streams")
+    __slots__ = ("calls", "client_ip", "client_port", "fin", "key", "last_seen", "refused_at",
+                 "released", "server_ip", "server_port", "streams")
 
     def __init__(self, key: ConnKey, now: float) -> None:
         self.key = key
@@ -114,6 +114,9 @@ class ControlConnection:
         self.streams = (Stream(), Stream())
         """Byte streams by Direction: client->server, server->client."""
         self.fin = [False, False]
+        self.refused_at: list[int | None] = [None, None]
+        """By Direction: sequence number of the last segment whose new calls were
+        refused, so that its retransmissions are not counted again."""
         self.last_seen = now
         self.released = False
 
@@ -208,8 +211,10 @@ class CallTable:
         if len(self.by_public) + n > p.max_calls:
             return "table_full"
         used = self.used.get((public_ip, conn.server_ip), set())
-        if len(used) + n > p.call_id_last - p.call_id_first + 1:
-            return "pool_exhausted"
+        size = p.call_id_last - p.call_id_first + 1
+        if len(used) + n > size and sum(
+                p.call_id_first <= cid <= p.call_id_last for cid in used) + n > size:
+            return "pool_exhausted"  # (live IDs outside a range changed by a reload are free)
         for hi in client_his:
             if not self._has_room(conn, hi, used):
                 return "pool_exhausted"
@@ -323,6 +328,14 @@ class CallTable:
     def schedule(self, obj: Call | ControlConnection, when: float) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, obj))
+
+    def reschedule(self) -> None:
+        """Re-arm every timer from the policy in force (its timeouts got shorter)."""
+        self._timers = []
+        for conn in self.connections.values():
+            self.schedule(conn, conn.expires(self.policy))
+        for call in self.by_public.values():
+            self.schedule(call, call.expires(self.policy))
 
     def next_deadline(self) -> float | None:
         timers = self._timers

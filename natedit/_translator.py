@@ -42,13 +42,25 @@ malformed (*)      drop    control message failing validation (policy: or accept
 gap                drop    segment beyond the next expected byte (TCP resends it)
 no_call            drop    GRE that no live call owns (also a spoofed server address)
 fragment           drop    a GRE fragment (the kernel defragments before the queue)
-refused:<why>      drop    a new call over a limit (client_limit, table_full, ...)
+refused:<why>      drop    a new call over a limit or denied by the ACL (see below)
 too_many_connections drop  control connection table full
 short_ip, ...      drop    a packet that does not parse (ProtocolError reasons)
 split_call_id_undecided  accept  (counted only) a Call ID cut after its first byte whose
                    high byte no rule could decide: the field is left as it came
 =================  ======  =========================================================
 (*) the reason is the ProtocolError's: bad_length, bad_cookie, ...
+
+Refusals. Only where something new starts, never per GRE packet. A control
+connection natedit has not seen yet is dropped (``refused:client_denied``,
+``refused:server_denied``) when the policy's ACL denies its client or its
+server: it is never tracked, so each of its packets is decided again. A
+segment carrying new calls (``_check_new_calls``) is dropped whole, with no
+change to the stream or the table, when the ACL denies them (an existing
+connection after a reload), a limit is reached (``client_limit``,
+``table_full``, ``pool_exhausted``) or the client's new-call rate is spent
+(``rate_limited``); TCP retransmits it and it is decided again, so it goes
+through once the reason is gone. ``Stats.calls_refused`` counts a refused
+request once, not its retransmissions.
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ import struct
 from collections import Counter
 from ipaddress import IPv4Address
 
+from ._admission import Admission
 from ._checksum import apply_delta
 from ._errors import ProtocolError
 from ._events import (
@@ -69,6 +82,7 @@ from ._events import (
     CallMapped,
     CallRefused,
     CallReleased,
+    ConnectionRefused,
     Event,
     ProtocolViolation,
     Verdict,
@@ -81,6 +95,7 @@ from ._wire import (
     IPPROTO_TCP,
     PPTP_PORT,
     RESULT_CONNECTED,
+    TCP_ACK,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
@@ -143,6 +158,9 @@ class Stats:
         self.calls_mapped = 0
         self.calls_released: Counter[str] = Counter()
         self.calls_refused: Counter[str] = Counter()
+        """Requests for new calls refused, by reason (not counting retransmissions)."""
+        self.connections_refused: Counter[str] = Counter()
+        """Client SYNs of control connections the ACL denied, by reason."""
 
 
 class Translator:
@@ -155,6 +173,7 @@ class Translator:
         self.public_ip = policy.public_address.packed
         self.rng = rng if rng is not None else random.SystemRandom()
         self.table = CallTable(policy, self.rng)
+        self.admission = Admission(policy)
         self.stats = Stats()
         self._events: list[Event] = []
 
@@ -199,12 +218,24 @@ class Translator:
         return [call.info() for call in self.table.calls()]
 
     def set_policy(self, policy: Policy) -> None:
-        """Use ``policy`` from now on; live calls keep their mappings."""
+        """Use ``policy`` from now on (a reload).
+
+        Limits, ACLs, the Call ID range and the allocation apply to new calls and
+        connections: live calls keep their mappings and public Call IDs (also outside
+        a new range), and a tighter limit does not cut them. Timeouts apply to
+        everything at once. The public address cannot change (ValueError).
+        """
         if policy.public_address is None:
             raise ValueError("the core needs policy.public_address resolved")
-        self.policy = policy
+        if policy.public_address.packed != self.public_ip:
+            raise ValueError("the public address cannot change while calls may be live")
+        old, self.policy = self.policy, policy
         self.table.policy = policy
-        self.public_ip = policy.public_address.packed
+        self.admission.set_policy(policy)
+        if (policy.request_timeout < old.request_timeout
+                or policy.call_idle_timeout < old.call_idle_timeout
+                or policy.control_idle_timeout < old.control_idle_timeout):
+            self.table.reschedule()
 
     # -- verdict helpers ----------------------------------------------------------------
 
@@ -303,6 +334,13 @@ class Translator:
         if conn is None:
             if not (flags & TCP_SYN or payload) or flags & TCP_RST:
                 return ACCEPT  # nothing to follow: a bare ACK/FIN/RST of no known connection
+            denied = self.admission.connection_refusal(key[0], key[2])
+            if denied is not None:
+                if d is OUT and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                    self.stats.connections_refused[denied] += 1
+                    self._events.append(ConnectionRefused(
+                        IPv4Address(key[0]), IPv4Address(key[2]), denied))
+                return self._verdict(Action.DROP, f"refused:{denied}")
             conn = table.connection(key, now, create=True)
             if conn is None:
                 return self._verdict(Action.DROP, "too_many_connections")
@@ -349,7 +387,7 @@ class Translator:
                 stream.resync(None)
                 return self._verdict(Action.ACCEPT, exc.reason, violation=exc)
             return self._verdict(Action.DROP, exc.reason, violation=exc)
-        refused = self._check_new_calls(conn, d, pieces)
+        refused = self._check_new_calls(conn, d, pieces, (seq + behind) % SEQ_MOD, now)
         if refused is not None:
             return self._verdict(Action.DROP, f"refused:{refused}")
         base = behind  # payload offset of the first new byte
@@ -366,8 +404,9 @@ class Translator:
         stream.next_seq = (seq + len(payload)) % SEQ_MOD
         return _apply(data, start, writes) if writes else None
 
-    def _check_new_calls(self, conn: ControlConnection, d: Direction,
-                         pieces: list[Piece]) -> str | None:
+    def _check_new_calls(self, conn: ControlConnection, d: Direction, pieces: list[Piece],
+                         seq: int, now: float) -> str | None:
+        """Why the new calls of a segment whose new bytes start at ``seq`` are refused."""
         client_his = []
         for piece in pieces:
             spec = _FIELDS.get((d, piece.header.message_type))
@@ -375,8 +414,16 @@ class Translator:
                 client_his.append(piece.message[spec[0]])
         if not client_his:
             return None
-        reason = self.table.refusal(conn, self.public_ip, client_his)
-        if reason is not None:
+        n = len(client_his)
+        admission = self.admission
+        reason = (admission.acl_refusal(conn.client_ip, conn.server_ip)
+                  or self.table.refusal(conn, self.public_ip, client_his)
+                  or admission.rate_refusal(conn.client_ip, n, now))
+        if reason is None:
+            admission.admit(conn.client_ip, n, now)
+            return None
+        if conn.refused_at[d] != seq:  # not a retransmission of a request refused already
+            conn.refused_at[d] = seq
             self.stats.calls_refused[reason] += 1
             self._events.append(CallRefused(
                 IPv4Address(conn.client_ip), None, IPv4Address(conn.server_ip), reason))
