@@ -111,6 +111,43 @@ def test_two_calls_on_one_control_connection_is_not_supported() -> None:
     assert r.call(0).foreign_from.get(1, 0) > 0, info
 
 
+def test_two_calls_on_one_control_connection_with_a_pac_that_takes_both() -> None:
+    """(c) again, against the Python PAC, which answers both Outgoing-Call-Requests with
+    calls of their own (0 and 128) and echoes each within its call. The server is no
+    longer the limit, the kernel helper is: both requests leave with the same public
+    Call ID (the TCP port), so the PAC sends both calls' GRE to that one ID and the
+    helper delivers all of it to the first call's private Call ID. The second call never
+    hears from the server; the first gets the second's frames, interleaved with its own
+    under two unrelated sequence-number spaces (pptp-linux then drops whichever stream
+    is behind as "duplicate or old")."""
+    r = scenarios.two_calls_one_control(KERNEL_HELPER, call_ids=(FORCED, FORCED + 1), server="pac")
+    assert_cleaned_up(r)
+    info = r.describe()
+    # the set-up is what it claims to be, and the PAC opened both calls
+    assert r.server == "pac", info
+    assert r.outcome["private_call_ids_served"] == [FORCED, FORCED + 1], info
+    assert r.outcome["call_manager_count"] == 1, info
+    assert r.outcome["control_connections"] == 1, info
+    assert r.outcome["ocrp_results"] == [1, 1], info
+    assert r.outcome["ocrp_server_call_ids"] == [0, 128], info
+    assert not r.outcome["server_replaced_first_call"], info
+    # the kernel helper: one public Call ID (the masqueraded TCP port) for both calls
+    ((_, port),) = r.wire.control_connections
+    assert r.outcome["ocrq_call_ids_outside"] == [port, port], info
+    assert not r.outcome["distinct_public_call_ids"], info
+    assert r.outcome["pac_calls"] == [(1, 0, port), (1, 128, port)], info
+    assert r.outcome["ocrp_peer_call_ids"] == [port, port], info
+    # both calls' GRE reaches the PAC (as 0 and 128) and comes back, to that one port
+    assert r.outcome["server_call_ids"] == [0, 128], info
+    assert r.outcome["public_call_ids"] == [port], info
+    # ... where the helper hands all of it to the first call
+    first, second = r.call(0), r.call(1)
+    assert r.outcome["first_call_connected"], info
+    assert not second.connected and second.received == 0 and second.foreign == 0, info
+    assert first.foreign_from.get(1, 0) > 0, info
+    assert not first.clean and not r.outcome["both_returned"], info
+
+
 def test_server_ends_one_call() -> None:
     """(d) The server ends one call (SIGTERM to its pptpctrl: Call-Disconnect-Notify, then
     Stop-Control-Connection-Request); that client hangs up, the others keep flowing."""

@@ -63,15 +63,21 @@ class StandinInfo:
 
 
 def parse_standin_hello(frame: bytes) -> StandinInfo | None:
-    """Recognise the stand-in's first frame (as deframed by the harness, FCS removed)."""
+    """Recognise the stand-in's first frame (as deframed by the harness, FCS removed).
+
+    Fields other than pid and ppid (the Python PAC adds ``call=<own> peer=<peer>
+    conn=<n>``) end up in ``args``, in their order.
+    """
     idx = frame.find(STANDIN_MARKER)
     if idx < 0:
         return None
-    fields = dict(
-        part.split(b"=", 1) for part in frame[idx + len(STANDIN_MARKER) :].split() if b"=" in part
-    )
+    parts = [part for part in frame[idx + len(STANDIN_MARKER) :].split() if b"=" in part]
+    fields = dict(part.split(b"=", 1) for part in parts)
+    extra = [p for p in parts if p.split(b"=", 1)[0] not in (b"pid", b"ppid")]
     try:
-        return StandinInfo(int(fields[b"pid"]), int(fields[b"ppid"]), "")
+        return StandinInfo(
+            int(fields[b"pid"]), int(fields[b"ppid"]), b" ".join(extra).decode(errors="replace")
+        )
     except (KeyError, ValueError):
         return None
 

@@ -16,12 +16,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .capture import CCRQ, CDN, OCRP, OCRQ, STOPCCRQ, Capture, WireSummary
 from .lab import Lab
 from .peers import PptpClient, PptpServer, StandinInfo, start_pptp_client, start_pptpd
 from .pump import FramePump
+
+if TYPE_CHECKING:  # pac.py is imported lazily: it is also run as `python -m tests.harness.pac`
+    from .pac import PacServer
+
+ServerKind = Literal["pptpd", "pac"]
 
 HELLO_TIMEOUT = 6.0  # pptp-linux waits 1 s after starting its call manager
 RETURN_TIMEOUT = 3.0
@@ -168,6 +173,8 @@ class ScenarioResult:
     conntrack: str
     gateway_processes: list[GatewayProcess]
     syslog: list[str]
+    server: str = "pptpd"  # "pptpd" or "pac" (tests/harness/pac.py)
+    server_log: list[str] = field(default_factory=list)  # the PAC's own log
 
     def call(self, key: int) -> CallResult:
         return self.calls[key]
@@ -183,7 +190,8 @@ class ScenarioResult:
 
     def describe(self) -> str:
         lines = [
-            f"scenario {self.scenario} via {self.gateway} ({self.prefix}, {self.duration:.1f}s)"
+            f"scenario {self.scenario} via {self.gateway} against {self.server}"
+            f" ({self.prefix}, {self.duration:.1f}s)"
         ]
         lines += [c.line() for c in self.calls.values()]
         lines += [f"outcome {k}: {v}" for k, v in self.outcome.items()]
@@ -192,6 +200,8 @@ class ScenarioResult:
             lines.append(f"gateway process {p.name} pid={p.pid} rc={p.returncode}\n{p.log_tail}")
         lines.append("conntrack:\n" + self.conntrack.strip())
         lines.append("log tail:\n" + "\n".join(self.syslog[-40:]))
+        if self.server_log:
+            lines.append("PAC log tail:\n" + "\n".join(self.server_log[-40:]))
         return "\n".join(lines)
 
 
@@ -200,12 +210,16 @@ class ScenarioResult:
 
 @dataclass
 class Session:
-    """A running scenario: lab, capture, server, pump and the calls started so far."""
+    """A running scenario: lab, capture, server, pump and the calls started so far.
+
+    ``server`` is pptpd (:class:`PptpServer`) unless the session was opened with
+    ``server="pac"`` (:class:`~tests.harness.pac.PacServer`).
+    """
 
     lab: Lab
     gateway: Gateway
     capture: Capture
-    server: PptpServer
+    server: PptpServer | PacServer
     pump: FramePump
     calls: dict[int, PptpClient] = field(default_factory=dict)
     phases: dict[str, dict[int, list[int]]] = field(default_factory=dict)
@@ -225,6 +239,13 @@ class Session:
         self.calls[call.key] = call
         self.pump.add(call.key, call.sock)
         return call
+
+    @property
+    def pptpd(self) -> PptpServer:
+        """The server, when it is pptpd (scenarios that end calls through its processes)."""
+        if not isinstance(self.server, PptpServer):
+            raise TypeError("this scenario needs pptpd as the server")
+        return self.server
 
     def wait_connected(self, keys: Sequence[int], timeout: float = HELLO_TIMEOUT) -> bool:
         """Wait until each call got the server's hello (or its pptp hung up)."""
@@ -305,20 +326,36 @@ class Session:
             conntrack=conntrack,
             gateway_processes=gw_procs,
             syslog=syslog,
+            server="pptpd" if isinstance(self.server, PptpServer) else "pac",
+            server_log=[] if isinstance(self.server, PptpServer) else self.server.log_lines(),
         )
 
 
 @contextmanager
-def session(gateway: Gateway, n_clients: int, prefix: str | None = None) -> Iterator[Session]:
-    """Lab + gateway setup + outside capture + pptpd; everything removed on exit."""
+def session(
+    gateway: Gateway, n_clients: int, prefix: str | None = None, server: ServerKind = "pptpd"
+) -> Iterator[Session]:
+    """Lab + gateway setup + outside capture + server; everything removed on exit.
+
+    ``server``: "pptpd" (the real one, one call per control connection) or "pac" (the
+    Python PAC of tests/harness/pac.py: every Outgoing-Call-Request gets its own call).
+    """
     started = time.monotonic()
     with Lab(n_clients, prefix=prefix) as lab:
         gateway.setup(lab)
         capture = Capture(lab).start()
-        server = start_pptpd(lab)
+        running: PptpServer | PacServer
+        if server == "pptpd":
+            running = start_pptpd(lab)
+        elif server == "pac":
+            from .pac import start_pac
+
+            running = start_pac(lab)
+        else:
+            raise ValueError(f"unknown server {server!r}")
         pump = FramePump()
         try:
-            yield Session(lab, gateway, capture, server, pump, started=started)
+            yield Session(lab, gateway, capture, running, pump, started=started)
         finally:
             pump.close()
 
@@ -452,11 +489,11 @@ def server_ends_call(
         hello = s.pump.stats[victim].hello
         t0 = time.monotonic()
         if how == "pptpd":
-            s.server.stop()
+            s.pptpd.stop()
         elif hello is None:
             raise RuntimeError("victim call never connected; cannot end it from the server")
         else:
-            s.server.end_call(hello, how)
+            s.pptpd.end_call(hello, how)
         victim_hung_up = s.pump.wait_until(lambda: s.pump.stats[victim].eof, 3.0)
         hangup_time = time.monotonic() - t0 if victim_hung_up else None
         pptp_exited = _wait(lambda: not victim_call.alive(), 2.0)
@@ -503,6 +540,7 @@ def two_calls_one_control(
     second_call_timeout: float = 2.0,
     return_timeout: float = 1.5,
     prefix: str | None = None,
+    server: ServerKind = "pptpd",
 ) -> ScenarioResult:
     """(c) two pptp invocations in one client namespace sharing one /run: the second joins
     the first one's call manager, so both calls run on ONE control connection.
@@ -510,19 +548,26 @@ def two_calls_one_control(
     The private Call IDs are forced through a FIFO (distinct IDs; a plain file would give
     both calls the same ID).
 
-    pptpd supports ONE call per control connection: on the second Outgoing-Call-Request it
-    answers (Call ID 1, result 1), kills the first call's "pppd" and starts a new one for
-    the second call ("Request to open call when call is already open", see
-    ``outcome["server_replaced_first_call"]``); from then on it only echoes GRE carrying
-    Call ID 1, toward the second call's public Call ID. So against pptpd even a perfect
-    NAT cannot make both calls work. What a NAT that supports several calls per control
-    connection should show here: two distinct public Call IDs in the two
+    ``server="pac"`` runs the Python PAC (tests/harness/pac.py) instead of pptpd: it
+    answers both Outgoing-Call-Requests with calls of their own (Call IDs 0 and 128) and
+    echoes each call's frames within that call, so both calls can be clean; there a NAT
+    that supports several calls per control connection must show both calls connected
+    and clean and ``distinct_public_call_ids``. ``outcome["pac_calls"]`` lists the
+    PAC's calls as (connection, own Call ID, Peer's Call ID).
+
+    The default server, pptpd, supports ONE call per control connection: on the second
+    Outgoing-Call-Request it answers (Call ID 1, result 1), kills the first call's "pppd"
+    and starts a new one for the second call ("Request to open call when call is already
+    open", see ``outcome["server_replaced_first_call"]``); from then on it only echoes GRE
+    carrying Call ID 1, toward the second call's public Call ID. So against pptpd even a
+    perfect NAT cannot make both calls work. What a NAT that supports several calls per
+    control connection should show against pptpd: two distinct public Call IDs in the two
     Outgoing-Call-Requests (``distinct_public_call_ids``), the second call connected and
     clean (its own frames back, nothing foreign), the first call receiving no foreign
     frames. The kernel helper instead gives both calls the same public Call ID (the TCP
     port), so the server's GRE for call 2 is delivered to call 1.
     """
-    with session(gateway, 1, prefix) as s:
+    with session(gateway, 1, prefix, server) as s:
         first = s.start_call(0, forced_call_id=list(call_ids), key=0)
         first_connected = s.wait_connected([0])
         second = s.start_call(0, share_with=first, key=1)
@@ -530,6 +575,11 @@ def two_calls_one_control(
         call_managers = first.call_manager_pids() | second.call_manager_pids()
         both_ok = s.phase("both", [0, 1], frames, return_timeout)
         served = list(first.mounts.feeder.served) if first.mounts.feeder else []
+        pac_calls = (
+            []
+            if isinstance(s.server, PptpServer)
+            else [(c.conn, c.call_id, c.peer_call_id) for c in s.server.calls()]
+        )
         result = s.finish(
             "two_calls_one_control",
             {
@@ -538,6 +588,7 @@ def two_calls_one_control(
                 "both_returned": both_ok,
                 "call_manager_count": len(call_managers),
                 "private_call_ids_served": served,
+                "pac_calls": pac_calls,
             },
         )
     w = result.wire

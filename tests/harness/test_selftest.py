@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from natedit._wire import (
+    MessageType,
+    build_control_message,
+    build_gre,
+    parse_control_message,
+    parse_gre,
+)
 from tests.harness import scenarios, worker_gateway
 from tests.harness.capture import CDN, OCRQ, decode_pcap
 from tests.harness.hdlc import (
@@ -19,9 +26,11 @@ from tests.harness.hdlc import (
     hdlc_encode,
     ppp_frame,
 )
-from tests.harness.lab import Lab, call_id_random_bytes, require_netns
+from tests.harness.lab import PUBLIC_GW_ADDR, SERVER_ADDR, Lab, call_id_random_bytes, require_netns
+from tests.harness.pac import Pac, PacServer
 from tests.harness.peers import _STANDIN, STANDIN_MARKER, parse_standin_hello
 from tests.harness.pump import FramePump, payload_for
+from tests.harness.scenarios import Gateway, session
 
 
 def test_fcs16_check_value() -> None:
@@ -165,6 +174,187 @@ def test_worker_gateway_is_started_ready_and_stopped() -> None:
     assert result.call(0).clean, result.describe()
     # the worker this test started, by PID (other runs may have their own dummies)
     assert not Path(f"/proc/{result.gateway_processes[0].pid}").exists()
+
+
+# --------------------------------------------------------------------------- the PAC
+
+MT = MessageType
+CLIENT = "10.0.0.11"
+
+
+def _replies(pac: Pac, conn: int, data: bytes, chunk: int | None = None) -> list[bytes]:
+    """Feed ``data`` (in ``chunk``-byte pieces) and return every reply, none closing."""
+    out: list[bytes] = []
+    step = chunk or len(data)
+    for pos in range(0, len(data), step):
+        replies, close = pac.feed(conn, data[pos : pos + step])
+        assert not close
+        out += replies
+    return out
+
+
+def _ocrq(call_id: int, serial: int) -> bytes:
+    return build_control_message(MT.OUTGOING_CALL_REQUEST, call_id=call_id, serial=serial)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 100])
+def test_pac_frames_by_length_and_answers_every_call(chunk: int | None) -> None:
+    """Coalesced and split messages; every Outgoing-Call-Request gets a call of its own."""
+    log: list[str] = []
+    pac = Pac(log=log.append)
+    pac.open_connection(1, CLIENT)
+    echo = bytearray(build_control_message(MT.ECHO_REQUEST))
+    echo[12:16] = b"\xde\xad\xbe\xef"
+    stream = (
+        build_control_message(MT.START_CONTROL_CONNECTION_REQUEST)
+        + _ocrq(0x1234, 1)
+        + build_control_message(MT.SET_LINK_INFO, peer_call_id=0)
+        + _ocrq(0x1235, 2)
+        + bytes(echo)
+        + _ocrq(0x1234, 3)  # the same PNS Call ID again: still a call of its own
+    )
+    replies = [parse_control_message(r) for r in _replies(pac, 1, stream, chunk)]
+    assert [r.message_type for r in replies] == [
+        MT.START_CONTROL_CONNECTION_REPLY,
+        MT.OUTGOING_CALL_REPLY,
+        MT.OUTGOING_CALL_REPLY,
+        MT.ECHO_REPLY,
+        MT.OUTGOING_CALL_REPLY,
+    ]
+    assert replies[0].raw[14] == 1 and replies[0].raw[12:14] == b"\x01\x00"
+    calls = [(r.call_id, r.peer_call_id, r.result_code) for r in replies if r.call_id is not None]
+    assert calls == [(0, 0x1234, 1), (128, 0x1235, 1), (256, 0x1234, 1)]
+    assert replies[3].raw[12:16] == b"\xde\xad\xbe\xef" and replies[3].raw[16] == 1
+    assert sorted(pac.calls) == [0, 128, 256]
+    assert sum(" open conn=1 " in f" {line}" for line in log) == 3
+    assert any("msg=SLI" in line and "ignored" in line for line in log)
+
+
+@pytest.mark.parametrize(("cdn_call_id", "expected"), [("own", 128), ("peer", 0x1235)])
+def test_pac_clears_calls_and_stops(cdn_call_id: str, expected: int) -> None:
+    pac = Pac(cdn_call_id=cdn_call_id)
+    pac.open_connection(1, CLIENT)
+    _replies(pac, 1, _ocrq(0x1234, 1) + _ocrq(0x1235, 2))
+    (cdn,) = _replies(pac, 1, build_control_message(MT.CALL_CLEAR_REQUEST, call_id=0x1235))
+    msg = parse_control_message(cdn)
+    assert msg.message_type == MT.CALL_DISCONNECT_NOTIFY
+    assert (msg.call_id, msg.raw[14]) == (expected, 4)  # result 4: cleared on request
+    assert sorted(pac.calls) == [0]
+    assert _replies(pac, 1, build_control_message(MT.CALL_CLEAR_REQUEST, call_id=0x9999)) == []
+    replies, close = pac.feed(1, build_control_message(MT.STOP_CONTROL_CONNECTION_REQUEST))
+    assert close
+    assert [parse_control_message(r).message_type for r in replies] == [
+        MT.STOP_CONTROL_CONNECTION_REPLY
+    ]
+    pac.close_connection(1, "stop")
+    assert pac.calls == {} and pac.connections == {}
+
+
+def test_pac_closes_on_a_malformed_header() -> None:
+    pac = Pac()
+    pac.open_connection(1, CLIENT)
+    bad = build_control_message(MT.ECHO_REQUEST, length=20)  # Length wrong for the type
+    replies, close = pac.feed(1, build_control_message(MT.ECHO_REQUEST) + bad)
+    assert close and len(replies) == 1
+
+
+def test_pac_echoes_gre_within_the_call_and_says_hello() -> None:
+    pac = Pac()
+    pac.open_connection(1, CLIENT)
+    pac.open_connection(2, "10.0.0.12")
+    _replies(pac, 1, _ocrq(0x1234, 1) + _ocrq(0x1235, 2))
+    _replies(pac, 2, _ocrq(0x1234, 1))
+    # hellos: one per call, each identifying its call, until the peer sends GRE
+    hellos = pac.due_hellos(now=100.0)
+    assert [dst for dst, _ in hellos] == [CLIENT, CLIENT, "10.0.0.12"]
+    first = hellos[0][1]
+    header = parse_gre(first)
+    assert (header.call_id, header.sequence, header.ack) == (0x1234, 0, None)
+    info = parse_standin_hello(first[header.header_length :])
+    assert info is not None and info.args == "call=0 peer=4660 conn=1"
+    assert pac.due_hellos(now=100.1) == []  # not due yet
+    assert len(pac.due_hellos(now=100.3)) == 3
+    # data on call 128 (the second call of connection 1) comes back on that call only
+    payload = b"\xff\x03\x4e\x45" + bytes(range(40))
+    (out,) = pac.gre(build_gre(CLIENT, SERVER_ADDR, 128, payload, seq=7))
+    dst, gre = out
+    header = parse_gre(gre)
+    assert dst == CLIENT
+    assert (header.call_id, header.sequence, header.ack) == (0x1235, 2, 7)
+    assert gre[header.header_length :] == payload and header.payload_length == len(payload)
+    (out,) = pac.gre(build_gre(CLIENT, SERVER_ADDR, 128, payload, seq=8, ack=1))
+    assert parse_gre(out[1]).sequence == 3 and parse_gre(out[1]).ack == 8
+    # call 128 was heard from: no more hellos for it; ack-only GRE also counts
+    assert pac.gre(build_gre(CLIENT, SERVER_ADDR, 0, seq=None, ack=0)) == []
+    assert [parse_gre(g).call_id for _, g in pac.due_hellos(now=101.0)] == [0x1234]
+    # wrong source, unknown Call ID, not PPTP GRE: dropped
+    assert pac.gre(build_gre("10.0.0.12", SERVER_ADDR, 128, payload, seq=9)) == []
+    assert pac.gre(build_gre(CLIENT, SERVER_ADDR, 5, payload, seq=9)) == []
+    assert pac.gre(b"\x45" + bytes(30)) == []
+
+
+def _routed(lab: Lab) -> None:
+    """No NAT: the gateway only forwards (the server needs a route back to the clients)."""
+    lab.exec(lab.server_ns, ["ip", "route", "add", "10.0.0.0/24", "via", PUBLIC_GW_ADDR])
+
+
+ROUTED = Gateway("routed", _routed)
+
+
+@pytest.mark.netns
+def test_pac_two_calls_on_one_control_connection_routed() -> None:
+    """The PAC against pptp-linux without any NAT: two calls of one call manager, on one
+    control connection, both clean."""
+    require_netns()
+    r = scenarios.two_calls_one_control(ROUTED, call_ids=(0x1234, 0x1235), server="pac")
+    info = r.describe()
+    assert r.server == "pac", info
+    assert r.outcome["call_manager_count"] == 1, info
+    assert r.outcome["control_connections"] == 1, info
+    assert r.outcome["ocrq_call_ids_outside"] == [0x1234, 0x1235], info
+    assert r.outcome["ocrp_server_call_ids"] == [0, 128], info
+    assert r.outcome["ocrp_peer_call_ids"] == [0x1234, 0x1235], info
+    assert r.outcome["ocrp_results"] == [1, 1], info
+    assert r.outcome["pac_calls"] == [(1, 0, 0x1234), (1, 128, 0x1235)], info
+    assert r.outcome["first_call_connected"] and r.outcome["second_call_connected"], info
+    assert r.outcome["both_returned"], info
+    assert all(c.clean and c.other == 0 for c in r.calls.values()), info
+    assert r.total_foreign == 0, info
+    hellos = {k: c.server_call.args if c.server_call else None for k, c in r.calls.items()}
+    assert hellos == {0: "call=0 peer=4660 conn=1", 1: "call=128 peer=4661 conn=1"}, info
+    assert r.outcome["server_call_ids"] == [0, 128], info
+    assert r.outcome["public_call_ids"] == [0x1234, 0x1235], info
+    assert not r.outcome["server_replaced_first_call"], info
+    assert r.wire.icmp == [], info
+
+
+@pytest.mark.netns
+def test_pac_sigterm_ends_every_call() -> None:
+    """SIGTERM: a Call-Disconnect-Notify per call, Stop-Control-Connection-Request, exit 0;
+    pptp-linux hangs up both calls."""
+    require_netns()
+    with session(ROUTED, 1, server="pac") as s:
+        assert isinstance(s.server, PacServer)
+        first = s.start_call(0, forced_call_id=[0x1234, 0x1235], key=0)
+        # the second pptp must find the first one's call manager up (else it starts its own)
+        assert s.wait_connected([0]), s.server.log()
+        s.start_call(0, share_with=first, key=1)
+        assert s.wait_connected([1]), s.server.log()
+        assert s.phase("before", [0, 1], 5), s.server.log()
+        assert s.server.stop() == 0, s.server.log()
+        assert s.server.proc.poll() == 0
+        assert s.pump.wait_until(lambda: all(st.eof for st in s.pump.stats.values()), 3.0)
+        log = s.server.log()
+        r = s.finish("pac_sigterm", {})
+    info = r.describe() + "\n" + log
+    cdns = r.wire.messages(CDN)
+    assert [(m.call_id, m.result) for m in cdns] == [(0, 3), (128, 3)], info
+    assert [m.name for m in r.wire.pptp][-2:] == [
+        "Stop-Control-Connection-Request",
+        "Stop-Control-Connection-Reply",
+    ], info
+    assert "signal SIGTERM" in log and log.rstrip().endswith("exit"), info
+    assert all(c.pptp_returncode is not None for c in r.calls.values()), info
 
 
 def _pids_named(comm: str) -> list[int]:
