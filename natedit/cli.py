@@ -1,26 +1,30 @@
-"""The ``natedit`` command: run, rules, cleanup, replay, calls.
+"""The ``natedit`` command: run, reload, check-policy, rules, cleanup, replay, calls.
 
 Errors natedit expects (a bad policy, not root, a queue in use, a command
 that failed) print one line ``natedit: error: ...`` and exit 1; usage
-errors exit 2 (argparse).
+errors exit 2 (argparse). ``check-policy`` and ``reload`` print every
+problem of a policy on a line of its own instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address
+from typing import Any
 
-from . import host, rules
-from ._errors import NateditError
-from ._policy import load_policy
+from . import host, reload, rules
+from ._errors import NateditError, PolicyError
+from ._policy import LOG_LEVELS, LogFormat, Policy, dump_policy, load_policy, read_policy
 from .status import PolicyStatus
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+RELOAD_WAIT = 10.0
+"""Seconds ``natedit reload`` waits for the worker to report the outcome."""
 
 
 class _Formatter(logging.Formatter):
@@ -33,9 +37,24 @@ class _Formatter(logging.Formatter):
         return f"natedit: {text}"
 
 
-def _setup_logging(level: str) -> None:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``{"time": ..., "level": "info", "message": ...}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        entry = {"time": f"{stamp}.{int(record.msecs):03d}Z",
+                 "level": record.levelname.lower(), "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: LogFormat = LogFormat.TEXT) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(message)s"))
+    if fmt is LogFormat.JSON:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_Formatter("%(message)s"))
     logger = logging.getLogger("natedit")
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
@@ -51,18 +70,79 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "and binds netfilter queues"
         )
     policy = load_policy(args.policy)
-    _setup_logging(args.log_level or policy.log_level)
+    _setup_logging(args.log_level or policy.log_level, policy.log_format)
+
+    def on_reload(new: Policy) -> None:
+        _setup_logging(args.log_level or new.log_level, new.log_format)
+
     status = PolicyStatus(source=args.policy, loaded_at=time.time())
     return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,
-                      policy_status=status)
+                      policy_status=status, policy_path=args.policy,
+                      pid_file=args.pid_file or None, on_reload=on_reload)
+
+
+def _cmd_check_policy(args: argparse.Namespace) -> int:
+    try:
+        loaded = read_policy(args.file)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        n = len(exc.problems)
+        print(f"natedit: {args.file}: {n} problem{'s' if n > 1 else ''}, not a valid policy",
+              file=sys.stderr)
+        return 1
+    sys.stdout.write(dump_policy(loaded.policy))
+    print(f"natedit: {args.file}: valid; above, the effective policy (defaults filled in)",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    if args.ready_file is None:
+        pid = reload.read_pid(args.pid_file)
+        reload.signal_worker(pid, args.pid_file)
+        print(f"natedit: asked natedit (pid {pid}) to reload its policy; its log says how "
+              "it went (with --ready-file, natedit reload waits for the outcome)",
+              file=sys.stderr)
+        return 0
+    pid, before = _ready_status(args.ready_file)
+    reload.signal_worker(pid, args.ready_file)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        _, after = _ready_status(args.ready_file)
+        if after["reloads_failed"] != before["reloads_failed"]:
+            for problem in str(after["last_error"] or "").splitlines():
+                print(problem, file=sys.stderr)
+            print(f"natedit: reload rejected by natedit (pid {pid}); the running policy stays",
+                  file=sys.stderr)
+            return 1
+        if after["reloads_ok"] != before["reloads_ok"]:
+            print(f"natedit: policy reloaded by natedit (pid {pid}) from "
+                  f"{after['source'] or reload.BUILT_IN}", file=sys.stderr)
+            return 0
+        time.sleep(0.05)
+    raise NateditError(f"natedit (pid {pid}) did not report a reload within {args.wait:g} s")
+
+
+def _ready_status(path: str) -> tuple[int, dict[str, Any]]:
+    """The PID and the policy status a worker's ready file holds."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        pid, status = info["pid"], info["policy"]
+        if not isinstance(pid, int) or not isinstance(status, dict):
+            raise ValueError("no pid or policy status")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NateditError(f"cannot read {path} ({exc}): is natedit running?") from exc
+    return pid, status
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     if args.public_address is not None:
         policy = policy.with_public_address(args.public_address)
-    elif policy.public_address is None:
-        policy = policy.with_public_address(host.default_route_address())
+    else:
+        policy = policy.with_public_address(host.public_address(policy))
     ruleset = rules.build_ruleset(policy)
     render = rules.render_nft if args.flavour == "nft" else rules.render_iptables
     sys.stdout.write(render(ruleset))
@@ -107,8 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-file", metavar="PATH",
         help="write this JSON file once ready; removed at a clean stop",
     )  # fmt: skip
-    run.add_argument("--log-level", choices=LOG_LEVELS, help="overrides the policy's log_level")
+    run.add_argument(
+        "--pid-file", metavar="PATH", default=reload.DEFAULT_PID_FILE,
+        help=f"write the PID here while running (default {reload.DEFAULT_PID_FILE}; '' for none)",
+    )  # fmt: skip
+    run.add_argument("--log-level", choices=LOG_LEVELS,
+                     help="overrides the policy's logging.level (also across reloads)")
     run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser(
+        "check-policy", help="validate a policy file and print the effective policy")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_cmd_check_policy)
+
+    rel = sub.add_parser("reload", help="make the running worker read its policy file again")
+    rel.add_argument(
+        "--pid-file", metavar="PATH", default=reload.DEFAULT_PID_FILE,
+        help=f"the worker's PID file (default {reload.DEFAULT_PID_FILE})",
+    )  # fmt: skip
+    rel.add_argument(
+        "--ready-file", metavar="PATH",
+        help="the worker's --ready-file: find it there and wait for the outcome",
+    )  # fmt: skip
+    rel.add_argument("--wait", type=float, default=RELOAD_WAIT, metavar="SECONDS",
+                     help=f"how long to wait for the outcome (default {RELOAD_WAIT:g})")
+    rel.set_defaults(func=_cmd_reload)
 
     show = sub.add_parser("rules", help="print the firewall rules for a policy")
     show.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import NateditError
+from ._policy import Policy
 
 
 class HostError(NateditError):
@@ -84,6 +85,21 @@ def default_route_address() -> IPv4Address:
     return pick_primary_address(links, dev)
 
 
+def interface_address(dev: str) -> IPv4Address:
+    """The primary (first, not secondary) global IPv4 address of interface ``dev``."""
+    links = json.loads(run(["ip", "-j", "-4", "addr", "show", "dev", dev]) or "[]")
+    return pick_primary_address(links, dev)
+
+
+def public_address(policy: Policy) -> IPv4Address:
+    """The address a policy names as public: its own, its interface's, the default route's."""
+    if policy.public_address is not None:
+        return policy.public_address
+    if policy.public_interface is not None:
+        return interface_address(policy.public_interface)
+    return default_route_address()
+
+
 def pick_default_route(routes: list[dict[str, Any]]) -> dict[str, Any]:
     """The first (lowest metric: ``ip`` lists it first) default route that has a device."""
     for route in routes:
@@ -101,4 +117,4 @@ def pick_primary_address(links: list[dict[str, Any]], dev: str) -> IPv4Address:
                 and not info.get("secondary", False)
             ):
                 return IPv4Address(info["local"])
-    raise HostError(f"default route device {dev} has no global IPv4 address")
+    raise HostError(f"device {dev} has no global IPv4 address")

@@ -15,7 +15,10 @@ Start: bind both queues, serve metrics (:mod:`natedit.metrics`, on
 announce readiness: the line ``natedit: ready ...`` on stderr, the
 ``--ready-file`` and, under systemd, ``READY=1``. Stop (SIGTERM, SIGINT):
 remove the rules, then unbind; the kernel drops what was still queued.
-SIGHUP is reserved for a policy reload and is logged and ignored for now.
+SIGHUP (``natedit reload``) reloads the policy file between two packets
+(:mod:`natedit.reload`: a valid policy applies to new calls, an invalid one
+is rejected and the running one stays); the ready file then carries the
+outcome. The PID is in ``--pid-file`` while the worker runs.
 
 Failure is closed everywhere: rules carry no queue bypass, so while no
 worker is bound (not started yet, crashed, stopped without removing its
@@ -45,9 +48,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from . import host, metrics, rules
+from . import host, metrics, reload, rules
+from ._errors import NateditError
 from ._events import Action, CallInfo, Event, ProtocolViolation, Verdict
 from ._policy import Policy
 from ._translator import Translator
@@ -83,6 +87,13 @@ class PacketTranslator(Protocol):
     def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict: ...
     def next_deadline(self) -> float | None: ...
     def handle_timer(self, now: float) -> list[Event]: ...
+
+
+@runtime_checkable
+class Reconfigurable(Protocol):
+    """A translator that can take a new policy while it runs (a reload)."""
+
+    def set_policy(self, policy: Policy) -> None: ...
 
 
 # -- per packet -------------------------------------------------------------------
@@ -208,19 +219,35 @@ def run(
     ready_file: str | None = None,
     make_translator: Callable[[Policy], PacketTranslator] | None = None,
     policy_status: PolicyStatus | None = None,
+    policy_path: str | None = None,
+    pid_file: str | None = None,
+    on_reload: Callable[[Policy], None] | None = None,
 ) -> int:
     """``natedit run``: serve until SIGTERM or SIGINT; 0 after a clean stop.
+
+    ``policy`` was loaded from ``policy_path`` (None: the built-in default), which
+    SIGHUP reads again; ``on_reload`` gets each policy a reload put in force.
 
     Raises :class:`natedit.NateditError` when it cannot start (no public
     address, the kernel PPTP helper attached, a queue in use, rules refused).
     """
-    if policy.public_address is None:
-        policy = policy.with_public_address(host.default_route_address())
+    configured = policy
+    public = host.public_address(policy)
+    policy = policy.with_public_address(public)
     ruleset = rules.build_ruleset(policy)
     rules.check_no_pptp_helper(ruleset.inside_networks)
     translator = (make_translator or Translator)(policy)
     dispatcher = Dispatcher(translator)
     status = policy_status if policy_status is not None else PolicyStatus(loaded_at=time.time())
+
+    def apply(new: Policy) -> None:
+        if not isinstance(translator, Reconfigurable):
+            raise NateditError("this translator cannot take a new policy")
+        translator.set_policy(new.with_public_address(public))
+        if on_reload is not None:
+            on_reload(new)
+
+    reloader = reload.Reloader(policy_path, configured, apply, status)
     collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
                                          queue_maxlen=QUEUE_MAXLEN)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
@@ -231,10 +258,20 @@ def run(
     ):
         installation = rules.install(ruleset, flavour)
         try:
-            _announce_ready(policy, flavour, ready_file)
-            _loop(bound, wakeup, dispatcher)
+            info = _announce_ready(policy, flavour, ready_file, status)
+            if pid_file is not None:
+                reload.write_pid_file(pid_file)
+
+            def on_hangup() -> None:
+                reloader.reload()
+                if ready_file is not None:
+                    _write_ready_file(ready_file, {**info, "policy": reload.status_dict(status)})
+
+            _loop(bound, wakeup, dispatcher, on_hangup)
         finally:
             rules.remove(installation)
+            if pid_file is not None:
+                reload.remove_pid_file(pid_file)
             if ready_file is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(ready_file)
@@ -242,12 +279,16 @@ def run(
     return 0
 
 
-def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher) -> None:
+def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
+          on_hangup: Callable[[], None]) -> None:
     with selectors.DefaultSelector() as selector:
         for queue in queues:
             selector.register(queue.get_fd(), selectors.EVENT_READ, queue)
         selector.register(wakeup.fd, selectors.EVENT_READ, None)
         while wakeup.stop is None:
+            if wakeup.hangup:  # here, between two packets, not in the signal handler
+                wakeup.hangup = False
+                on_hangup()
             deadline = dispatcher.run_timers()
             timeout = None if deadline is None else max(0.0, deadline - dispatcher.clock())
             for key, _ in selector.select(timeout):
@@ -295,13 +336,14 @@ class _Wakeup:
     def __init__(self) -> None:
         self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stop: str | None = None
+        self.hangup = False
+        """SIGHUP came: the loop reloads the policy."""
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            log.warning("SIGHUP received: reload is not implemented yet, ignored")
+            self.hangup = True
         else:
-            self.stop = name
+            self.stop = signal.Signals(signum).name
 
     def drain(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -328,9 +370,13 @@ def _signals() -> Iterator[_Wakeup]:
         wakeup.close()
 
 
-def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | None) -> None:
-    """Tell a harness, an operator and systemd that the rules are in and queues bound."""
-    info = {
+def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | None,
+                    status: PolicyStatus) -> dict[str, Any]:
+    """Tell a harness, an operator and systemd that the rules are in and queues bound.
+
+    Returns what the ready line says; the ready file has that and the policy status.
+    """
+    info: dict[str, Any] = {
         "pid": os.getpid(),
         "public_address": str(policy.public_address),
         "queue_outbound": policy.queue_outbound,
@@ -338,13 +384,18 @@ def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | No
         "flavour": flavour.value,
     }
     if ready_file is not None:
-        tmp = Path(f"{ready_file}.tmp")
-        tmp.write_text(json.dumps(info) + "\n")
-        tmp.replace(ready_file)
+        _write_ready_file(ready_file, {**info, "policy": reload.status_dict(status)})
     # Written whatever the log level: harnesses wait for this line.
     sys.stderr.write("natedit: ready " + " ".join(f"{k}={v}" for k, v in info.items()) + "\n")
     sys.stderr.flush()
     _sd_notify("READY=1")
+    return info
+
+
+def _write_ready_file(ready_file: str, content: dict[str, Any]) -> None:
+    tmp = Path(f"{ready_file}.tmp")
+    tmp.write_text(json.dumps(content) + "\n")
+    tmp.replace(ready_file)
 
 
 def _sd_notify(message: str) -> None:

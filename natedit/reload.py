@@ -1,0 +1,159 @@
+"""Policy reload for a running worker (SIGHUP, ``natedit reload``).
+
+A reload reads the policy file again. A valid policy takes effect at once for
+new calls and connections (:meth:`natedit._translator.Translator.set_policy`:
+live calls keep their public Call IDs even outside a new range, and a
+tighter limit does not cut them; shorter timeouts apply to them). An invalid
+one is rejected whole, logged and counted, and the running policy stays.
+
+Some fields cannot change at run time: the public address or interface
+(live calls are mapped to it), the inside networks and the queue numbers
+(the firewall rules are built from them) and the metrics listen address
+(the metrics server is bound to it). A reload that changes one of them is
+rejected like an invalid policy, with a message saying so: restart natedit
+to change them. The public address is resolved once, at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._errors import NateditError, PolicyError
+from ._policy import FIELDS, LoadedPolicy, Policy, changes, read_policy, yaml_value
+from .status import PolicyStatus
+
+log = logging.getLogger("natedit")
+
+BUILT_IN = "built-in default"
+"""What the log says the policy came from when natedit runs without a file."""
+DEFAULT_PID_FILE = "/run/natedit/natedit.pid"
+
+
+def restart_problems(running: Policy, loaded: LoadedPolicy) -> list[str]:
+    """Why ``loaded`` cannot replace ``running`` without a restart (empty: it can)."""
+    problems = []
+    for f in FIELDS:
+        old, new = getattr(running, f.attr), getattr(loaded.policy, f.attr)
+        if f.restart and old != new:
+            problems.append(
+                f"{loaded.where(f.path)}: expected {_show(yaml_value(old))} as in the running "
+                f"policy (changing it needs a restart), found {_show(yaml_value(new))}"
+            )
+    return problems
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ", ".join(value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+class Reloader:
+    """Reads the policy again on request and applies it, or keeps the running one.
+
+    ``apply`` gets the new policy as written (public address unresolved) and may
+    raise :class:`NateditError` or ValueError to reject it. ``status`` is kept up
+    to date for metrics and ``natedit reload``.
+    """
+
+    def __init__(self, path: str | None, running: Policy, apply: Callable[[Policy], None],
+                 status: PolicyStatus, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.running = running
+        self.apply = apply
+        self.status = status
+        self.clock = clock
+        status.source = path
+        status.loaded_at = clock()
+
+    @property
+    def source(self) -> str:
+        return self.path if self.path is not None else BUILT_IN
+
+    def reload(self) -> bool:
+        """One reload attempt; True when the new policy is in force. Logs one line."""
+        try:
+            loaded = (read_policy(self.path) if self.path is not None
+                      else LoadedPolicy(Policy(), BUILT_IN, {}))
+            problems = restart_problems(self.running, loaded)
+            if problems:
+                raise PolicyError(problems)
+            self.apply(loaded.policy)
+        except (NateditError, ValueError) as exc:
+            problems = exc.problems if isinstance(exc, PolicyError) else [f"{self.source}: {exc}"]
+            self.status.reloads["failed"] += 1
+            self.status.last_error = "\n".join(problems)
+            log.error("policy reload rejected, the running policy stays: %s", "; ".join(problems))
+            return False
+        changed = [f"{f.path} {_show(a)} -> {_show(b)}"
+                   for f, a, b in changes(self.running, loaded.policy)]
+        self.running = loaded.policy
+        self.status.reloads["ok"] += 1
+        self.status.loaded_at = self.clock()
+        self.status.last_error = None
+        log.info("policy reloaded from %s: %s", self.source,
+                 ", ".join(changed) if changed else "no change")
+        return True
+
+
+def status_dict(status: PolicyStatus) -> dict[str, Any]:
+    """The policy status as plain JSON values (the ready file carries it)."""
+    return {
+        "source": status.source,
+        "loaded_at": status.loaded_at,
+        "reloads_ok": status.reloads["ok"],
+        "reloads_failed": status.reloads["failed"],
+        "last_error": status.last_error,
+    }
+
+
+# -- pid file -------------------------------------------------------------------------------
+
+
+def write_pid_file(path: str) -> None:
+    """Write our PID to ``path`` (atomically; the directory is created)."""
+    target = Path(path)
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()}\n")
+    tmp.replace(target)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove ``path`` if it still names this process (another natedit may own it now)."""
+    try:
+        if read_pid(path) == os.getpid():
+            os.unlink(path)
+    except (OSError, NateditError):
+        pass
+
+
+def read_pid(path: str) -> int:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise NateditError(f"cannot read {path}: {exc.strerror or exc}: is natedit running?"
+                           ) from exc
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        raise NateditError(f"{path} holds no PID") from None
+
+
+def signal_worker(pid: int, source: str) -> None:
+    """SIGHUP to ``pid`` once it is known to be a natedit process (not a recycled PID)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        raise NateditError(f"no process {pid} (from {source}): is natedit running?") from None
+    if b"natedit" not in cmdline:
+        raise NateditError(f"process {pid} (from {source}) is not natedit")
+    os.kill(pid, signal.SIGHUP)
