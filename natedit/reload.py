@@ -128,10 +128,12 @@ def write_pid_file(path: str) -> None:
 
 
 def remove_pid_file(path: str) -> None:
-    """Remove ``path`` if it still names this process (another natedit may own it now)."""
+    """Remove ``path`` if it still names this process (another natedit may own it now),
+    and its directory once empty."""
     try:
         if read_pid(path) == os.getpid():
             os.unlink(path)
+            os.rmdir(Path(path).parent)
     except (OSError, NateditError):
         pass
 

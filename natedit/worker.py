@@ -260,7 +260,10 @@ def run(
         try:
             info = _announce_ready(policy, flavour, ready_file, status)
             if pid_file is not None:
-                reload.write_pid_file(pid_file)
+                try:
+                    reload.write_pid_file(pid_file)
+                except OSError as exc:  # natedit reload --ready-file still finds us
+                    log.warning("cannot write the pid file %s: %s", pid_file, exc)
 
             def on_hangup() -> None:
                 reloader.reload()

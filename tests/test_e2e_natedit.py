@@ -30,7 +30,8 @@ PUBLIC = "198.51.100.1"
 
 NATEDIT = worker_gateway(
     "natedit",
-    lambda lab, ready: [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready)],
+    lambda lab, ready: [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
+                        "--pid-file", str(lab.tmpdir / "natedit.pid")],
     cwd=str(REPO),
 )
 
@@ -146,7 +147,8 @@ def iptables_save(lab: Lab) -> str:
 def start_natedit(lab: Lab, name: str) -> subprocess.Popen[bytes]:
     ready = lab.tmpdir / f"{name}.ready"
     return lab.start_gateway_process(
-        [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready)],
+        [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
+         "--pid-file", str(lab.tmpdir / f"{name}.pid")],
         ready=ready.exists, cwd=str(REPO), name=name)
 
 
