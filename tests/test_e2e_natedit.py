@@ -206,3 +206,22 @@ def test_worker_restart_during_traffic(sig: int) -> None:
     assert new_connected and new_call and r.calls[2].clean, info
     assert rc2 == 0 and rules_at_end == before_natedit["rules"], info
     assert r.total_foreign == 0, info
+
+
+def test_two_calls_one_control_connection() -> None:
+    """(c) Two pptp-linux calls sharing one call manager, so one control connection,
+    the case the kernel helper cannot do (both calls get the masqueraded TCP port as
+    public Call ID). pptpd allows one call per control connection, so the server is
+    the harness's PAC, which allows several. Both calls must work."""
+    r = scenarios.two_calls_one_control(NATEDIT, server="pac")
+    assert_clean_exit(r)
+    info = r.describe()
+    assert r.outcome["control_connections"] == 1, info
+    assert r.outcome["call_manager_count"] == 1, info
+    assert r.outcome["first_call_connected"] and r.outcome["second_call_connected"], info
+    assert r.outcome["distinct_public_call_ids"], info
+    assert all(c.clean for c in r.calls.values()), info
+    assert r.total_foreign == 0, info
+    mapped = events(r, "call_mapped")
+    assert len({e["public_call_id"] for e in mapped}) == 2, info
+    assert {int(e["client_call_id"]) for e in mapped} == {0x1234, 0x1235}, info
