@@ -9,6 +9,8 @@
   never seen by the server), a denied client gets no control connection, the other
   calls are not disturbed; once the first call ends, the refused request (retransmitted
   by the client's TCP) goes through.
+* The per-client rate limit: a client's second call at the same instant is delayed
+  until its bucket refills (TCP retransmits the dropped request); another client is not.
 """
 
 from __future__ import annotations
@@ -234,3 +236,40 @@ def test_limits_and_acl_with_real_peers() -> None:
     assert len(r.wire.control_connections) == 3, info
     assert len(r.wire.messages(OCRQ)) == 3, info
     assert r.total_foreign == 0 and r.gateway_alive, info
+
+
+RATE = """\
+limits:
+  new_calls_per_second: 0.5
+  new_calls_burst: 1
+"""
+
+
+def test_rate_limit_delays_a_clients_second_call() -> None:
+    """One new call per two seconds per client: c1 starts two calls at once; one gets
+    through, the other's request is dropped and goes through on a TCP retransmission
+    once the bucket has refilled. c2, starting at the same time, is not delayed."""
+    gateway = natedit_with_policy("natedit-rate", RATE)
+    with scenarios.session(gateway, 2) as s:
+        st = s.pump.stats
+        t0 = time.monotonic()
+        s.start_call(0, forced_call_id=FORCED, key=0)
+        s.start_call(0, forced_call_id=FORCED + 1, key=10)
+        s.start_call(1, forced_call_id=FORCED, key=1)
+        s.pump.wait_until(lambda: bool(st[1].hellos) and bool(st[0].hellos or st[10].hellos),
+                          6.0)
+        early = sorted(k for k in (0, 1, 10) if st[k].hellos)
+        t_early = time.monotonic() - t0
+        both = s.wait_connected([0, 10], timeout=12.0)
+        t_late = time.monotonic() - t0
+        flowing = s.phase("all", [0, 1, 10], 20)
+        log = worker_log(s.lab)
+        r = s.finish("rate_limit", {"early": early, "t_early": t_early, "t_late": t_late})
+    info = r.describe()
+    assert len(early) == 2 and 1 in early, info  # c2 and one of c1's calls, at once
+    assert both and flowing and all(c.clean for c in r.calls.values()), info
+    assert t_late - t_early >= 1.0, info  # the bucket refills in 2 s
+    refused = events(log, "call_refused")
+    assert [(e["client_address"], e["reason"]) for e in refused] == [
+        ("10.0.0.11", "rate_limited")], info
+    assert len(r.wire.messages(OCRQ)) == 3, info  # the dropped request left once, later
