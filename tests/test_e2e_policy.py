@@ -9,6 +9,8 @@
   never seen by the server), a denied client gets no control connection, the other
   calls are not disturbed; once the first call ends, the refused request (retransmitted
   by the client's TCP) goes through.
+* Why ``refuse`` has no ``reply``: conntrack calls a client ACK of bytes the server
+  never sent INVALID, and such a packet leaves the gateway with its private address.
 * The per-client rate limit: a client's second call at the same instant is delayed
   until its bucket refills (TCP retransmits the dropped request); another client is not.
 """
@@ -273,3 +275,83 @@ def test_rate_limit_delays_a_clients_second_call() -> None:
     assert [(e["client_address"], e["reason"]) for e in refused] == [
         ("10.0.0.11", "rate_limited")], info
     assert len(r.wire.messages(OCRQ)) == 3, info  # the dropped request left once, later
+
+
+# -- why refuse has no "reply" ---------------------------------------------------------------
+
+_TCP_SERVER = r"""
+import socket, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 1723)); s.listen(); print("listening", flush=True)
+c, _ = s.accept(); c.sendall(b"x" * 10); time.sleep(10)
+"""
+# Connects, reads the server's 10 bytes, learns both sequence numbers from a raw copy of
+# the server's segment, then sends three bare ACKs (40 bytes) acknowledging 10 + extra.
+_ACK_BEYOND = r"""
+import socket, struct, sys
+extra = int(sys.argv[1])
+sniff = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+c = socket.create_connection(("198.51.100.2", 1723), timeout=5)
+c.recv(10)
+while True:
+    pkt = sniff.recv(2000)
+    ihl = (pkt[0] & 15) * 4
+    sport, dport, seq, ack = struct.unpack_from("!HHII", pkt, ihl)
+    if sport == 1723 and len(pkt) - ihl - (pkt[ihl + 12] >> 4) * 4 == 10:
+        break
+me, server = pkt[16:20], pkt[12:16]
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xFFFF)
+    return ~(s + (s >> 16)) & 0xFFFF
+tcp = struct.pack("!HHIIBBHHH", dport, 1723, ack, seq + 10 + extra, 0x50, 0x10, 65535, 0, 0)
+tcp = (tcp[:16] + struct.pack("!H", csum(me + server + struct.pack("!BBH", 0, 6, 20) + tcp))
+       + tcp[18:])
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, me, server)
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(3):
+    raw.sendto(ip[:10] + struct.pack("!H", csum(ip)) + ip[12:] + tcp, ("198.51.100.2", 0))
+"""
+
+
+def _rule_packets(lab: Lab, ns: str, table: str, comment: str) -> int:
+    listing = lab.exec(ns, ["iptables", "-t", table, "-L", "-v", "-n", "-x"]).stdout
+    return sum(int(ln.split()[0]) for ln in listing.splitlines() if f"/* {comment} */" in ln)
+
+
+@pytest.mark.parametrize("extra", [0, 32], ids=["exact_ack", "ack_32_beyond"])
+def test_why_refuse_has_no_reply(extra: int) -> None:
+    """The fact behind the README's "why there is no refuse: reply": a client that got
+    an injected 32-byte Outgoing-Call-Reply acknowledges 32 bytes the server never sent.
+    natedit edits TCP 1723 after conntrack has judged it (mangle FORWARD), so conntrack
+    sees that ACK unshifted: it calls it INVALID, and the packet is not masqueraded, it
+    reaches the server with the client's private address. An exact ACK is ESTABLISHED
+    and masqueraded."""
+    with Lab(1) as lab:
+        lab.gateway_masquerade_only()
+        for state in ("ESTABLISHED", "INVALID"):
+            lab.iptables("-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "--dport", "1723",
+                         "-m", "length", "--length", "40", "-m", "conntrack", "--ctstate",
+                         state, "-m", "comment", "--comment", f"bare-ack-{state}")
+        for source in ("10.0.0.0/8", lab.gw_public_addr):
+            lab.exec(lab.server_ns, [
+                "iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "1723",
+                "-m", "length", "--length", "40", "-s", source,
+                "-m", "comment", "--comment", f"bare-ack-from-{source}"])
+        server = lab.popen(lab.server_ns, [sys.executable, "-c", _TCP_SERVER],
+                           stdout=subprocess.PIPE, name="tcp-server")
+        assert server.stdout is not None and server.stdout.readline() == b"listening\n"
+        lab.exec(lab.clients[0].ns, [sys.executable, "-c", _ACK_BEYOND, str(extra)])
+        time.sleep(0.2)
+        seen = {name: _rule_packets(lab, ns, table, name) for ns, table, name in [
+            (lab.gw_ns, "mangle", "bare-ack-ESTABLISHED"),
+            (lab.gw_ns, "mangle", "bare-ack-INVALID"),
+            (lab.server_ns, "raw", "bare-ack-from-10.0.0.0/8"),
+            (lab.server_ns, "raw", f"bare-ack-from-{lab.gw_public_addr}")]}
+    if extra == 0:
+        assert seen == {"bare-ack-ESTABLISHED": 3, "bare-ack-INVALID": 0,
+                        "bare-ack-from-10.0.0.0/8": 0,
+                        f"bare-ack-from-{lab.gw_public_addr}": 3}
+    else:
+        assert seen == {"bare-ack-ESTABLISHED": 0, "bare-ack-INVALID": 3,
+                        "bare-ack-from-10.0.0.0/8": 3,
+                        f"bare-ack-from-{lab.gw_public_addr}": 0}
