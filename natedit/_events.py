@@ -32,6 +32,28 @@ class CallInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What it takes to put one live call back after a restart (``Translator.restore``).
+
+    :class:`CallInfo` plus what the table needs to rebuild the call's control
+    connection and keep its invariants. Timers and GRE counters are not part
+    of it: a restored call's idle time starts at the restore.
+    """
+
+    client_address: IPv4Address
+    client_port: int
+    server_address: IPv4Address
+    server_port: int
+    public_address: IPv4Address
+    public_call_id: int
+    client_call_hi: int
+    """The client Call ID's high byte, known before the whole Call ID (a split field)."""
+    client_call_id: int | None
+    server_call_id: int | None
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallMapped:
     """A client Call ID got a public Call ID."""
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
 from ._checksum import address_delta
-from ._events import CallInfo
+from ._events import CallInfo, CallRecord
 from ._policy import Allocation, Policy
 from ._stream import Stream
 
@@ -97,6 +97,14 @@ class Call:
             self.state.value,
         )
 
+    def record(self) -> CallRecord:
+        conn = self.conn
+        return CallRecord(
+            IPv4Address(self.client_ip), conn.client_port, IPv4Address(self.server_ip),
+            conn.server_port, IPv4Address(self.public_ip), self.public_call_id,
+            self.client_call_hi, self.client_call_id, self.server_call_id, self.state.value,
+        )
+
     def expires(self, policy: Policy) -> float:
         if self.state is CallState.ESTABLISHED:
             return self.last_seen + policy.call_idle_timeout
@@ -105,9 +113,9 @@ class Call:
 
 class ControlConnection:
     __slots__ = ("calls", "client_ip", "client_port", "fin", "key", "last_seen", "refused_at",
-                 "released", "server_ip", "server_port", "streams")
+                 "released", "server_ip", "server_port", "started", "streams")
 
-    def __init__(self, key: ConnKey, now: float) -> None:
+    def __init__(self, key: ConnKey, now: float, *, started: bool = True) -> None:
         self.key = key
         self.client_ip, self.client_port, self.server_ip, self.server_port = key
         self.calls: list[Call] = []
@@ -119,6 +127,10 @@ class ControlConnection:
         refused, so that its retransmissions are not counted again."""
         self.last_seen = now
         self.released = False
+        self.started = started
+        """Whether calls may be set up: a Start-Control-Connection-Request was seen
+        (either way), or natedit did not see the connection start (picked up
+        mid-stream, or restored after a restart), so it cannot know."""
 
     def expires(self, policy: Policy) -> float:
         return self.last_seen + policy.control_idle_timeout
@@ -182,12 +194,13 @@ class CallTable:
 
     # -- control connections -----------------------------------------------------------
 
-    def connection(self, key: ConnKey, now: float, create: bool) -> ControlConnection | None:
+    def connection(self, key: ConnKey, now: float, create: bool,
+                   started: bool = True) -> ControlConnection | None:
         conn = self.connections.get(key)
         if conn is None and create:
             if len(self.connections) >= self.policy.max_control_connections:
                 return None
-            conn = ControlConnection(key, now)
+            conn = ControlConnection(key, now, started=started)
             self.connections[key] = conn
             self.schedule(conn, conn.expires(self.policy))
         return conn
@@ -294,6 +307,58 @@ class CallTable:
                 return first + off
         return None
 
+    def restore(self, rec: CallRecord, now: float) -> str | None:
+        """Put back a call a previous run mapped; why it was not (None: it was).
+
+        The call gets its old public Call ID only if the table's invariants hold
+        as they do for a new call: one live call per public Call ID and server,
+        one per client Call ID in a connection, the high-byte rule, the per-client,
+        table and connection limits. Its control connection is created as needed:
+        started, with unsynced streams (they pick up at the next segment that starts
+        with a message header). Timers start at ``now``.
+        """
+        try:
+            state = CallState(rec.state)
+        except ValueError:
+            return "invalid"
+        cid, hi = rec.client_call_id, rec.client_call_hi
+        if not (_u16(rec.public_call_id) and 0 <= hi <= 0xFF and 0 < rec.client_port <= 0xFFFF
+                and 0 < rec.server_port <= 0xFFFF
+                and (cid is None or (_u16(cid) and cid >> 8 == hi))
+                and (rec.server_call_id is None or _u16(rec.server_call_id))):
+            return "invalid"
+        client_ip, server_ip = rec.client_address.packed, rec.server_address.packed
+        public_ip = rec.public_address.packed
+        used = self.used.setdefault((public_ip, server_ip), set())
+        if rec.public_call_id in used:
+            return "duplicate"
+        key = (client_ip, rec.client_port, server_ip, rec.server_port)
+        conn = self.connections.get(key)
+        if conn is not None:
+            if cid is not None and conn.call_by_client_id(cid) is not None:
+                return "duplicate"
+            if (conn.public_hi_for_client_hi(hi) not in (None, rec.public_call_id >> 8)
+                    or conn.client_hi_for_public_hi(rec.public_call_id >> 8) not in (None, hi)):
+                return "high_byte_rule"
+        if self.per_client[client_ip] >= self.policy.max_calls_per_client:
+            return "client_limit"
+        if len(self.by_public) >= self.policy.max_calls:
+            return "table_full"
+        conn = self.connection(key, now, create=True)
+        if conn is None:
+            return "too_many_connections"
+        call = Call(conn, hi, public_ip, rec.public_call_id, now)
+        call.client_call_id = cid
+        call.state = state
+        used.add(rec.public_call_id)
+        self.by_public[(public_ip, server_ip, rec.public_call_id)] = call
+        self.per_client[client_ip] += 1
+        conn.calls.append(call)
+        if rec.server_call_id is not None:
+            self.set_server_call_id(call, rec.server_call_id)
+        self.schedule(call, call.expires(self.policy))
+        return None
+
     def set_server_call_id(self, call: Call, server_call_id: int) -> None:
         if call.server_call_id is not None:
             key = (call.client_ip, call.server_ip, call.server_call_id)
@@ -355,3 +420,7 @@ class CallTable:
                 yield obj
             else:
                 self.schedule(obj, due)
+
+
+def _u16(value: int) -> bool:
+    return 0 <= value <= 0xFFFF

@@ -41,14 +41,36 @@ unsynced           accept  control data of a connection whose start natedit miss
 malformed (*)      drop    control message failing validation (policy: or accept)
 gap                drop    segment beyond the next expected byte (TCP resends it)
 no_call            drop    GRE that no live call owns (also a spoofed server address)
+foreign_call_id    drop    an outbound message naming as its own a Call ID that is no call
+                           of its connection but another connection's live public Call ID
 fragment           drop    a GRE fragment (the kernel defragments before the queue)
 refused:<why>      drop    a new call over a limit or denied by the ACL (see below)
 too_many_connections drop  control connection table full
 short_ip, ...      drop    a packet that does not parse (ProtocolError reasons)
 split_call_id_undecided  accept  (counted only) a Call ID cut after its first byte whose
                    high byte no rule could decide: the field is left as it came
+unknown_call_id    accept  (counted only, per message) a Call ID field naming no call of
+                           its control connection: the field is left as it came
 =================  ======  =========================================================
 (*) the reason is the ProtocolError's: bad_length, bad_cookie, ...
+
+Hostile and confused control traffic. Headers are validated before any
+read (``_wire.parse_control_header``: at least 12 bytes, PPTP message type 1,
+magic cookie, control type 1..15, then Length equal to that type's exact
+size), so Length 0, below 12, below or above the type's size and huge all
+end as ``bad_length`` before a byte of the body is trusted; a Length beyond
+the bytes that came is a message that continues in the next segment. Every
+Call ID a message names is looked up in *its own control connection* only
+(``_decide``): a Call-Clear-Request, a reply or a Call-Disconnect-Notify for
+a call that does not exist or is another client's changes nothing in the
+table and goes out as it came (``unknown_call_id``), unless letting it out
+would name another client's call to the server (``foreign_call_id``). A
+second Outgoing-Call-Request reusing a live Call ID of the same connection
+replaces that call (released as ``replaced``); another client's calls with
+the same private Call ID are on other connections and untouched. A
+connection natedit saw from its SYN may set up calls only after a
+Start-Control-Connection-Request (``refused:not_started``); one picked up
+mid-stream or restored after a restart is taken as started.
 
 Refusals. Only where something new starts, never per GRE packet. A control
 connection natedit has not seen yet is dropped (``refused:client_denied``,
@@ -61,6 +83,12 @@ connection after a reload), a limit is reached (``client_limit``,
 (``rate_limited``); TCP retransmits it and it is decided again, so it goes
 through once the reason is gone. ``Stats.calls_refused`` counts a refused
 request once, not its retransmissions.
+
+Restarts. The core keeps no files: :meth:`Translator.snapshot` and
+:meth:`Translator.call_record` give the live calls as :class:`CallRecord`
+values, which an edge stores (``natedit.state``) whenever an event names a
+call, and :meth:`Translator.restore` puts them back in a new translator with
+their public Call IDs, so GRE flows again at once after a worker restart.
 """
 
 from __future__ import annotations
@@ -69,6 +97,7 @@ import enum
 import random
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from ipaddress import IPv4Address
 
 from ._admission import Admission
@@ -80,6 +109,7 @@ from ._events import (
     CallEstablished,
     CallInfo,
     CallMapped,
+    CallRecord,
     CallRefused,
     CallReleased,
     ConnectionRefused,
@@ -161,6 +191,8 @@ class Stats:
         """Requests for new calls refused, by reason (not counting retransmissions)."""
         self.connections_refused: Counter[str] = Counter()
         """Client SYNs of control connections the ACL denied, by reason."""
+        self.calls_restored = 0
+        """Calls put back from a previous run's records (:meth:`Translator.restore`)."""
 
 
 class Translator:
@@ -216,6 +248,41 @@ class Translator:
     def calls(self) -> list[CallInfo]:
         """The live call table, one snapshot per call."""
         return [call.info() for call in self.table.calls()]
+
+    # -- persistence (the edge stores the records; the core never touches a file) -------
+
+    def snapshot(self) -> list[CallRecord]:
+        """Every live call, as records :meth:`restore` takes back."""
+        return [call.record() for call in self.table.calls()]
+
+    def call_record(self, info: CallInfo) -> CallRecord | None:
+        """The live call holding the public Call ID ``info`` names, or None (released).
+
+        An edge that persists the table rewrites the record of each call an event
+        names (CallMapped, CallEstablished, CallReleased): GRE makes no events.
+        """
+        call = self.table.by_public.get(
+            (info.public_address.packed, info.server_address.packed, info.public_call_id))
+        return None if call is None else call.record()
+
+    def restore(self, records: Iterable[CallRecord], now: float) -> Counter[str]:
+        """Put back the calls of a previous run (a restart); before any packet.
+
+        Returns how many were ``restored`` and, by reason, how many were not: a
+        different public address (``public_address``), or a record that would
+        break the table's invariants (see :meth:`CallTable.restore`). A restored
+        call keeps its public Call ID, so GRE flows again at once; its idle and
+        request timers start at ``now``.
+        """
+        outcome: Counter[str] = Counter()
+        for rec in records:
+            if rec.public_address.packed != self.public_ip:
+                reason: str | None = "public_address"
+            else:
+                reason = self.table.restore(rec, now)
+            outcome[reason or "restored"] += 1
+        self.stats.calls_restored += outcome["restored"]
+        return outcome
 
     def set_policy(self, policy: Policy) -> None:
         """Use ``policy`` from now on (a reload).
@@ -341,7 +408,8 @@ class Translator:
                     self._events.append(ConnectionRefused(
                         IPv4Address(key[0]), IPv4Address(key[2]), denied))
                 return self._verdict(Action.DROP, f"refused:{denied}")
-            conn = table.connection(key, now, create=True)
+            # seen from its SYN: calls wait for Start-Control-Connection (_check_new_calls)
+            conn = table.connection(key, now, create=True, started=not flags & TCP_SYN)
             if conn is None:
                 return self._verdict(Action.DROP, "too_many_connections")
         conn.last_seen = now
@@ -387,6 +455,8 @@ class Translator:
                 stream.resync(None)
                 return self._verdict(Action.ACCEPT, exc.reason, violation=exc)
             return self._verdict(Action.DROP, exc.reason, violation=exc)
+        if d is OUT and self._names_a_foreign_call(conn, pieces):
+            return self._verdict(Action.DROP, "foreign_call_id")
         refused = self._check_new_calls(conn, d, pieces, (seq + behind) % SEQ_MOD, now)
         if refused is not None:
             return self._verdict(Action.DROP, f"refused:{refused}")
@@ -408,15 +478,20 @@ class Translator:
                          seq: int, now: float) -> str | None:
         """Why the new calls of a segment whose new bytes start at ``seq`` are refused."""
         client_his = []
+        started = conn.started
         for piece in pieces:
-            spec = _FIELDS.get((d, piece.header.message_type))
+            mt = piece.header.message_type
+            if mt is MT.START_CONTROL_CONNECTION_REQUEST and piece.complete:
+                started = True  # (a client may send its first call in the same segment)
+            spec = _FIELDS.get((d, mt))
             if spec is not None and spec[1] is Field.NEW and piece.start <= spec[0] < piece.end:
                 client_his.append(piece.message[spec[0]])
         if not client_his:
             return None
         n = len(client_his)
         admission = self.admission
-        reason = (admission.acl_refusal(conn.client_ip, conn.server_ip)
+        reason = ((None if started else "not_started")
+                  or admission.acl_refusal(conn.client_ip, conn.server_ip)
                   or self.table.refusal(conn, self.public_ip, client_his)
                   or admission.rate_refusal(conn.client_ip, n, now))
         if reason is None:
@@ -428,6 +503,28 @@ class Translator:
             self._events.append(CallRefused(
                 IPv4Address(conn.client_ip), None, IPv4Address(conn.server_ip), reason))
         return reason
+
+    def _names_a_foreign_call(self, conn: ControlConnection, pieces: list[Piece]) -> bool:
+        """Whether an outbound message names, as its own, a Call ID that is no call of
+        ``conn`` but the live public Call ID of another connection's call to the same
+        server (client A's Call-Clear-Request for a Call ID the server knows as client
+        B's). Passing it untouched would let the server match it to B's call; only a
+        field whose two bytes are both in this segment can be checked."""
+        new_ids: set[int] = set()
+        for piece in pieces:
+            spec = _FIELDS.get((OUT, piece.header.message_type))
+            if spec is None or not piece.start <= spec[0] < spec[0] + 1 < piece.end:
+                continue
+            f, kind = spec
+            value = piece.message[f] << 8 | piece.message[f + 1]
+            if kind is Field.NEW:
+                new_ids.add(value)
+            elif (kind is Field.OWN and value not in new_ids
+                  and conn.call_by_client_id(value) is None):
+                other = self.table.by_public.get((self.public_ip, conn.server_ip, value))
+                if other is not None and other.conn is not conn:
+                    return True
+        return False
 
     # -- Call ID fields ----------------------------------------------------------------------
 
@@ -466,8 +563,10 @@ class Translator:
                     out.append((f, new_hi))
             else:
                 sent_hi = stream.partial.pop(f, None)
-                value = self._decide(conn, kind, full)
-                if value is not None:
+                matched, value = self._decide(conn, kind, full)
+                if not matched:  # names no call of this connection: goes out as it came
+                    self.stats.verdicts[("accept", "unknown_call_id")] += 1
+                elif value is not None:
                     if has_hi:
                         out.append((f, value >> 8))
                         out.append((f + 1, value & 0xFF))
@@ -488,14 +587,22 @@ class Translator:
             self._release(old, "replaced")  # the client reused a live Call ID
         call.client_call_id = call_id
 
-    def _decide(self, conn: ControlConnection, kind: Field, value: int) -> int | None:
+    def _decide(self, conn: ControlConnection, kind: Field,
+                value: int) -> tuple[bool, int | None]:
+        """(whether ``value`` names a call of ``conn``, the value to write or None).
+
+        Every lookup is within the one control connection: a message can name
+        only its own connection's calls, never another client's.
+        """
         if kind is Field.OWN:
             call = conn.call_by_client_id(value)
-            return None if call is None else call.public_call_id
+            return call is not None, None if call is None else call.public_call_id
         if kind is Field.PEER:
             call = conn.call_by_public_id(value)
-            return None if call is None else call.client_call_id
-        return self._decide_disconnect(conn, value)
+            return call is not None, None if call is None else call.client_call_id
+        if conn.call_by_server_id(value) is None and conn.call_by_public_id(value) is None:
+            return False, None
+        return True, self._decide_disconnect(conn, value)
 
     def _decide_disconnect(self, conn: ControlConnection, value: int) -> int | None:
         """The Call ID to write into an inbound Call-Disconnect-Notify.
@@ -541,6 +648,9 @@ class Translator:
         stream.partial.clear()
         if mt in (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY):
             self._end_calls(conn, "stop")
+            return
+        if mt is MT.START_CONTROL_CONNECTION_REQUEST:
+            conn.started = True
             return
         u16 = _U16.unpack_from
         if isinstance(new_call, Call):  # an outbound message created a call

@@ -49,11 +49,21 @@ class Conversation:
     now: float = 0.0
     verdicts: list[Verdict] = field(default_factory=list)
 
-    def open(self) -> None:
+    def open(self, *, start: bool = True) -> None:
+        """SYN, SYN-ACK and (``start``) Start-Control-Connection-Request and -Reply, so
+        that calls may be set up; ``out_seq``/``in_seq`` are then the next bytes."""
+        hello = build_control_message(MessageType.START_CONTROL_CONNECTION_REQUEST)
+        reply = build_control_message(MessageType.START_CONTROL_CONNECTION_REPLY)
+        if start:  # keep out_seq/in_seq as they were: tests name absolute numbers
+            self.out_seq -= len(hello)
+            self.in_seq -= len(reply)
         self.feed(OUT, build_tcp(self.client, self.server, self.client_port, 1723,
                                  self.out_seq - 1, flags=TCP_SYN))
         self.feed(IN, build_tcp(self.server, self.client, 1723, self.client_port,
                                 self.in_seq - 1, flags=TCP_SYN | TCP_ACK))
+        if start:
+            for d, message in ((OUT, hello), (IN, reply)):
+                self.send(d, message)
 
     def segment(self, d: Direction, payload: bytes, *, seq: int | None = None,
                 flags: int = TCP_ACK) -> bytes:

@@ -400,7 +400,7 @@ def test_too_many_connections() -> None:
     tr = make_translator(max_control_connections=1)
     Conversation(tr, "10.0.0.5").open()
     conv = Conversation(tr, "10.0.0.6")
-    conv.open()
+    conv.open(start=False)
     assert [(v.action, v.reason) for v in conv.verdicts] == [
         (Action.DROP, "too_many_connections")] * 2
     # traffic that is not TCP 1723 is not affected
