@@ -7,9 +7,10 @@ rule file; scrape and evaluation every second), scraping the worker's default
 127.0.0.1:9723 there, its storage in the lab's temp dir; the Lab stops it by PID.
 
 While the calls are live the test makes every kind of thing happen: GRE both ways, a
-call ended by its client, a call refused because the pool is full, and a kernel queue
+call ended by its client, a call refused because the pool is full, a kernel queue
 overflow (the worker is paused with SIGSTOP while GRE that no call owns floods the
-public address; Prometheus sees the worker down meanwhile). Then every panel query of
+public address; Prometheus sees the worker down meanwhile), a policy reload that
+works and one that is rejected. Then every panel query of
 deploy/grafana/dashboards/natedit.json and every alert expression of
 deploy/prometheus/natedit-alerts.yml is evaluated through Prometheus' HTTP API: each
 panel query returns data; each alert is in the state expected.
@@ -48,8 +49,9 @@ FLOOD = 6000  # GRE packets that no call owns, more than a queue holds (QUEUE_MA
 
 # Alerts whose expression must hold at the end (pending: their "for" has not passed in
 # a test of seconds; firing would do too), and those that must not.
-ACTIVE = {"NateditCallIdPoolNearlyExhausted", "NateditDropsRising", "NateditQueueDrops"}
-INACTIVE = {"NateditWorkerDown", "NateditPolicyReloadFailed", "NateditWorkerErrors"}
+ACTIVE = {"NateditCallIdPoolNearlyExhausted", "NateditDropsRising", "NateditQueueDrops",
+          "NateditPolicyReloadFailed"}
+INACTIVE = {"NateditWorkerDown", "NateditWorkerErrors"}
 
 
 def write_policy(lab: Lab) -> Path:
@@ -61,7 +63,8 @@ def write_policy(lab: Lab) -> Path:
 NATEDIT = worker_gateway(
     "natedit",
     lambda lab, ready: [sys.executable, "-m", "natedit", "run",
-                        "--policy", str(write_policy(lab)), "--ready-file", str(ready)],
+                        "--policy", str(write_policy(lab)), "--ready-file", str(ready),
+                        "--pid-file", str(lab.tmpdir / "natedit.pid")],
     cwd=str(REPO),
 )
 
@@ -199,6 +202,18 @@ def test_prometheus_scrapes_worker_with_real_calls() -> None:
             'sum(natedit_queue_dropped_total) + sum(natedit_queue_user_dropped_total)') or 0) > 0)
         prom.wait("the flood dropped as no_call", lambda: (prom.value(
             'natedit_packets_dropped_total{reason="no_call"}') or 0) >= 4000)
+
+        # a reload of the same policy succeeds; one of a broken file is rejected
+        policy_file = lab.tmpdir / "natedit-policy.yaml"
+        os.kill(worker.pid, signal.SIGHUP)
+        prom.wait("the good reload", lambda: prom.value(
+            'natedit_policy_reloads_total{outcome="ok"}') == 1)
+        policy_file.write_text("call_ids: {first: 10, last: 5}\n")
+        os.kill(worker.pid, signal.SIGHUP)
+        prom.wait("the rejected reload", lambda: prom.value(
+            "natedit_policy_reload_failed") == 1)
+        assert prom.value('natedit_policy_reloads_total{outcome="failed"}') == 1
+        assert prom.value("natedit_call_id_pool_size") == POOL  # the running policy stays
 
         print("e2e metrics figures:", {e: prom.value(e) for e in (
             "sum(natedit_queue_dropped_total)", "sum(natedit_queue_user_dropped_total)",
