@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
-from . import host, reload, rules
+from . import host, reload, rules, state
 from ._errors import NateditError, PolicyError
 from ._policy import LOG_LEVELS, LogFormat, Policy, dump_policy, load_policy, read_policy
 from .status import PolicyStatus
@@ -78,7 +78,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status = PolicyStatus(source=args.policy, loaded_at=time.time())
     return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,
                       policy_status=status, policy_path=args.policy,
-                      pid_file=args.pid_file or None, on_reload=on_reload)
+                      pid_file=args.pid_file or None, on_reload=on_reload,
+                      state_path=args.state or None)
 
 
 def _cmd_check_policy(args: argparse.Namespace) -> int:
@@ -190,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pid-file", metavar="PATH", default=reload.DEFAULT_PID_FILE,
         help=f"write the PID here while running (default {reload.DEFAULT_PID_FILE}; '' for none)",
+    )  # fmt: skip
+    run.add_argument(
+        "--state", metavar="FILE", default=state.DEFAULT_STATE_FILE,
+        help="keep the call table here across restarts (SQLite; default "
+             f"{state.DEFAULT_STATE_FILE}; '' for none)",
     )  # fmt: skip
     run.add_argument("--log-level", choices=LOG_LEVELS,
                      help="overrides the policy's logging.level (also across reloads)")

@@ -9,7 +9,9 @@ packets go where). One thread, one ``selectors`` loop over the two queue
 sockets and a signal wake-up pipe; the loop sleeps until a packet comes or
 the translator's next deadline (``time.monotonic()``) is due.
 
-Start: bind both queues, serve metrics (:mod:`natedit.metrics`, on
+Start: restore the call table from the state file (:mod:`natedit.state`;
+every call event is written back to it once per turn of the loop), bind
+both queues, serve metrics (:mod:`natedit.metrics`, on
 ``policy.metrics_listen``, in threads of their own), then install the rules
 (so that no packet is ever queued to nobody by natedit's own start), then
 announce readiness: the line ``natedit: ready ...`` on stderr, the
@@ -50,7 +52,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from . import host, metrics, reload, rules
+from . import host, metrics, reload, rules, state
 from ._errors import NateditError
 from ._events import Action, CallInfo, Event, ProtocolViolation, Verdict
 from ._policy import Policy
@@ -114,6 +116,8 @@ class Dispatcher:
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self._throttle = Throttle(ERROR_LOG_INTERVAL, clock)
+        self.journal: state.Journal | None = None
+        """Where call events go to be persisted (:mod:`natedit.state`); None: nowhere."""
 
     def packet(self, packet: Packet, direction: Direction) -> None:
         """Decide one queued packet. Never raises: NetfilterQueue's callback must not."""
@@ -147,7 +151,15 @@ class Dispatcher:
             self._log_trouble("timer_error", "timers failed")
             return now + TIMER_ERROR_BACKOFF
 
+    def flush(self) -> None:
+        """Once per turn of the loop: persist what the events of this turn changed."""
+        if self.journal is not None:
+            self.journal.commit()
+
     def log_events(self, events: Iterable[Event]) -> None:
+        if self.journal is not None:
+            events = tuple(events)
+            self.journal.note(events)
         for event in events:
             if isinstance(event, ProtocolViolation):
                 suppressed = self._throttle.allow(f"violation:{event.reason}")
@@ -222,11 +234,14 @@ def run(
     policy_path: str | None = None,
     pid_file: str | None = None,
     on_reload: Callable[[Policy], None] | None = None,
+    state_path: str | None = None,
 ) -> int:
     """``natedit run``: serve until SIGTERM or SIGINT; 0 after a clean stop.
 
     ``policy`` was loaded from ``policy_path`` (None: the built-in default), which
     SIGHUP reads again; ``on_reload`` gets each policy a reload put in force.
+    ``state_path``: the state file the call table is restored from and kept in
+    (:mod:`natedit.state`; None: none).
 
     Raises :class:`natedit.NateditError` when it cannot start (no public
     address, the kernel PPTP helper attached, a queue in use, rules refused).
@@ -252,10 +267,12 @@ def run(
                                          queue_maxlen=QUEUE_MAXLEN)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     with (
+        state.journal(translator, state_path, dispatcher.counts) as journal,
         _signals() as wakeup,
         _bound(queues, dispatcher) as bound,
         metrics.serving(policy.metrics_listen, collector),  # /metrics and /calls
     ):
+        dispatcher.journal = journal
         installation = rules.install(ruleset, flavour)
         try:
             info = _announce_ready(policy, flavour, ready_file, status)
@@ -299,6 +316,7 @@ def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
                     wakeup.drain()
                 else:
                     key.data.run(block=False)
+            dispatcher.flush()
         log.info("%s received, stopping", wakeup.stop)
 
 
