@@ -88,8 +88,14 @@ RELEASE_REASONS = (
     "refused_by_server", "refused_by_client", "replaced",
 )
 """Why a mapping ended (``Translator._release`` callers)."""
-REFUSAL_REASONS = ("client_limit", "table_full", "pool_exhausted")
-"""Why a new call was not mapped (``CallTable.refusal``)."""
+REFUSAL_REASONS = (
+    "not_started", "client_denied", "server_denied", "client_limit", "table_full",
+    "pool_exhausted", "rate_limited",
+)
+"""Why a new call was not mapped (``Translator._check_new_calls``: the connection's
+start, the ACL, ``CallTable.refusal``, the new-call rate)."""
+CONNECTION_REFUSAL_REASONS = ("client_denied", "server_denied")
+"""Why a new control connection was not tracked (``Admission.connection_refusal``)."""
 MALFORMED_REASONS = (
     "short_ip", "not_ipv4", "bad_ip_header", "short_tcp", "bad_tcp_header", "short_gre",
     "short_header", "bad_pptp_type", "bad_cookie", "bad_message_type", "bad_length",
@@ -97,12 +103,13 @@ MALFORMED_REASONS = (
 )
 """ProtocolError reasons: input that does not parse or fails validation."""
 DROP_REASONS = (
-    "gap", "no_call", "fragment", "too_many_connections",
+    "gap", "no_call", "foreign_call_id", "fragment", "too_many_connections",
     *(f"refused:{r}" for r in REFUSAL_REASONS),
 )
 """Drops that are not malformed input (see the translator's verdict table)."""
-PASS_REASONS = ("unsynced", "not_ours", "not_pptp_gre")
-"""Deliberate pass-throughs of packets natedit does not rewrite."""
+PASS_REASONS = ("unsynced", "not_ours", "not_pptp_gre", "unknown_call_id",
+                "split_call_id_undecided")
+"""Deliberate pass-throughs: packets, or Call ID fields, natedit leaves as they came."""
 WORKER_ERRORS = ("packet_error", "timer_error")
 """The worker's own trouble (``Dispatcher.counts``); a packet_error drops the packet."""
 POLICY_RELOAD_OUTCOMES = ("ok", "failed")
@@ -375,8 +382,16 @@ class NateditCollector:
             "natedit_calls_high_byte_relaxed",
             "Calls mapped without the one-to-one high-byte rule (several new calls in "
             "one segment left no ID that keeps it).", value=tr.table.relaxed)
-        yield _by_reason("natedit_calls_refused", "New calls not mapped, by reason.",
-                         st.calls_refused, REFUSAL_REASONS)
+        yield CounterMetricFamily(
+            "natedit_calls_restored",
+            "Calls put back from the previous run's records at start.",
+            value=st.calls_restored)
+        yield _by_reason("natedit_calls_refused",
+                         "Requests for new calls refused, by reason (retransmissions not "
+                         "counted).", st.calls_refused, REFUSAL_REASONS)
+        yield _by_reason("natedit_connections_refused",
+                         "New control connections the ACL denied, by reason.",
+                         st.connections_refused, CONNECTION_REFUSAL_REASONS)
         yield _by_reason("natedit_calls_released", "Mappings ended, by reason.",
                          st.calls_released, RELEASE_REASONS)
 

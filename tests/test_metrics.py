@@ -55,6 +55,7 @@ FAMILIES = {
     "natedit_clients", "natedit_call_ids_in_use", "natedit_call_id_pool_size",
     "natedit_calls_mapped_total", "natedit_calls_high_byte_relaxed_total",
     "natedit_calls_refused_total", "natedit_calls_released_total",
+    "natedit_calls_restored_total", "natedit_connections_refused_total",
     "natedit_control_messages_total", "natedit_call_id_rewrites_total",
     "natedit_gre_packets_total", "natedit_gre_bytes_total", "natedit_packets_dropped_total",
     "natedit_packets_passed_total", "natedit_malformed_packets_total",
@@ -190,6 +191,8 @@ def test_calls_mapped_refused_released(busy: tuple[Translator, list[int]]) -> No
     for reason in metrics.RELEASE_REASONS:
         assert get("natedit_calls_released_total", {"reason": reason}) is not None
     assert get("natedit_calls_high_byte_relaxed_total") == 0
+    assert get("natedit_calls_restored_total") == 0
+    assert get("natedit_connections_refused_total", {"reason": "client_denied"}) == 0
 
 
 def test_control_messages_and_rewrites(busy: tuple[Translator, list[int]]) -> None:
@@ -374,12 +377,32 @@ def test_release_reasons_match_the_core() -> None:
     found |= set(re.findall(r'_(?:end_calls|close_connection)\([^,]+, "(\w+)"\)',
                             _source("_translator.py")))
     found |= {"idle", "request_timeout"}  # handle_timer picks one of the two
-    assert found == set(metrics.RELEASE_REASONS)
+    assert found == set(metrics.RELEASE_REASONS), "update natedit.metrics.RELEASE_REASONS"
 
 
-def test_refusal_reasons_match_the_table() -> None:
-    body = _source("_table.py").split("def refusal", 1)[1].split("\n    def ", 1)[0]
-    assert set(re.findall(r'return "(\w+)"', body)) == set(metrics.REFUSAL_REASONS)
+def _body(module: str, function: str) -> str:
+    return _source(module).split(f"def {function}(", 1)[1].split("\n    def ", 1)[0]
+
+
+def test_refusal_reasons_match_the_core() -> None:
+    found = set(re.findall(r'return "(\w+)"', _body("_table.py", "refusal")))
+    for function in ("acl_refusal", "rate_refusal"):
+        found |= set(re.findall(r'"(\w+)"', _body("_admission.py", function)))
+    found |= set(re.findall(r'if started else "(\w+)"', _body("_translator.py",
+                                                          "_check_new_calls")))
+    assert found == set(metrics.REFUSAL_REASONS), "update natedit.metrics.REFUSAL_REASONS"
+    found = set(re.findall(r'return "(\w+)"', _body("_admission.py", "acl_refusal")))
+    assert found == set(metrics.CONNECTION_REFUSAL_REASONS)
+
+
+def test_verdict_reasons_match_the_core() -> None:
+    """Every literal reason the translator gives a verdict is exported at 0."""
+    source = _source("_translator.py")
+    drops = set(re.findall(r'_verdict\(Action\.DROP, "(\w+)"', source))
+    passes = set(re.findall(r'_verdict\(Action\.ACCEPT, "(\w+)"', source))
+    passes |= set(re.findall(r'verdicts\[\("accept", "(\w+)"\)\]', source))
+    assert drops <= set(metrics.DROP_REASONS), "update natedit.metrics.DROP_REASONS"
+    assert passes <= set(metrics.PASS_REASONS), "update natedit.metrics.PASS_REASONS"
 
 
 def test_malformed_reasons_match_the_parsers() -> None:
@@ -388,7 +411,7 @@ def test_malformed_reasons_match_the_parsers() -> None:
         found |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', _source(name)))
         found |= set(re.findall(r'"(short_ip)" if', _source(name)))
     found -= {"not_pptp_gre"}  # the translator passes it (is_pptp_gre), never raises it
-    assert found == set(metrics.MALFORMED_REASONS)
+    assert found == set(metrics.MALFORMED_REASONS), "update natedit.metrics.MALFORMED_REASONS"
 
 
 # -- a scrape while the loop changes the table -----------------------------------------------
