@@ -19,4 +19,5 @@ class PolicyStatus:
     reloads: Counter[str] = field(default_factory=Counter)
     """Reload attempts by outcome: ``ok``, ``failed``."""
     last_error: str | None = None
-    """The problems of the last rejected policy, one per line."""
+    """The problems of the last rejected reload, one per line; None again once a
+    reload succeeds (so: not None = the file on disk is not the policy in force)."""
