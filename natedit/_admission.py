@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from ._policy import Policy
+from ._policy import ANYWHERE, Policy
 
 BUCKETS_PRUNE_AT = 4096
 """Buckets kept before full ones (of clients idle long enough) are forgotten."""
@@ -26,6 +26,7 @@ BUCKETS_PRUNE_AT = 4096
 class Admission:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
+        self._open = _acl_open(policy)
         self._buckets: dict[bytes, tuple[float, float]] = {}
         """Client address -> (tokens, time of that count)."""
         self._prune_at = BUCKETS_PRUNE_AT
@@ -33,6 +34,7 @@ class Admission:
     def set_policy(self, policy: Policy) -> None:
         """New ACLs and rates from now on; tokens carry over (capped by the new burst)."""
         self.policy = policy
+        self._open = _acl_open(policy)
         if policy.new_calls_per_second <= 0:
             self._buckets.clear()
 
@@ -42,6 +44,8 @@ class Admission:
         return self.acl_refusal(client_ip, server_ip)
 
     def acl_refusal(self, client_ip: bytes, server_ip: bytes) -> str | None:
+        if self._open:
+            return None
         p = self.policy
         if not p.client_allowed(IPv4Address(client_ip)):
             return "client_denied"
@@ -77,3 +81,9 @@ class Admission:
         for client_ip in [c for c in self._buckets if self._tokens(c, now) >= burst]:
             del self._buckets[client_ip]
         self._prune_at = max(BUCKETS_PRUNE_AT, 2 * len(self._buckets))
+
+
+def _acl_open(p: Policy) -> bool:
+    """The default ACL: everyone may reach every server (no address to look at)."""
+    return (p.clients_allow == ANYWHERE and not p.clients_deny
+            and p.servers_allow == ANYWHERE and not p.servers_deny)
