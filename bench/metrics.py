@@ -2,8 +2,9 @@
 
     .venv/bin/python -m bench.metrics [--calls N] [--rounds R] [--json FILE]
 
-The calls are built through the core (Outgoing-Call-Request and Reply over a TCP
-connection each, as bench/core.py does), so the table is the one a worker holds.
+The calls are built through the core from packets (a control connection each: SYN,
+Start-Control-Connection, Outgoing-Call-Request and Reply), so the table is the one a
+worker holds.
 Three figures, each the median and the best of R rounds:
 
 * ``collect``: the collector alone (every family, one series per call);
@@ -24,28 +25,41 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
-from ipaddress import IPv4Address
 
 from prometheus_client import generate_latest
 
-from bench.core import IN, OUT, SERVER, setup_packets, translator
+from bench.core import IN, OUT, SERVER, client, translator
 from natedit import Allocation, metrics
 from natedit._translator import Translator
+from natedit._wire import TCP_ACK, TCP_SYN, build_control_message, build_tcp
+from natedit._wire import MessageType as MT
 from natedit.status import PolicyStatus
 
 
 def live_calls(n: int) -> Translator:
-    """A translator holding ``n`` established calls, one per control connection, built
-    from packets as bench/core.py's ``established`` does (without its check that every
-    request is rewritten: a sequential public ID may equal the client's own)."""
+    """A translator holding ``n`` established calls, one per control connection, each
+    built from packets: SYN, SYN-ACK, Start-Control-Connection-Request and -Reply, then
+    Outgoing-Call-Request and a connected Outgoing-Call-Reply (sequential public IDs)."""
     tr = translator(Allocation.SEQUENTIAL)
-    opens, requests, replies = setup_packets(n, 1)
-    server = IPv4Address(SERVER).packed
-    for p in opens:
-        tr.handle_packet(p, IN if p[12:16] == server else OUT, 0)
-    for q, r in zip(requests, replies, strict=True):
-        tr.handle_packet(q, OUT, 0)
-        tr.handle_packet(r, IN, 0)
+    handle = tr.handle_packet
+    for i in range(n):
+        c, port = client(i % 200), 20000 + i // 200  # one connection per (client, port)
+        out_seq, in_seq = 1000, 5000
+        handle(build_tcp(c, SERVER, port, 1723, out_seq - 1, flags=TCP_SYN), OUT, 0)
+        handle(build_tcp(SERVER, c, 1723, port, in_seq - 1, flags=TCP_SYN | TCP_ACK), IN, 0)
+        for d, message in (
+            (OUT, build_control_message(MT.START_CONTROL_CONNECTION_REQUEST)),
+            (IN, build_control_message(MT.START_CONTROL_CONNECTION_REPLY)),
+            (OUT, build_control_message(MT.OUTGOING_CALL_REQUEST, call_id=0x1234)),
+            (IN, build_control_message(MT.OUTGOING_CALL_REPLY, call_id=i,
+                                       peer_call_id=i + 1)),
+        ):
+            if d is OUT:
+                handle(build_tcp(c, SERVER, port, 1723, out_seq, message), d, 0)
+                out_seq += len(message)
+            else:
+                handle(build_tcp(SERVER, c, 1723, port, in_seq, message), d, 0)
+                in_seq += len(message)
     assert len(tr.table) == n and all(c.state == "established" for c in tr.calls())
     return tr
 
