@@ -20,7 +20,11 @@ remove the rules, then unbind; the kernel drops what was still queued.
 SIGHUP (``natedit reload``) reloads the policy file between two packets
 (:mod:`natedit.reload`: a valid policy applies to new calls, an invalid one
 is rejected and the running one stays); the ready file then carries the
-outcome. The PID is in ``--pid-file`` while the worker runs.
+outcome. The PID is in ``--pid-file`` while the worker runs. SIGUSR2 stops
+for a restart: the rules stay (PPTP is queued to nobody, fail-closed, as
+after a crash) until the next worker, which restores the calls from the
+state file, takes over; a stop with SIGTERM removes them, and during the
+gap the kernel answers the servers' GRE with ICMP, so servers may end calls.
 
 Failure is closed everywhere: rules carry no queue bypass, so while no
 worker is bound (not started yet, crashed, stopped without removing its
@@ -71,6 +75,8 @@ SOCKET_BUFFER = QUEUE_MAXLEN * 4800 // 2
 ERROR_LOG_INTERVAL = 1.0
 """Seconds between two log lines of one kind of per-packet trouble."""
 TIMER_ERROR_BACKOFF = 1.0
+RESTART_SIGNAL = signal.SIGUSR2
+"""Stop, leaving the rules in place for the next worker (a restart that keeps calls)."""
 """Seconds before retrying timers after handle_timer raised (no busy loop)."""
 
 
@@ -289,13 +295,17 @@ def run(
 
             _loop(bound, wakeup, dispatcher, on_hangup)
         finally:
-            rules.remove(installation)
+            if wakeup.stop != RESTART_SIGNAL.name:
+                rules.remove(installation)
             if pid_file is not None:
                 reload.remove_pid_file(pid_file)
             if ready_file is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(ready_file)
-    log.info("stopped; rules removed")
+    if wakeup.stop == RESTART_SIGNAL.name:  # a new worker takes over rules and table
+        log.info("stopped for a restart; rules left in place (PPTP waits for the next worker)")
+    else:
+        log.info("stopped; rules removed")
     return 0
 
 
@@ -379,7 +389,7 @@ class _Wakeup:
 @contextlib.contextmanager
 def _signals() -> Iterator[_Wakeup]:
     wakeup = _Wakeup()
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, RESTART_SIGNAL)
     old_fd = signal.set_wakeup_fd(wakeup._write_fd, warn_on_full_buffer=False)
     old = {signum: signal.signal(signum, wakeup.on_signal) for signum in handled}
     try:
