@@ -37,14 +37,18 @@ def translator(allocation: Allocation = Allocation.RANDOM) -> Translator:
 
 
 def setup_packets(n: int, first_public: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
-    """SYN/SYN-ACK (untimed), and request/reply pairs for ``n`` connections."""
+    """SYN, SYN-ACK, Start-Control-Connection-Request (untimed), and call
+    request/reply pairs for ``n`` connections."""
     opens, requests, replies = [], [], []
     for i in range(n):
         c, port = client(i % 200), 20000 + i
+        start = build_control_message(MessageType.START_CONTROL_CONNECTION_REQUEST)
         opens.append(build_tcp(c, SERVER, port, 1723, 999, flags=TCP_SYN))
         opens.append(build_tcp(SERVER, c, 1723, port, 4999, flags=TCP_SYN | TCP_ACK))
-        requests.append(build_tcp(c, SERVER, port, 1723, 1000, build_control_message(
-            MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)))
+        opens.append(build_tcp(c, SERVER, port, 1723, 1000, start))
+        requests.append(build_tcp(c, SERVER, port, 1723, 1000 + len(start),
+                                  build_control_message(MessageType.OUTGOING_CALL_REQUEST,
+                                                        call_id=0x1234)))
         replies.append(build_tcp(SERVER, c, 1723, port, 5000, build_control_message(
             MessageType.OUTGOING_CALL_REPLY, call_id=i, peer_call_id=first_public + i)))
     return opens, requests, replies
