@@ -38,12 +38,20 @@ class _Formatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``{"time": ..., "level": "info", "message": ...}``."""
+    """One JSON object per line: ``{"time": ..., "level": "info", "message": ...}``.
+
+    A record logged with ``extra={"fields": {...}}`` (a call event, a policy
+    reload) carries those keys too: ``"event": "call_mapped", "client_address": ...``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        entry = {"time": f"{stamp}.{int(record.msecs):03d}Z",
-                 "level": record.levelname.lower(), "message": record.getMessage()}
+        entry: dict[str, Any] = {"time": f"{stamp}.{int(record.msecs):03d}Z",
+                                 "level": record.levelname.lower(),
+                                 "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update((k, v) for k, v in fields.items() if k not in entry)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

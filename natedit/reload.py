@@ -91,7 +91,9 @@ class Reloader:
             problems = exc.problems if isinstance(exc, PolicyError) else [f"{self.source}: {exc}"]
             self.status.reloads["failed"] += 1
             self.status.last_error = "\n".join(problems)
-            log.error("policy reload rejected, the running policy stays: %s", "; ".join(problems))
+            log.error("policy reload rejected, the running policy stays: %s", "; ".join(problems),
+                      extra={"fields": {"event": "policy_reload_rejected", "source": self.source,
+                                        "problems": problems}})
             return False
         changed = [f"{f.path} {_show(a)} -> {_show(b)}"
                    for f, a, b in changes(self.running, loaded.policy)]
@@ -100,7 +102,9 @@ class Reloader:
         self.status.loaded_at = self.clock()
         self.status.last_error = None
         log.info("policy reloaded from %s: %s", self.source,
-                 ", ".join(changed) if changed else "no change")
+                 ", ".join(changed) if changed else "no change",
+                 extra={"fields": {"event": "policy_reloaded", "source": self.source,
+                                   "changes": changed}})
         return True
 
 

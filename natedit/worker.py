@@ -52,6 +52,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
@@ -167,12 +168,16 @@ class Dispatcher:
             events = tuple(events)
             self.journal.note(events)
         for event in events:
+            fields = {"fields": event_fields(event)}  # the JSON log format's keys
             if isinstance(event, ProtocolViolation):
                 suppressed = self._throttle.allow(f"violation:{event.reason}")
                 if suppressed is not None:
-                    log.warning("%s%s", format_event(event), _suppressed(suppressed))
+                    if suppressed:
+                        fields["fields"]["suppressed"] = suppressed
+                    log.warning("%s%s", format_event(event), _suppressed(suppressed),
+                                extra=fields)
             else:
-                log.info("%s", format_event(event))
+                log.info("%s", format_event(event), extra=fields)
 
     def _log_trouble(self, kind: str, what: str) -> None:
         suppressed = self._throttle.allow(kind)
@@ -205,9 +210,15 @@ def _suppressed(n: int) -> str:
 
 
 def format_event(event: Event) -> str:
-    """One logfmt line: ``event=call_mapped client_address=10.0.0.2 ...``.
+    """One logfmt line: ``event=call_mapped client_address=10.0.0.2 ...``."""
+    return " ".join(f"{key}={_logfmt(value)}" for key, value in event_fields(event).items())
 
-    A call's fields are spelled out flat, as :class:`CallInfo` names them.
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """``{"event": "call_mapped", "client_address": "10.0.0.2", ...}``: JSON values.
+
+    A call's fields are spelled out flat, as :class:`CallInfo` names them;
+    addresses are strings, a Call ID not known yet is None.
     """
     name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
     fields: dict[str, Any] = {"event": name}
@@ -217,7 +228,7 @@ def format_event(event: Event) -> str:
             fields.update(dataclasses.asdict(value))
         else:
             fields[field.name] = value
-    return " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())
+    return {k: str(v) if isinstance(v, IPv4Address) else v for k, v in fields.items()}
 
 
 def _logfmt(value: object) -> str:
