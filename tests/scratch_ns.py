@@ -2,7 +2,7 @@
 
 Each namespace gets a unique per-run name (``ned-<pid>-<n>-<role>``), is
 torn down at the end of its test, and nothing runs in the host's own
-namespace. Lighter than ``tests.harness.lab``: no PPTP peers needed.
+namespace. Lighter than ``natedit.lab``: no PPTP peers needed.
 """
 
 from __future__ import annotations

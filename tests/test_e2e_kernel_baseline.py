@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
+from natedit.lab.topology import SERVER_ADDR
 from tests.harness import KERNEL_HELPER, MASQUERADE_ONLY, ScenarioResult, require_netns, scenarios
-from tests.harness.lab import SERVER_ADDR
 
 pytestmark = pytest.mark.netns
 

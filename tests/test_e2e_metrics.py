@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 import yaml
 
+from natedit.lab.topology import Lab
 from tests.conftest import require_tool
 from tests.harness import require_netns, scenarios
-from tests.harness.lab import Lab
 from tests.harness.scenarios import worker_gateway
 from tests.test_deploy import ALERTS_YML, PROMETHEUS_YML, alert_rules, panel_queries
 

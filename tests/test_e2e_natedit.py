@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from natedit.lab.topology import SERVER_ADDR, Lab
 from tests.harness import ScenarioResult, require_netns, scenarios
-from tests.harness.lab import SERVER_ADDR, Lab
 from tests.harness.scenarios import Gateway, worker_gateway
 
 pytestmark = pytest.mark.netns

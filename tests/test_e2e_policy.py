@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from natedit.lab.topology import Lab
 from tests.harness import require_netns, scenarios
 from tests.harness.capture import OCRQ
-from tests.harness.lab import Lab
 from tests.harness.scenarios import Gateway
 
 pytestmark = pytest.mark.netns

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from natedit.lab.topology import SERVER_ADDR, Lab
 from tests.harness import require_netns, scenarios
-from tests.harness.lab import SERVER_ADDR, Lab
 from tests.harness.scenarios import Gateway
 
 pytestmark = pytest.mark.netns

@@ -1,5 +1,9 @@
 """Real-peer test harness for natedit: namespaces, pptpd, pptp-linux, capture, scenarios.
 
+The lab itself (namespaces, pptpd and pptp-linux, HDLC, the frame pump) is product
+code, in :mod:`natedit.lab` (``natedit lab`` runs it); this package adds what only the
+tests need: tshark captures, the scenarios, a multi-call PAC, the prerequisite gate.
+
 Typical use::
 
     from tests.harness import KERNEL_HELPER, require_netns, scenarios
@@ -12,6 +16,17 @@ Typical use::
 
 from __future__ import annotations
 
+from natedit.lab.hdlc import HdlcDeframer, fcs16, hdlc_decode_all, hdlc_encode, ppp_frame
+from natedit.lab.peers import PptpClient, PptpServer, StandinInfo, start_pptp_client, start_pptpd
+from natedit.lab.pump import FramePump, PumpStats
+from natedit.lab.topology import (
+    ClientNode,
+    Lab,
+    LabError,
+    PrivateMounts,
+    call_id_random_bytes,
+)
+
 from . import scenarios
 from .capture import (
     Capture,
@@ -21,18 +36,7 @@ from .capture import (
     WireSummary,
     decode_pcap,
 )
-from .hdlc import HdlcDeframer, fcs16, hdlc_decode_all, hdlc_encode, ppp_frame
-from .lab import (
-    ClientNode,
-    Lab,
-    LabError,
-    PrivateMounts,
-    call_id_random_bytes,
-    prerequisite_problems,
-    require_netns,
-)
-from .peers import PptpClient, PptpServer, StandinInfo, start_pptp_client, start_pptpd
-from .pump import FramePump, PumpStats
+from .prereq import prerequisite_problems, require_netns
 from .scenarios import (
     KERNEL_HELPER,
     MASQUERADE_ONLY,

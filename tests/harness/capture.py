@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lab import PPTP_PORT, SERVER_ADDR, Lab, LabError, which
+from natedit.lab.topology import PPTP_PORT, SERVER_ADDR, Lab, LabError, which
 
 DEFAULT_BPF = "tcp port 1723 or ip proto 47 or icmp"
 

@@ -67,10 +67,9 @@ from natedit._wire import (
     parse_gre,
     parse_ipv4,
 )
-
-from .hdlc import PPP_PROTO_HARNESS, ppp_frame
-from .lab import PPTP_PORT, SERVER_ADDR, Lab, LabError
-from .peers import STANDIN_MARKER
+from natedit.lab.hdlc import PPP_PROTO_HARNESS, ppp_frame
+from natedit.lab.peers import STANDIN_MARKER
+from natedit.lab.topology import PPTP_PORT, SERVER_ADDR, Lab, LabError
 
 MT = MessageType
 GRE_HEADER = struct.Struct("!BBHHH")

@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from natedit.lab.peers import (
+    PptpClient,
+    PptpServer,
+    StandinInfo,
+    start_pptp_client,
+    start_pptpd,
+)
+from natedit.lab.pump import FramePump
+from natedit.lab.topology import Lab
+
 from .capture import CCRQ, CDN, OCRP, OCRQ, STOPCCRQ, Capture, WireSummary
-from .lab import Lab
-from .peers import PptpClient, PptpServer, StandinInfo, start_pptp_client, start_pptpd
-from .pump import FramePump
 
 if TYPE_CHECKING:  # pac.py is imported lazily: it is also run as `python -m tests.harness.pac`
     from .pac import PacServer

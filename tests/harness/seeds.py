@@ -21,8 +21,10 @@ from pathlib import Path
 
 from scapy.utils import RawPcapReader, RawPcapWriter
 
+from natedit.lab.topology import Lab
+
 from .capture import Capture
-from .lab import Lab, require_netns
+from .prereq import require_netns
 from .scenarios import Gateway, session
 
 REPO = Path(__file__).resolve().parents[2]

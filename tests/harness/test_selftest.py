@@ -16,9 +16,7 @@ from natedit._wire import (
     parse_control_message,
     parse_gre,
 )
-from tests.harness import scenarios, worker_gateway
-from tests.harness.capture import CDN, OCRQ, decode_pcap
-from tests.harness.hdlc import (
+from natedit.lab.hdlc import (
     FCS_GOOD,
     HdlcDeframer,
     fcs16,
@@ -26,10 +24,12 @@ from tests.harness.hdlc import (
     hdlc_encode,
     ppp_frame,
 )
-from tests.harness.lab import PUBLIC_GW_ADDR, SERVER_ADDR, Lab, call_id_random_bytes, require_netns
+from natedit.lab.peers import _STANDIN, STANDIN_MARKER, parse_standin_hello
+from natedit.lab.pump import FramePump, payload_for
+from natedit.lab.topology import PUBLIC_GW_ADDR, SERVER_ADDR, Lab, call_id_random_bytes
+from tests.harness import require_netns, scenarios, worker_gateway
+from tests.harness.capture import CDN, OCRQ, decode_pcap
 from tests.harness.pac import Pac, PacServer
-from tests.harness.peers import _STANDIN, STANDIN_MARKER, parse_standin_hello
-from tests.harness.pump import FramePump, payload_for
 from tests.harness.scenarios import Gateway, session
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lab import PPTP_PORT, SERVER_ADDR, Lab, LabError, PrivateMounts, which
+from .topology import PPTP_PORT, SERVER_ADDR, Lab, LabError, PrivateMounts, which
 
 STANDIN_MARKER = b"NEH-STANDIN"
 
