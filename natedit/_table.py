@@ -45,6 +45,10 @@ from ._events import CallInfo, CallRecord
 from ._policy import Allocation, Policy
 from ._stream import Stream
 
+CONNECTION_SLACK = 16
+"""Control connections a client may hold beyond ``max_calls_per_client``: ones being
+opened or closed, or not yet forgotten after their calls ended (the idle timeout)."""
+
 ConnKey = tuple[bytes, int, bytes, int]
 """(client address, client port, server address, server port), addresses packed."""
 
@@ -176,6 +180,7 @@ class CallTable:
         self.by_public: dict[tuple[bytes, bytes, int], Call] = {}
         self.by_server: dict[tuple[bytes, bytes, int], Call] = {}
         self.per_client: Counter[bytes] = Counter()
+        self.connections_per_client: Counter[bytes] = Counter()
         self.used: dict[tuple[bytes, bytes], set[int]] = {}
         """Public Call IDs in use per (public address, server address)."""
         self._cursor: dict[tuple[bytes, bytes], int] = {}
@@ -198,18 +203,37 @@ class CallTable:
                    started: bool = True) -> ControlConnection | None:
         conn = self.connections.get(key)
         if conn is None and create:
-            if len(self.connections) >= self.policy.max_control_connections:
+            if self.connection_refusal(key[0]) is not None:
                 return None
             conn = ControlConnection(key, now, started=started)
             self.connections[key] = conn
+            self.connections_per_client[key[0]] += 1
             self.schedule(conn, conn.expires(self.policy))
         return conn
+
+    def connection_refusal(self, client_ip: bytes) -> str | None:
+        """Why a new control connection of ``client_ip`` cannot be tracked, or None.
+
+        Besides the table's limit, a client may hold as many connections as it may
+        hold calls (``max_calls_per_client``), plus :data:`CONNECTION_SLACK`: a PPTP
+        client needs at most one per call, and so one client opening connections
+        cannot fill the table.
+        """
+        if len(self.connections) >= self.policy.max_control_connections:
+            return "too_many_connections"
+        if (self.connections_per_client[client_ip]
+                >= self.policy.max_calls_per_client + CONNECTION_SLACK):
+            return "client_connection_limit"
+        return None
 
     def forget_connection(self, conn: ControlConnection) -> None:
         """Drop a connection record; its calls must have been released first."""
         conn.released = True
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
+            self.connections_per_client[conn.client_ip] -= 1
+            if not self.connections_per_client[conn.client_ip]:
+                del self.connections_per_client[conn.client_ip]
 
     # -- calls ------------------------------------------------------------------------
 

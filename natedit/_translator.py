@@ -46,6 +46,7 @@ foreign_call_id    drop    an outbound message naming as its own a Call ID that 
 fragment           drop    a GRE fragment (the kernel defragments before the queue)
 refused:<why>      drop    a new call over a limit or denied by the ACL (see below)
 too_many_connections drop  control connection table full
+client_connection_limit drop  the client holds max_calls_per_client + 16 connections
 short_ip, ...      drop    a packet that does not parse (ProtocolError reasons)
 split_call_id_undecided  accept  (counted only) a Call ID cut after its first byte whose
                    high byte no rule could decide: the field is left as it came
@@ -411,7 +412,8 @@ class Translator:
             # seen from its SYN: calls wait for Start-Control-Connection (_check_new_calls)
             conn = table.connection(key, now, create=True, started=not flags & TCP_SYN)
             if conn is None:
-                return self._verdict(Action.DROP, "too_many_connections")
+                return self._verdict(Action.DROP, table.connection_refusal(key[0])
+                                     or "too_many_connections")
         conn.last_seen = now
         stream = conn.streams[d]
         if flags & TCP_SYN:

@@ -229,6 +229,7 @@ def assert_table_consistent(table: CallTable, *, one_to_one: bool = True) -> Non
         assert used == {c.public_call_id for c in live
                         if (c.public_ip, c.server_ip) == (pub, server)}
     assert table.per_client == Counter(c.client_ip for c in live)
+    assert table.connections_per_client == Counter(k[0] for k in table.connections)
     for key, call in table.by_server.items():
         assert key == (call.client_ip, call.server_ip, call.server_call_id)
         assert not call.released

@@ -92,7 +92,7 @@ PROTOCOL_REASONS = {
 VERDICT_REASONS = PROTOCOL_REASONS | {
     "not_ours", "unsynced", "gap", "no_call", "fragment", "too_many_connections",
     "refused:client_limit", "refused:table_full", "refused:pool_exhausted",
-    "refused:not_started", "foreign_call_id",
+    "refused:not_started", "foreign_call_id", "client_connection_limit",
 }
 """The verdict reasons of the table in the _translator docstring."""
 
