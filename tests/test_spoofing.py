@@ -12,9 +12,9 @@ odds of a blind guess are in the README, "Security and failure model").
 from __future__ import annotations
 
 import random
-from itertools import pairwise
 from collections import Counter
 from ipaddress import IPv4Address
+from itertools import pairwise
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
