@@ -1,4 +1,4 @@
-"""The ``natedit`` command: run, reload, check-policy, rules, cleanup, replay, calls.
+"""The ``natedit`` command: run, reload, check-policy, rules, cleanup, replay, calls, lab.
 
 Errors natedit expects (a bad policy, not root, a queue in use, a command
 that failed) print one line ``natedit: error: ...`` and exit 1; usage
@@ -173,6 +173,26 @@ def _cmd_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from .lab import demo
+
+    return demo.main(args.clients, args.duration, args.call_id, args.interval)
+
+
+def _call_id(text: str) -> int:
+    value = int(text, 0)
+    if not 1 <= value <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"expected 1 to 65535 (0x1 to 0xffff), found {text}")
+    return value
+
+
+def _clients(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError(f"expected 1 to 200, found {text}")
+    return value
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from . import replay
 
@@ -246,6 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     calls.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")
     calls.set_defaults(func=_cmd_calls)
+
+    lab = sub.add_parser(
+        "lab", help="natedit with real pptpd and pptp-linux peers in throw-away namespaces",
+        description="Build a throw-away gateway in network namespaces (root), run natedit "
+        "on the built-in policy between pptpd and N pptp-linux clients forced onto one "
+        "Call ID, show the call table and metrics while frames flow, remove it all on "
+        "exit or Ctrl-C.")
+    lab.add_argument("--clients", type=_clients, default=3, metavar="N",
+                     help="pptp-linux clients, 1 to 200 (default 3)")
+    lab.add_argument("--duration", type=float, default=20.0, metavar="SECONDS",
+                     help="how long frames flow (default 20; 0: until Ctrl-C)")
+    lab.add_argument("--call-id", type=_call_id, default=0x1234, metavar="ID",
+                     help="the private Call ID every client is forced onto (default 0x1234)")
+    lab.add_argument("--interval", type=float, default=3.0, metavar="SECONDS",
+                     help="seconds between two views of the call table (default 3)")
+    lab.set_defaults(func=_cmd_lab)
 
     replay = sub.add_parser("replay", help="translate a pcap offline")
     replay.add_argument("input", metavar="IN.pcap")
