@@ -45,6 +45,11 @@ from ._events import CallInfo, CallRecord
 from ._policy import Allocation, Policy
 from ._stream import Stream
 
+TIMER_SLACK = 2
+TIMER_FLOOR = 256
+"""The timer heap is rebuilt once it holds more than TIMER_SLACK entries per live
+call and connection, plus TIMER_FLOOR: memory stays proportional to what is live,
+at an amortised constant cost per schedule."""
 CONNECTION_SLACK = 16
 """Control connections a client may hold beyond ``max_calls_per_client``: ones being
 opened or closed, or not yet forgotten after their calls ended (the idle timeout)."""
@@ -417,6 +422,12 @@ class CallTable:
     def schedule(self, obj: Call | ControlConnection, when: float) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, obj))
+        live = len(self.connections) + len(self.by_public)
+        if len(self._timers) > TIMER_SLACK * live + TIMER_FLOOR:
+            # Entries of released objects (and superseded ones) would otherwise stay
+            # until their time comes, holding released calls and connections for up to
+            # a timeout under churn: rebuild, one entry per live object.
+            self.reschedule()
 
     def reschedule(self) -> None:
         """Re-arm every timer from the policy in force (its timeouts got shorter)."""
@@ -434,9 +445,8 @@ class CallTable:
 
     def expired(self, now: float) -> Iterator[Call | ControlConnection]:
         """Yield each object whose expiry has passed; re-arm the others."""
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, _, obj = heapq.heappop(timers)
+        while self._timers and self._timers[0][0] <= now:  # (schedule may rebuild the heap)
+            _, _, obj = heapq.heappop(self._timers)
             if obj.released:
                 continue
             due = obj.expires(self.policy)

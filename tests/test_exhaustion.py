@@ -10,15 +10,17 @@ bench/memory.py measures the bytes (per live call, at the 65,535-call ceiling).
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from ipaddress import IPv4Address
 
 from natedit import Action, MessageType
 from natedit._stream import EDIT_BACKLOG
-from natedit._table import CONNECTION_SLACK
+from natedit._table import CONNECTION_SLACK, TIMER_FLOOR, TIMER_SLACK, Call, ControlConnection
 from natedit._translator import Translator
-from natedit._wire import TCP_SYN, build_tcp
+from natedit._wire import TCP_ACK, TCP_FIN, TCP_SYN, build_tcp
 from tests.pptp_flows import (
+    IN,
     OUT,
     SERVER,
     Conversation,
@@ -148,3 +150,27 @@ def test_rewrite_memory_per_stream_is_bounded() -> None:
     last = conv.segment(OUT, ccrq * 64, seq=conv.out_seq - len(ccrq) * 64)
     v = conv.feed(OUT, last)
     assert v.data is not None and v.data != last
+
+
+def test_churn_leaves_nothing_behind() -> None:
+    """5,000 calls set up and torn down (clear, disconnect, stop, FIN): no released call
+    or connection is still referenced (the timer heap is rebuilt under churn), and the
+    table holds only the one call that stays up."""
+    tr = make_translator()
+    keep = opened(tr, "10.0.0.5")
+    establish(keep, 0x1234, 0x80)
+    for i in range(5000):
+        conv = opened(tr, f"10.0.1.{i % 200}", 20000 + i)
+        establish(conv, 0x4000 + i % 7, 0x100 + i)
+        if i % 2:
+            conv.send(OUT, msg(MT.CALL_CLEAR_REQUEST, call_id=0x4000 + i % 7))
+            conv.send(IN, msg(MT.CALL_DISCONNECT_NOTIFY, call_id=0x100 + i))
+            conv.send(OUT, msg(MT.STOP_CONTROL_CONNECTION_REQUEST))
+        conv.send(OUT, b"", flags=TCP_FIN | TCP_ACK)
+        conv.send(IN, b"", flags=TCP_FIN | TCP_ACK)
+    assert len(tr.table) == 1 and len(tr.table.connections) == 1
+    assert len(tr.table._timers) <= TIMER_SLACK * 2 + TIMER_FLOOR
+    gc.collect()
+    assert sum(isinstance(o, Call | ControlConnection) for o in gc.get_objects()) <= (
+        2 + TIMER_FLOOR)
+    assert_table_consistent(tr.table)
