@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -72,10 +71,10 @@ def _setup_logging(level: str, fmt: LogFormat = LogFormat.TEXT) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import worker
 
-    if os.geteuid() != 0:
+    if not host.has_capability(host.CAP_NET_ADMIN):
         raise NateditError(
-            "natedit run needs root (CAP_NET_ADMIN): it installs firewall rules "
-            "and binds netfilter queues"
+            "natedit run needs root or CAP_NET_ADMIN (deploy/systemd/natedit.service): "
+            "it installs firewall rules and binds netfilter queues"
         )
     policy = load_policy(args.policy)
     _setup_logging(args.log_level or policy.log_level, policy.log_format)

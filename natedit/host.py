@@ -9,6 +9,7 @@ saying which command failed and what it printed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -55,6 +56,23 @@ def read_text(path: str) -> str | None:
         return Path(path).read_text()
     except OSError:
         return None
+
+
+CAP_NET_ADMIN = 12
+"""Firewall rules, netfilter queues (linux/capability.h)."""
+
+
+def has_capability(bit: int, status: str | None = None) -> bool:
+    """Whether this process has capability ``bit`` in its effective set.
+
+    ``status`` is the text of /proc/self/status (read when None); without
+    one (not Linux), being root is taken for having every capability.
+    """
+    text = status if status is not None else read_text("/proc/self/status")
+    for line in (text or "").splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return os.geteuid() == 0
 
 
 def iptables_is_nft() -> bool:

@@ -22,6 +22,7 @@ import pytest
 from natedit.lab import demo
 from natedit.lab.topology import REQUIRED_COMMANDS
 from tests.harness import require_netns
+from tests.test_systemd import require_nobody_can_run_natedit
 
 LAB_BOUND = 20.0
 """Seconds ``natedit lab --clients 3 --duration 8`` may take, start to clean exit."""
@@ -137,6 +138,8 @@ def test_missing_packages_stop_the_lab(monkeypatch: pytest.MonkeyPatch,
 
 def test_not_root() -> None:
     """As nobody: one clear line, exit 1, nothing built."""
+    if os.geteuid() == 0:
+        require_nobody_can_run_natedit()
     if os.geteuid() != 0:
         proc = subprocess.run([sys.executable, "-m", "natedit", "lab"], capture_output=True,
                               text=True, timeout=30)
