@@ -104,7 +104,7 @@ MALFORMED_REASONS = (
 """ProtocolError reasons: input that does not parse or fails validation."""
 DROP_REASONS = (
     "gap", "no_call", "foreign_call_id", "fragment", "too_many_connections",
-    *(f"refused:{r}" for r in REFUSAL_REASONS),
+    "client_connection_limit", *(f"refused:{r}" for r in REFUSAL_REASONS),
 )
 """Drops that are not malformed input (see the translator's verdict table)."""
 PASS_REASONS = ("unsynced", "not_ours", "not_pptp_gre", "unknown_call_id",
