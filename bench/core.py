@@ -1,6 +1,6 @@
 """In-process core benchmark: GRE packets and call set-ups per second, one core.
 
-    .venv/bin/python -m bench.core [--seconds S] [--json FILE]
+    .venv/bin/python -m bench.core [--seconds S] [--json FILE] [--setups N]
 
 Each figure is the best of several timed rounds; scapy doing the same GRE
 rewrite is measured in the same run for a side-by-side ratio (scapy is
@@ -14,8 +14,10 @@ import argparse
 import ipaddress
 import json
 import random
+import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 from natedit import Allocation, Direction, Policy
 from natedit._translator import Translator
@@ -112,8 +114,7 @@ def bench_scapy_gre(size: int, seconds: float) -> float:
     return rate(one, seconds)
 
 
-def bench_setups(seconds: float) -> float:
-    n = 20000
+def bench_setups(seconds: float, n: int = 20000) -> float:
     best = 0.0
     for _ in range(3):
         tr = translator(Allocation.SEQUENTIAL)
@@ -135,13 +136,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="time per figure")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--setups", type=int, default=20000,
+                    help="call set-ups per round of that figure (default 20000)")
     args = ap.parse_args()
-    rows: dict[str, float] = {}
+    figures: dict[str, Callable[[], float]] = {}
     for size in (64, 1400):
-        rows[f"gre_in_{size}B_pps"] = bench_gre(size, IN, args.seconds)
-        rows[f"gre_out_{size}B_pps"] = bench_gre(size, OUT, args.seconds)
-    rows["scapy_gre_in_64B_pps"] = bench_scapy_gre(64, args.seconds)
-    rows["call_setups_per_s"] = bench_setups(args.seconds)
+        figures[f"gre_in_{size}B_pps"] = partial(bench_gre, size, IN, args.seconds)
+        figures[f"gre_out_{size}B_pps"] = partial(bench_gre, size, OUT, args.seconds)
+    figures["scapy_gre_in_64B_pps"] = partial(bench_scapy_gre, 64, args.seconds)
+    figures["call_setups_per_s"] = partial(bench_setups, args.seconds, args.setups)
+    rows: dict[str, float] = {}
+    for n, (name, measure) in enumerate(figures.items(), 1):
+        # progress on stderr, as each figure is measured (the table goes to stdout)
+        print(f"[bench] {n}/{len(figures)} {name} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        rows[name] = measure()
+        print(f" {rows[name]:,.0f}/s ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     ratio = rows["gre_in_64B_pps"] / rows["scapy_gre_in_64B_pps"]
     print(f"{'figure':<26}{'per second':>14}")
     for k, v in rows.items():
