@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -154,8 +155,9 @@ class Soak:
         self.pump.add(key, c.sock)
         return c
 
-    def cycle(self, n: int) -> None:
-        """One round of churn: a call per churn client, frames, teardown."""
+    def cycle(self, n: int, sample: Callable[[], None]) -> None:
+        """One round of churn: a call per churn client, frames, ``sample`` (while the
+        churned calls are up), teardown."""
         first = self.args.long
         calls = [self.call(first + i) for i in range(self.args.churn)]
         keys = [c.key for c in calls]
@@ -170,6 +172,7 @@ class Soak:
             s = st[c.key]
             if not s.hellos or not set(sent[c.key]) <= s.returned or s.foreign:
                 self.report.churn_failures.append(f"cycle {n}: {s.summary()}")
+        sample()
         for i, c in enumerate(calls):
             hello = st[c.key].hello
             if (n + i) % 2 == 0 or hello is None or self.server is None:
@@ -202,13 +205,17 @@ class Soak:
         baseline = self.start()
         started = time.monotonic()
         until = started + args.minutes * 60
-        next_sample = started
+        next_sample = [started + args.sample]
+        self.sample(started)
+
+        def sample_when_due() -> None:
+            if time.monotonic() >= next_sample[0]:
+                self.sample(started)
+                next_sample[0] += args.sample
+
         n = 0
         while time.monotonic() < until:
-            if time.monotonic() >= next_sample:
-                self.sample(started)
-                next_sample += args.sample
-            self.cycle(n)
+            self.cycle(n, sample_when_due)
             n += 1
         self.pump.wait_until(lambda: False, 2.0)  # let the last teardowns settle
         end = self.sample(started)
