@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from natedit import reload, state
+from natedit import host, reload, state
 from tests.conftest import require_tool
 from tests.scratch_ns import Namespace, require_scratch_ns, scratch_namespaces
 
@@ -236,3 +236,10 @@ def test_run_without_net_admin_is_refused() -> None:
                            "(deploy/systemd/natedit.service): it installs firewall rules and "
                            "binds netfilter queues\n")
 
+
+
+def test_has_capability_reads_the_effective_set() -> None:
+    status = "Name:\tpython\nCapPrm:\t0000000000003000\nCapEff:\t0000000000001000\n"
+    assert host.has_capability(host.CAP_NET_ADMIN, status)
+    assert not host.has_capability(13, status)  # CAP_NET_RAW permitted, not effective
+    assert not host.has_capability(host.CAP_NET_ADMIN, "CapEff:\t0000000000000000\n")
