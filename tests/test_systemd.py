@@ -98,7 +98,10 @@ def test_unit_asks_for_what_the_worker_needs_and_no_more() -> None:
     assert options == {"--policy": "/etc/natedit/policy.yaml",
                        "--pid-file": reload.DEFAULT_PID_FILE,
                        "--state": state.DEFAULT_STATE_FILE}
-    assert service["ExecStopPost"] == f"{INSTALLED_BIN} cleanup"  # rules gone after a crash
+    # rules kept after a crash (for the restart), removed after any other stop
+    stop_post = service["ExecStopPost"]
+    assert stop_post.startswith("/bin/sh -c ") and f"exec {INSTALLED_BIN} cleanup" in stop_post
+    assert "exit-code|signal|core-dump|watchdog) ;;" in stop_post
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert (service["StateDirectory"], service["RuntimeDirectory"]) == ("natedit", "natedit")
     assert Path(state.DEFAULT_STATE_FILE).parent == Path("/var/lib/natedit")
@@ -205,7 +208,7 @@ def run_confined(gw: Namespace, user: str, tmp_path: Path) -> None:
     assert rc == 0, log.read_text()
     assert "stopped; rules removed" in log.read_text()
     assert gw.iptables_save() == before
-    # ExecStopPost: natedit cleanup, with the same capabilities, after a crash
+    # ExecStopPost: natedit cleanup, with the same capabilities, after a stop that left rules
     gw.run(["iptables", "-t", "mangle", "-N", "NATEDIT-FORWARD"])  # what a crash leaves
     gw.run(["iptables", "-t", "mangle", "-I", "FORWARD", "1", "-j", "NATEDIT-FORWARD"])
     done = subprocess.run(gw.argv([*confined(user), "cleanup"]), capture_output=True,
