@@ -12,6 +12,7 @@ from ._events import (
     CallReleased,
     ConnectionRefused,
     Event,
+    GreRoute,
     ProtocolViolation,
     Verdict,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "Direction",
     "DisconnectRule",
     "Event",
+    "GreRoute",
     "MalformedAction",
     "MessageType",
     "NateditError",

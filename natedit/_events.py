@@ -54,6 +54,22 @@ class CallRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class GreRoute:
+    """How to translate one established call's GRE, for a datapath outside the core
+    (:mod:`natedit.fastpath`): inbound, (public address, server, public Call ID) ->
+    (client, client Call ID); outbound, when ``outbound`` (the call owns that key),
+    (client, server, server Call ID) -> public address. Addresses packed."""
+
+    public_ip: bytes
+    server_ip: bytes
+    public_call_id: int
+    client_ip: bytes
+    client_call_id: int
+    server_call_id: int
+    outbound: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CallMapped:
     """A client Call ID got a public Call ID."""
 

@@ -72,6 +72,14 @@ class RefuseAction(enum.Enum):
     decided again each time (it goes through once the reason is gone)."""
 
 
+class Datapath(enum.Enum):
+    USERSPACE = "userspace"
+    """Every GRE packet goes through the queues to the worker."""
+    KERNEL = "kernel"
+    """GRE of established calls is translated by nftables maps the worker keeps
+    (:mod:`natedit.fastpath`); the rest still goes through the queues."""
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     """``natedit: message`` lines (events as logfmt ``key=value`` pairs)."""
@@ -131,6 +139,8 @@ class Policy:
     """What a control message that fails validation gets."""
     disconnect_rule: DisconnectRule = DisconnectRule.CLIENT
     """What natedit writes into an inbound Call-Disconnect-Notify's Call ID."""
+    datapath: Datapath = Datapath.USERSPACE
+    """Where GRE of established calls is translated: userspace or kernel."""
     metrics_listen: str = "127.0.0.1:9723"
     """host:port of the Prometheus endpoint (loopback by default)."""
     metrics_call_series: int = 10000
@@ -350,6 +360,7 @@ FIELDS: tuple[Field, ...] = (
     Field("refuse", "refuse", _choice(RefuseAction, _REPLY_HINT)),
     Field("malformed", "malformed", _choice(MalformedAction)),
     Field("disconnect_rule", "disconnect_rule", _choice(DisconnectRule)),
+    Field("datapath", "datapath", _choice(Datapath)),
     Field("metrics.listen", "metrics_listen", _listen, restart=True),
     Field("metrics.call_series", "metrics_call_series", _integer(0, 10_000_000)),
     Field("logging.level", "log_level", _log_level),

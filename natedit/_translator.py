@@ -115,6 +115,7 @@ from ._events import (
     CallReleased,
     ConnectionRefused,
     Event,
+    GreRoute,
     ProtocolViolation,
     Verdict,
 )
@@ -284,6 +285,53 @@ class Translator:
             outcome[reason or "restored"] += 1
         self.stats.calls_restored += outcome["restored"]
         return outcome
+
+    # -- GRE translated outside the core (the kernel fast path, at the edge) -----------
+
+    def gre_route(self, key: tuple[bytes, bytes, int]) -> GreRoute | None:
+        """The route of the call holding ``key`` (public address, server, public Call ID),
+        or None: no such call, or not established (nor closing) with both Call IDs known.
+
+        An edge that translates GRE itself (:mod:`natedit.fastpath`) keeps exactly
+        these routes; any other GRE still comes to :meth:`handle_packet`.
+        """
+        call = self.table.by_public.get(key)
+        return None if call is None else self._route(call)
+
+    def gre_route_outbound(self, key: tuple[bytes, bytes, int]) -> GreRoute | None:
+        """The route of the call outbound GRE keyed (client, server, server Call ID) goes to."""
+        call = self.table.by_server.get(key)
+        return None if call is None else self._route(call)
+
+    def gre_routes(self) -> list[GreRoute]:
+        """Every call's route (see :meth:`gre_route`)."""
+        return [r for r in map(self._route, self.table.calls()) if r is not None]
+
+    def _route(self, call: Call) -> GreRoute | None:
+        if (call.state not in (CallState.ESTABLISHED, CallState.CLOSING)
+                or call.client_call_id is None or call.server_call_id is None):
+            return None
+        owns = self.table.by_server.get((call.client_ip, call.server_ip,
+                                         call.server_call_id)) is call
+        return GreRoute(call.public_ip, call.server_ip, call.public_call_id, call.client_ip,
+                        call.client_call_id, call.server_call_id, owns)
+
+    def note_gre(self, key: tuple[bytes, bytes, int], direction: Direction, packets: int,
+                 nbytes: int, now: float) -> None:
+        """Count GRE translated outside :meth:`handle_packet` for the call ``key`` names
+        (public address, server, public Call ID): the totals always, the call's own
+        counters and idle timer (restarted at ``now``) while it lives."""
+        if packets <= 0:
+            return
+        d = int(direction)
+        self.stats.gre_packets[d] += packets
+        self.stats.gre_bytes[d] += nbytes
+        call = self.table.by_public.get(key)
+        if call is not None:
+            call.gre_packets[d] += packets
+            call.gre_bytes[d] += nbytes
+            if now > call.last_seen:
+                call.last_seen = now
 
     def set_policy(self, policy: Policy) -> None:
         """Use ``policy`` from now on (a reload).

@@ -158,7 +158,12 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from . import fastpath
+
     rules.cleanup()
+    kept = fastpath.remove_leftover()
+    if kept is not None:
+        print(f"natedit: {kept}; it goes when that worker exits", file=sys.stderr)
     return 0
 
 

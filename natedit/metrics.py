@@ -110,8 +110,9 @@ DROP_REASONS = (
 PASS_REASONS = ("unsynced", "not_ours", "not_pptp_gre", "unknown_call_id",
                 "split_call_id_undecided")
 """Deliberate pass-throughs: packets, or Call ID fields, natedit leaves as they came."""
-WORKER_ERRORS = ("packet_error", "timer_error")
-"""The worker's own trouble (``Dispatcher.counts``); a packet_error drops the packet."""
+WORKER_ERRORS = ("packet_error", "timer_error", "fastpath_error")
+"""The worker's own trouble (``Dispatcher.counts``); a packet_error drops the packet; a
+fastpath_error is the kernel fast path repairing itself (its GRE goes through the queue)."""
 POLICY_RELOAD_OUTCOMES = ("ok", "failed")
 
 T = TypeVar("T")

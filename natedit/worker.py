@@ -26,6 +26,12 @@ after a crash) until the next worker, which restores the calls from the
 state file, takes over; a stop with SIGTERM removes them, and during the
 gap the kernel answers the servers' GRE with ICMP, so servers may end calls.
 
+With ``datapath: kernel`` (:mod:`natedit.fastpath`) the worker also keeps
+an nftables table that translates GRE of established calls in the kernel:
+each turn's call events update it (one transaction per turn), and its
+element counters are read every few seconds and before timers run, so idle
+timers and GRE metrics see that traffic too. A reload may switch datapaths.
+
 Failure is closed everywhere: rules carry no queue bypass, so while no
 worker is bound (not started yet, crashed, stopped without removing its
 rules) or a queue is full (:data:`QUEUE_MAXLEN`) PPTP packets are dropped.
@@ -57,10 +63,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from . import host, metrics, reload, rules, state
+from . import fastpath, host, metrics, reload, rules, state
 from ._errors import NateditError
 from ._events import Action, CallInfo, Event, ProtocolViolation, Verdict
-from ._policy import Policy
+from ._policy import Datapath, Policy
 from ._translator import Translator
 from ._wire import Direction
 from .status import PolicyStatus
@@ -125,6 +131,9 @@ class Dispatcher:
         self._throttle = Throttle(ERROR_LOG_INTERVAL, clock)
         self.journal: state.Journal | None = None
         """Where call events go to be persisted (:mod:`natedit.state`); None: nowhere."""
+        self.fastpath: fastpath.KernelDatapath | None = None
+        """The kernel fast path (``datapath: kernel``): call events update it, its
+        counters are read before timers; None: every GRE packet comes through the queue."""
 
     def packet(self, packet: Packet, direction: Direction) -> None:
         """Decide one queued packet. Never raises: NetfilterQueue's callback must not."""
@@ -145,28 +154,50 @@ class Dispatcher:
             self._log_trouble("packet_error", f"{direction.name.lower()} packet dropped")
 
     def run_timers(self) -> float | None:
-        """Call ``handle_timer`` when due; the next deadline (None: no timer)."""
-        deadline = self.translator.next_deadline()
+        """Call ``handle_timer`` when due; the next deadline (None: no timer).
+
+        With the kernel fast path, its counters are read when due and before a due
+        timer runs (a call whose GRE the kernel translates is not idle).
+        """
+        fast = self.fastpath
         now = self.clock()
+        if fast is not None and now >= fast.next_sync:
+            fast.sync(now)
+        deadline = self.translator.next_deadline()
         if deadline is None or deadline > now:
-            return deadline
+            return _earliest(deadline, fast)
+        if fast is not None and now - fast.synced_at > fastpath.FRESH_BEFORE_TIMERS:
+            fast.sync(now)
         try:
             self.log_events(self.translator.handle_timer(now))
-            return self.translator.next_deadline()
+            return _earliest(self.translator.next_deadline(), fast)
         except Exception:
             self.counts["timer_error"] += 1
             self._log_trouble("timer_error", "timers failed")
             return now + TIMER_ERROR_BACKOFF
 
     def flush(self) -> None:
-        """Once per turn of the loop: persist what the events of this turn changed."""
+        """Once per turn of the loop: put what the events of this turn changed into the
+        kernel fast path, and persist it."""
+        if self.fastpath is not None:
+            self.fastpath.flush()
         if self.journal is not None:
             self.journal.commit()
 
+    def fastpath_trouble(self, what: str) -> None:
+        """The kernel fast path failed at something (it repairs itself): count, log."""
+        self.counts["fastpath_error"] += 1
+        suppressed = self._throttle.allow("fastpath_error")
+        if suppressed is not None:
+            log.error("fastpath_error: %s%s", what, _suppressed(suppressed))
+
     def log_events(self, events: Iterable[Event]) -> None:
-        if self.journal is not None:
+        if self.journal is not None or self.fastpath is not None:
             events = tuple(events)
+        if self.journal is not None:
             self.journal.note(events)
+        if self.fastpath is not None:
+            self.fastpath.note(events)
         for event in events:
             fields = {"fields": event_fields(event)}  # the JSON log format's keys
             if isinstance(event, ProtocolViolation):
@@ -183,6 +214,12 @@ class Dispatcher:
         suppressed = self._throttle.allow(kind)
         if suppressed is not None:
             log.exception("%s: %s%s", kind, what, _suppressed(suppressed))
+
+
+def _earliest(deadline: float | None, fast: fastpath.KernelDatapath | None) -> float | None:
+    if fast is None:
+        return deadline
+    return fast.next_sync if deadline is None else min(deadline, fast.next_sync)
 
 
 class Throttle:
@@ -272,9 +309,27 @@ def run(
     dispatcher = Dispatcher(translator)
     status = policy_status if policy_status is not None else PolicyStatus(loaded_at=time.time())
 
+    def set_datapath(datapath: Datapath) -> None:
+        """Start or stop the kernel fast path; raises NateditError when it cannot start."""
+        fast = dispatcher.fastpath
+        if datapath is Datapath.KERNEL and fast is None:
+            if not isinstance(translator, Translator):
+                raise NateditError("datapath kernel needs natedit's own translator")
+            fast = fastpath.KernelDatapath(translator, report=dispatcher.fastpath_trouble)
+            try:
+                fast.start()
+            except BaseException:
+                fast.nft.close()
+                raise
+            dispatcher.fastpath = fast
+        elif datapath is Datapath.USERSPACE and fast is not None:
+            dispatcher.fastpath = None
+            fast.stop()
+
     def apply(new: Policy) -> None:
         if not isinstance(translator, Reconfigurable):
             raise NateditError("this translator cannot take a new policy")
+        set_datapath(new.datapath)
         translator.set_policy(new.with_public_address(public))
         if on_reload is not None:
             on_reload(new)
@@ -292,6 +347,7 @@ def run(
         dispatcher.journal = journal
         installation = rules.install(ruleset, flavour)
         try:
+            set_datapath(policy.datapath)
             info = _announce_ready(policy, flavour, ready_file, status)
             if pid_file is not None:
                 try:
@@ -306,6 +362,9 @@ def run(
 
             _loop(bound, wakeup, dispatcher, on_hangup)
         finally:
+            if dispatcher.fastpath is not None:  # (the kernel deletes it anyway at exit)
+                dispatcher.fastpath.stop()
+                dispatcher.fastpath = None
             if wakeup.stop != RESTART_SIGNAL.name:
                 rules.remove(installation)
             if pid_file is not None:
@@ -424,6 +483,7 @@ def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | No
         "queue_outbound": policy.queue_outbound,
         "queue_inbound": policy.queue_inbound,
         "flavour": flavour.value,
+        "datapath": policy.datapath.value,
     }
     if ready_file is not None:
         _write_ready_file(ready_file, {**info, "policy": reload.status_dict(status)})

@@ -5,7 +5,9 @@ onto one Call ID, a gateway doing MASQUERADE for TCP 1723) and runs
 ``python -m natedit run`` in the gateway on its built-in default policy: the
 public address is found from the default route, the inside networks are
 RFC 1918. The worker's call events (one logfmt line each) tell what its
-call table did.
+call table did. The scenarios that matter run in both datapaths: every GRE
+packet through the queue (``userspace``, the default), and GRE of
+established calls translated by the worker's nftables maps (``kernel``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,24 @@ NATEDIT = worker_gateway(
 )
 
 
+def kernel_policy(lab: Lab) -> str:
+    """The built-in policy but ``datapath: kernel``, as a file in the lab's directory."""
+    path = lab.tmpdir / "natedit-kernel.yaml"
+    path.write_text("datapath: kernel\n")
+    return str(path)
+
+
+NATEDIT_KERNEL = worker_gateway(
+    "natedit-kernel",
+    lambda lab, ready: [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
+                        "--pid-file", str(lab.tmpdir / "natedit.pid"),
+                        "--policy", kernel_policy(lab)],
+    cwd=str(REPO),
+)
+DATAPATHS = pytest.mark.parametrize("gateway", [NATEDIT, NATEDIT_KERNEL],
+                                    ids=["userspace", "kernel"])
+
+
 @pytest.fixture(autouse=True)
 def _real_peers() -> None:
     require_netns()
@@ -58,9 +78,10 @@ def assert_clean_exit(result: ScenarioResult) -> None:
     assert not [ln for ln in listed.splitlines() if ln.startswith(f"{result.prefix}-")], info
 
 
-def test_same_call_id_three_clients() -> None:
+@DATAPATHS
+def test_same_call_id_three_clients(gateway: Gateway) -> None:
     """(a) Three clients, one private Call ID, one server: every frame comes home."""
-    r = scenarios.same_call_id(NATEDIT, n_clients=3, call_id=FORCED)
+    r = scenarios.same_call_id(gateway, n_clients=3, call_id=FORCED)
     assert_clean_exit(r)
     info = r.describe()
     assert r.outcome["all_connected"], info
@@ -77,10 +98,11 @@ def test_same_call_id_three_clients() -> None:
     assert r.outcome["icmp_unreachable_for_gre"] == 0, info
 
 
-def test_teardown_mid_stream_five_clients() -> None:
+@DATAPATHS
+def test_teardown_mid_stream_five_clients(gateway: Gateway) -> None:
     """(b) Five clients; one pptp is killed mid-stream: the others keep flowing and the
     victim's mapping leaves the table."""
-    r = scenarios.teardown_mid_stream(NATEDIT, n_clients=5, victim=2, call_id=FORCED)
+    r = scenarios.teardown_mid_stream(gateway, n_clients=5, victim=2, call_id=FORCED)
     assert_clean_exit(r)
     info = r.describe()
     assert r.outcome["all_connected"], info
@@ -102,11 +124,12 @@ def test_teardown_mid_stream_five_clients() -> None:
     assert not survivors_released_early, info
 
 
-def test_server_ends_call() -> None:
+@DATAPATHS
+def test_server_ends_call(gateway: Gateway) -> None:
     """(d) The server ends one call (its pptpctrl sends Call-Disconnect-Notify, then
     Stop-Control-Connection-Request): the mapping is released, the client is told with
     its own Call ID, the others keep flowing."""
-    r = scenarios.server_ends_call(NATEDIT, n_clients=3, victim=1, how="pptpctrl",
+    r = scenarios.server_ends_call(gateway, n_clients=3, victim=1, how="pptpctrl",
                                    call_id=FORCED)
     assert_clean_exit(r)
     info = r.describe()
@@ -144,20 +167,25 @@ def iptables_save(lab: Lab) -> str:
                      if not ln.startswith("#"))
 
 
-def start_natedit(lab: Lab, name: str, state: str = "") -> subprocess.Popen[bytes]:
+def start_natedit(lab: Lab, name: str, state: str = "",
+                  datapath: str = "userspace") -> subprocess.Popen[bytes]:
     ready = lab.tmpdir / f"{name}.ready"
+    policy = ["--policy", kernel_policy(lab)] if datapath == "kernel" else []
     return lab.start_gateway_process(
         [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
-         "--pid-file", str(lab.tmpdir / f"{name}.pid"), "--state", state],
+         "--pid-file", str(lab.tmpdir / f"{name}.pid"), "--state", state, *policy],
         ready=ready.exists, cwd=str(REPO), name=name)
 
 
-@pytest.mark.parametrize(("sig", "kept"), [
-    (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGKILL, False),
-    (signal.SIGKILL, True), (signal.SIGUSR2, True)],
+@pytest.mark.parametrize(("sig", "kept", "datapath"), [
+    (signal.SIGTERM, False, "userspace"), (signal.SIGTERM, True, "userspace"),
+    (signal.SIGKILL, False, "userspace"), (signal.SIGKILL, True, "userspace"),
+    (signal.SIGUSR2, True, "userspace"), (signal.SIGTERM, False, "kernel"),
+    (signal.SIGKILL, True, "kernel"), (signal.SIGUSR2, True, "kernel")],
     ids=["sigterm-no-state", "sigterm-state", "sigkill-no-state", "sigkill-state",
-         "sigusr2-state"])
-def test_worker_restart_during_traffic(sig: int, kept: bool) -> None:
+         "sigusr2-state", "sigterm-no-state-kernel", "sigkill-state-kernel",
+         "sigusr2-state-kernel"])
+def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> None:
     """The worker is stopped (SIGTERM: clean exit; SIGKILL: a crash; SIGUSR2: a stop for
     a restart) while two calls flow, then started again, on the same state file
     (``--state``) or with none (``--state ''``). What happens, exactly:
@@ -174,6 +202,11 @@ def test_worker_restart_during_traffic(sig: int, kept: bool) -> None:
     * a new call after the restart works;
     * the ruleset after the final stop is exactly what it was before natedit started,
       whether the first worker exited cleanly or was killed.
+
+    With ``datapath: kernel`` the same holds: the kernel deletes the worker's nftables
+    table when the worker exits, however it exits, so during the gap GRE meets only the
+    queue rules (or, after SIGTERM, none), and the restarted worker puts the restored
+    calls back into a table of its own.
     """
     before_natedit: dict[str, str] = {}
     state: dict[str, str] = {}
@@ -182,7 +215,7 @@ def test_worker_restart_during_traffic(sig: int, kept: bool) -> None:
         lab.gateway_masquerade_only()
         before_natedit["rules"] = iptables_save(lab)
         state["path"] = str(lab.tmpdir / "state.db") if kept else ""
-        start_natedit(lab, "natedit-1", state["path"])
+        start_natedit(lab, "natedit-1", state["path"], datapath)
 
     with scenarios.session(Gateway("natedit-restart", setup), 2) as s:
         lab = s.lab
@@ -194,8 +227,10 @@ def test_worker_restart_during_traffic(sig: int, kept: bool) -> None:
         first = lab.gateway_processes[0]
         rc = lab.stop_process(first, sig, 5.0)
         rules_after_stop = iptables_save(lab)
+        fast_after_stop = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
         gap = s.phase("gap", keys, 10, timeout=1.0)
-        start_natedit(lab, "natedit-2", state["path"])
+        start_natedit(lab, "natedit-2", state["path"], datapath)
+        fast_restored = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
         # the peers hold frames that follow a loss in the GRE sequence in a reorder buffer
         # until later frames push them out: a few frames first, not judged
         s.phase("resume", keys, 5, timeout=1.0)
@@ -207,8 +242,15 @@ def test_worker_restart_during_traffic(sig: int, kept: bool) -> None:
         second = lab.gateway_processes[1]
         rc2 = lab.stop_process(second, signal.SIGTERM, 5.0)
         rules_at_end = iptables_save(lab)
+        fast_at_end = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
         r = s.finish("worker_restart", {})
     info = r.describe()
+    assert "natedit_fast" not in fast_after_stop + fast_at_end, info
+    assert ("natedit_fast" in fast_restored) == (datapath == "kernel"), info
+    if datapath == "kernel":  # the restored calls go straight into the kernel's maps
+        restored_calls = 2 if kept and sig != signal.SIGTERM else 0
+        assert (f"kernel datapath: table ip natedit_fast with {restored_calls} calls"
+                in r.gateway_processes[1].log_tail), info
     assert connected and before, info
     if sig == signal.SIGTERM:
         assert rc == 0 and rules_after_stop == before_natedit["rules"], info
@@ -234,12 +276,13 @@ def test_worker_restart_during_traffic(sig: int, kept: bool) -> None:
     assert r.total_foreign == 0, info
 
 
-def test_two_calls_one_control_connection() -> None:
+@DATAPATHS
+def test_two_calls_one_control_connection(gateway: Gateway) -> None:
     """(c) Two pptp-linux calls sharing one call manager, so one control connection,
     the case the kernel helper cannot do (both calls get the masqueraded TCP port as
     public Call ID). pptpd allows one call per control connection, so the server is
     the harness's PAC, which allows several. Both calls must work."""
-    r = scenarios.two_calls_one_control(NATEDIT, server="pac")
+    r = scenarios.two_calls_one_control(gateway, server="pac")
     assert_clean_exit(r)
     info = r.describe()
     assert r.outcome["control_connections"] == 1, info

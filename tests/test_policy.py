@@ -36,6 +36,7 @@ from natedit import (
 from natedit._policy import (
     FIELDS,
     Allocation,
+    Datapath,
     DisconnectRule,
     LogFormat,
     MalformedAction,
@@ -104,6 +105,7 @@ acl:
 refuse: drop
 malformed: pass
 disconnect_rule: rfc
+datapath: kernel
 metrics:
   listen: "[::1]:9100"
   call_series: 0
@@ -136,6 +138,7 @@ EVERY_FIELD_POLICY = Policy(
     refuse=RefuseAction.DROP,
     malformed=MalformedAction.PASS,
     disconnect_rule=DisconnectRule.RFC,
+    datapath=Datapath.KERNEL,
     metrics_listen="[::1]:9100",
     metrics_call_series=0,
     log_level="debug",
@@ -205,7 +208,7 @@ ERRORS: list[tuple[str, str, list[str]]] = [
     ("unknown top-level key", "bogus: 1\n",
      ["p.yaml:1: bogus: unknown key; expected one of: public_address, public_interface, "
       "inside_networks, queues, call_ids, limits, timeouts, acl, refuse, malformed, "
-      "disconnect_rule, metrics, logging"]),
+      "disconnect_rule, datapath, metrics, logging"]),
     ("a flat name of the old layout", "queue_inbound: 5\n",
      ["p.yaml:1: queue_inbound: unknown key; did you mean queues.inbound?"]),
     ("a typo in a group", "limits:\n  max_call: 5\n",
@@ -428,7 +431,7 @@ def test_check_policy_lists_every_problem(
         f"{path}:2: limits.max_calls: expected an integer >= 1, found 0",
         f"{path}:3: bogus: unknown key; expected one of: public_address, public_interface, "
         "inside_networks, queues, call_ids, limits, timeouts, acl, refuse, malformed, "
-        "disconnect_rule, metrics, logging",
+        "disconnect_rule, datapath, metrics, logging",
         f"natedit: {path}: 2 problems, not a valid policy",
     ]
 
