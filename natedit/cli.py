@@ -161,9 +161,7 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
     from . import fastpath
 
     rules.cleanup()
-    kept = fastpath.remove_leftover()
-    if kept is not None:
-        print(f"natedit: {kept}; it goes when that worker exits", file=sys.stderr)
+    fastpath.remove_leftover()
     return 0
 
 

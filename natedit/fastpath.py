@@ -9,9 +9,10 @@ established calls before the queue rules see it:
 
 * maps ``in_daddr`` and ``in_cid`` take (server, public Call ID) to the
   client's address and Call ID; chain ``gre_in`` (prerouting, priority
-  -200: after the raw table's notrack at -300, before the mangle table's
-  queue at -150) rewrites inbound GRE to the public address with both,
-  before routing, so the private destination is the one routed;
+  -301: before the raw table at -300) rewrites inbound GRE to the public
+  address with both and exempts it from conntrack itself, before routing,
+  so the private destination is the one routed and natedit's own raw and
+  mangle rules, which look for the public address, pass it by cheaply;
 * map ``out_saddr`` takes (client, server, server Call ID) to the public
   address; chain ``gre_out`` (forward, -200) rewrites the source of
   outbound GRE before the mangle table would queue it.
@@ -37,15 +38,21 @@ and again before an idle timer fires, and hands the new packets to the core
 the GRE metrics count kernel-translated packets too. The counter of an
 element about to be deleted is read first: no packet goes uncounted.
 
-Lifetime. The table is created with the ``owner`` flag through libnftables
-in the worker's own process (ctypes; one netlink socket for the worker's
-life): no other process can change it, and the kernel deletes it when that
-socket closes, so nothing is left in the kernel after the worker exits,
-even after SIGKILL (the queue rules of a killed worker stay: fail-closed).
-Creating it first deletes an unowned leftover of the same name. A failed
-transaction is counted (``fastpath_error``) and the whole table is rebuilt
-from the call table at the next turn; while an element is missing, the
-queue translates that call's GRE.
+Lifetime. The worker talks to nftables through libnftables in its own
+process (ctypes), and deletes the table when it stops. So that nothing is
+left in the kernel after it exits however it exits (SIGKILL included), a
+guard process (``sh``, ``cat``, ``nft``) waits for the end of a pipe the
+worker holds and then deletes the table *by its handle* (a table created
+later, by the next worker, has another handle and stays). The kernel's own
+``owner`` flag would do the same, but nft 1.0.6 (Debian 12) corrupts its
+heap printing any flagged table as JSON (``nft -j list ruleset`` aborts),
+which would break every JSON user of the ruleset on the host while natedit
+runs. The queue rules of a killed worker stay (fail-closed), as before.
+Creating the table first deletes a leftover of the same name; ``natedit
+cleanup`` deletes one too. A failed transaction is counted
+(``fastpath_error``) and the whole table is rebuilt from the call table at
+the next turn; while an element is missing, the queue translates that
+call's GRE.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ import json
 import logging
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -70,8 +78,11 @@ log = logging.getLogger("natedit")
 
 NFT_TABLE = "natedit_fast"
 """The table (family ip) of the kernel fast path; the worker that created it owns it."""
-PRIORITY = -200
-"""Of both base chains: after raw (-300, notrack), before mangle (-150, the queues)."""
+PRIORITY_IN = -301
+"""Inbound: before raw (-300), so natedit's rules for the public address never see the
+rewritten packet (the rule exempts it from conntrack itself, natively)."""
+PRIORITY_OUT = -200
+"""Outbound (forward): before mangle (-150), where natedit's queue rule would take it."""
 SYNC_INTERVAL = 2.0
 """Seconds between two readings of the element counters (idle timers, metrics)."""
 FRESH_BEFORE_TIMERS = 0.5
@@ -81,7 +92,12 @@ REBUILD_BACKOFF = 5.0
 ENHANCED_GRE = "@th,0,32 & 0xe007ffff == 0x2001880b"
 """C=0 R=0 K=1, version 1, protocol PPP: what ``_wire.is_pptp_gre`` accepts."""
 UNFRAGMENTED = "ip frag-off & 0x3fff == 0"
+NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4
+GUARD_SCRIPT = ("trap '' INT TERM HUP; cat >/dev/null; "
+                "exec nft delete table ip handle \"$0\" 2>/dev/null")
+"""The guard: ignores the signals a service stop sends to every process of the
+worker's group, waits for the worker's end of its stdin to close, deletes the table."""
 
 InKey = tuple[bytes, int]
 """(server, public Call ID): inbound GRE to the public address."""
@@ -98,13 +114,32 @@ class FastPathError(NateditError):
 class NftLike(Protocol):
     """What the fast path uses of :class:`Nft` (tests give a fake)."""
 
-    def run(self, commands: str, *, json_output: bool = False) -> str: ...
+    def run(self, commands: str, *, json_output: bool = False,
+            handles: bool = False) -> str: ...
     def close(self) -> None: ...
 
 
+class Guard:
+    """The process that deletes the table (by handle) once the worker is gone."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+        self._proc = subprocess.Popen(
+            ["sh", "-c", GUARD_SCRIPT, str(handle)], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def release(self) -> None:
+        """The worker deleted the table itself: let the guard go (its delete fails)."""
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(2)
+
+
 class Nft:
-    """libnftables through ctypes: nft commands in this process, on one netlink socket
-    kept for the life of the context (which is what owns an ``owner`` table)."""
+    """libnftables through ctypes: nft commands in this process, no ``nft`` process
+    per transaction (about 60 us for a small one)."""
 
     def __init__(self, library: str | None = None) -> None:
         name = library or ctypes.util.find_library("nftables") or "libnftables.so.1"
@@ -132,12 +167,14 @@ class Nft:
         lib.nft_ctx_buffer_output(self._ctx)
         lib.nft_ctx_buffer_error(self._ctx)
 
-    def run(self, commands: str, *, json_output: bool = False) -> str:
+    def run(self, commands: str, *, json_output: bool = False, handles: bool = False) -> str:
         """Run ``commands`` (nft -f syntax) as one transaction; their output."""
         if self._ctx is None:
             raise FastPathError("libnftables: context closed")
         lib = self._lib
-        lib.nft_ctx_output_set_flags(self._ctx, NFT_CTX_OUTPUT_JSON if json_output else 0)
+        flags = (NFT_CTX_OUTPUT_JSON if json_output else 0) | (
+            NFT_CTX_OUTPUT_HANDLE if handles else 0)
+        lib.nft_ctx_output_set_flags(self._ctx, flags)
         rc = lib.nft_run_cmd_from_buffer(self._ctx, commands.encode())
         out = (lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
         err = (lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
@@ -154,13 +191,12 @@ class Nft:
 
 
 def render_table(public_ip: bytes) -> str:
-    """nft commands that (re)create the empty table, replacing an unowned leftover."""
+    """nft commands that (re)create the empty table, replacing a leftover."""
     public = socket.inet_ntoa(public_ip)
     t = NFT_TABLE
     return f"""table ip {t}
 delete table ip {t}
 table ip {t} {{
-\tflags owner
 \tmap in_daddr {{
 \t\ttypeof ip saddr . @th,48,16 : ip daddr
 \t\tcounter
@@ -173,13 +209,13 @@ table ip {t} {{
 \t\tcounter
 \t}}
 \tchain gre_in {{
-\t\ttype filter hook prerouting priority {PRIORITY}; policy accept;
+\t\ttype filter hook prerouting priority {PRIORITY_IN}; policy accept;
 \t\tip daddr {public} ip protocol gre {UNFRAGMENTED} {ENHANCED_GRE} \
 ip daddr set ip saddr . @th,48,16 map @in_daddr \
-@th,48,16 set ip saddr . @th,48,16 map @in_cid
+@th,48,16 set ip saddr . @th,48,16 map @in_cid notrack
 \t}}
 \tchain gre_out {{
-\t\ttype filter hook forward priority {PRIORITY}; policy accept;
+\t\ttype filter hook forward priority {PRIORITY_OUT}; policy accept;
 \t\tip protocol gre {UNFRAGMENTED} {ENHANCED_GRE} \
 ip saddr set ip saddr . ip daddr . @th,48,16 map @out_saddr
 \t}}
@@ -188,7 +224,8 @@ ip saddr set ip saddr . ip daddr . @th,48,16 map @out_saddr
 
 
 REMOVAL = f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-"""Deletes the table whether or not it exists (an owned one only by its owner)."""
+"""Deletes the table whether or not it exists."""
+_HANDLE = re.compile(rf"table ip {NFT_TABLE} {{ # handle (\d+)")
 
 
 def _ip(packed: bytes) -> str:
@@ -240,12 +277,15 @@ class KernelDatapath:
 
     def __init__(self, translator: Translator, *, nft: NftLike | None = None,
                  report: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 guard: Callable[[int], Guard] | None = Guard) -> None:
         self.translator = translator
         self.public_ip = translator.public_ip
         self.clock = clock
         self.report = report or (lambda what: log.error("kernel datapath: %s", what))
         self.nft: NftLike = nft if nft is not None else Nft()
+        self._make_guard = guard
+        self._guard: Guard | None = None
         # mirrors of the kernel maps, and the counters last read from them
         self._in: dict[InKey, tuple[bytes, int]] = {}
         self._out: dict[OutKey, PublicKey] = {}
@@ -281,6 +321,7 @@ class KernelDatapath:
         try:
             self.sync(self.clock())
             self.nft.run(REMOVAL)
+            self._set_guard(None)
             log.info("kernel datapath: table ip %s removed; the kernel translated %d outbound "
                      "and %d inbound GRE packets in %d transactions", NFT_TABLE,
                      self.packets[Direction.OUTBOUND], self.packets[Direction.INBOUND],
@@ -291,6 +332,13 @@ class KernelDatapath:
             self.nft.close()
             self._in.clear()
             self._out.clear()
+
+    def _set_guard(self, handle: int | None) -> None:
+        old, self._guard = self._guard, None
+        if old is not None:
+            old.release()
+        if handle is not None and self._make_guard is not None:
+            self._guard = self._make_guard(handle)
 
     # -- the table follows the call table ------------------------------------------------
 
@@ -406,8 +454,15 @@ class KernelDatapath:
             if r.outbound:
                 add_out.append(((r.client_ip, r.server_ip, r.server_call_id),
                                 (r.public_ip, r.server_ip, r.public_call_id)))
-        script = render_table(self.public_ip) + "\n".join(self._add_lines(add_in, add_out))
-        self.nft.run(script + "\n")
+        self.nft.run(render_table(self.public_ip))
+        listed = self.nft.run(f"list table ip {NFT_TABLE}", handles=True)
+        found = _HANDLE.search(listed)
+        if found is None:
+            raise FastPathError(f"no handle for table ip {NFT_TABLE} in {listed[:80]!r}")
+        self._set_guard(int(found.group(1)))
+        lines = self._add_lines(add_in, add_out)
+        if lines:
+            self.nft.run("\n".join(lines) + "\n")
         self.transactions += 1
         self._in = dict(add_in)
         self._out = dict(add_out)
@@ -430,6 +485,7 @@ class KernelDatapath:
             self.report(f"cannot rebuild the table, GRE goes through the queues: {exc}")
             with contextlib.suppress(FastPathError):
                 self.nft.run(REMOVAL)
+            self._set_guard(None)
             self._in.clear()
             self._out.clear()
             self._out_of.clear()
@@ -507,20 +563,14 @@ class KernelDatapath:
             self._count_out(tr, okey, int(p), int(b), now)
 
 
-def remove_leftover() -> str | None:
-    """Delete an unowned ``ip natedit_fast`` (``natedit cleanup``); why not, or None.
-
-    An owned one belongs to a running worker, which alone may delete it, and the
-    kernel deletes it when that worker exits. Without libnftables there is none.
-    """
+def remove_leftover() -> None:
+    """Delete ``ip natedit_fast`` if it exists (``natedit cleanup``): a worker killed
+    together with its guard may leave it. Without libnftables there is none."""
     try:
         nft = Nft()
     except FastPathError:
-        return None
+        return
     try:
         nft.run(REMOVAL)
-        return None
-    except FastPathError as exc:
-        return f"table ip {NFT_TABLE} belongs to a running natedit ({exc})"
     finally:
         nft.close()

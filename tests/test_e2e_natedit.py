@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,17 @@ def start_natedit(lab: Lab, name: str, state: str = "",
         ready=ready.exists, cwd=str(REPO), name=name)
 
 
+def wait_for_no_fast_table(lab: Lab, timeout: float = 2.0) -> str:
+    """``nft list tables`` once ip natedit_fast is gone (after a SIGKILL the worker's
+    guard process deletes it, a few milliseconds later), or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tables = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
+        if "natedit_fast" not in tables or time.monotonic() > deadline:
+            return tables
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize(("sig", "kept", "datapath"), [
     (signal.SIGTERM, False, "userspace"), (signal.SIGTERM, True, "userspace"),
     (signal.SIGKILL, False, "userspace"), (signal.SIGKILL, True, "userspace"),
@@ -203,10 +215,10 @@ def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> N
     * the ruleset after the final stop is exactly what it was before natedit started,
       whether the first worker exited cleanly or was killed.
 
-    With ``datapath: kernel`` the same holds: the kernel deletes the worker's nftables
-    table when the worker exits, however it exits, so during the gap GRE meets only the
-    queue rules (or, after SIGTERM, none), and the restarted worker puts the restored
-    calls back into a table of its own.
+    With ``datapath: kernel`` the same holds: the worker's nftables table goes when the
+    worker exits, however it exits (after SIGKILL its guard process deletes it), so
+    during the gap GRE meets only the queue rules (or, after SIGTERM, none), and the
+    restarted worker puts the restored calls back into a table of its own.
     """
     before_natedit: dict[str, str] = {}
     state: dict[str, str] = {}
@@ -227,7 +239,7 @@ def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> N
         first = lab.gateway_processes[0]
         rc = lab.stop_process(first, sig, 5.0)
         rules_after_stop = iptables_save(lab)
-        fast_after_stop = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
+        fast_after_stop = wait_for_no_fast_table(lab)
         gap = s.phase("gap", keys, 10, timeout=1.0)
         start_natedit(lab, "natedit-2", state["path"], datapath)
         fast_restored = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
