@@ -522,13 +522,33 @@ def summarize(reps: list[dict[str, dict[str, Any]]], paths: Sequence[str]) -> di
     return out
 
 
+TARGETS = (
+    ("natedit-userspace", "nfq-accept", 0.8,
+     "user-space path >= 0.8x a bare accept-only NetfilterQueue worker"),
+    ("natedit-kernel", "kernel-helper", 1.0, "kernel fast path >= 1.0x the kernel helper"),
+)
+
+
+def targets(summary: dict[str, Any], paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Each target of the datapath issue: the per-figure ratios (medians), met or not."""
+    out = []
+    for path, ref, goal, what in TARGETS:
+        if path not in paths or ref not in paths:
+            continue
+        ratios = {f"{d}_{s}": summary[path][f"{d}_{s}_vs_{ref}"] for s in SIZES
+                  for d in DIRECTIONS}
+        out.append({"target": what, "goal": goal, "ratios": ratios,
+                    "met": min(ratios.values()) >= goal})
+    return out
+
+
 def table(summary: dict[str, Any], paths: Sequence[str]) -> str:
     cols = [f"{d}_{s}" for s in SIZES for d in DIRECTIONS]
-    names = {f"{d}_{s}": f"{d} {s}B" for s in SIZES for d in DIRECTIONS}
-    lines = ["packets per second (x plain forwarding, x kernel helper), median of the runs:",
+    names = {f"{d}_{s}": f"{d} {s} B" for s in SIZES for d in DIRECTIONS}
+    lines = ["packets per second (x plain forwarding / x kernel helper), medians of the runs:",
              "",
              "| path | " + " | ".join(names[c] for c in cols)
-             + " | added latency out / in, median (p99) |",
+             + " | added latency out / in: median (p99) |",
              "|---|" + "---|" * len(cols) + "---|"]
     for path in paths:
         row = summary[path]
@@ -542,6 +562,11 @@ def table(summary: dict[str, Any], paths: Sequence[str]) -> str:
             f"{row.get(f'latency_{d}_added_median_us', 0):+.0f} "
             f"({row.get(f'latency_{d}_added_p99_us', 0):+.0f}) us" for d in DIRECTIONS)
         lines.append(f"| {path} | " + " | ".join(cells) + f" | {lat} |")
+    for t in targets(summary, paths):
+        figures = ", ".join(f"{names[c]} {t['ratios'][c]:.2f}" for c in cols)
+        verdict = "met" if t["met"] else (
+            f"MISSED (worst {min(t['ratios'].values()) / t['goal'] - 1:+.0%})")
+        lines.append(f"\ntarget: {t['target']}: {figures}: {verdict}")
     return "\n".join(lines)
 
 
@@ -626,7 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
             {"command": "python -m bench.datapath " + " ".join(args_in), "paths": paths,
-             "runs": reps, "summary": summary, "table": text,
+             "runs": reps, "summary": summary, "targets": targets(summary, paths),
+             "table": text,
              "cpus": os.cpu_count(), "kernel": run(["uname", "-r"]).strip()}, indent=2))
     return 0
 
