@@ -40,9 +40,10 @@ EXERCISED: dict[str, tuple[str, ...]] = {
     "scripts/dev run": (
         "tests/test_dev_script.py::test_dev_run_serves_until_sigterm_and_leaves_the_ruleset_clean",),
     "scripts/dev test": (".ci/run",),  # CI runs exactly this, from a clean clone
-    "natedit run [--policy FILE]": (
+    "natedit run [--policy FILE] [--state FILE]": (
         "tests/test_e2e_natedit.py::test_same_call_id_three_clients",
-        "tests/test_e2e_policy.py::test_reloads_under_traffic_lose_no_call"),
+        "tests/test_e2e_policy.py::test_reloads_under_traffic_lose_no_call",
+        "tests/test_e2e_restart.py::test_stop_and_restart_keep_live_calls"),
     "natedit check-policy FILE": (
         "tests/test_policy.py::test_check_policy_of_the_deploy_example",
         "tests/test_readme.py::test_check_policy_as_written"),
@@ -64,6 +65,9 @@ EXERCISED: dict[str, tuple[str, ...]] = {
     "natedit lab [--clients N] [--duration S]": (
         "tests/test_lab_command.py::test_lab_runs_end_to_end_and_leaves_nothing",),
     "scripts/dev bench": ("tests/test_dev_script.py::test_bench_prints_progress_per_figure",),
+    # the long checks, CI-sized (bench.fuzz and bench.soak, as scripts/dev runs them)
+    "scripts/dev fuzz [--inputs N]": ("tests/test_fuzz_seeded.py::test_short_random_fuzz_run",),
+    "scripts/dev soak [--minutes M]": ("tests/test_soak_quick.py::test_short_soak",),
     # Try it: natedit lab
     "natedit lab": ("tests/test_lab_command.py::test_lab_runs_end_to_end_and_leaves_nothing",
                     "tests/test_lab_command.py::test_not_root"),
