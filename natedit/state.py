@@ -176,6 +176,9 @@ class StateStore:
             raise StateBusy(f"{path} is in use by another natedit worker") from None
         try:
             loaded = Loaded(created=not path.exists())
+            if loaded.created:  # private addresses: root's only (SQLite gives -wal, -shm
+                # the main file's mode)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             db: sqlite3.Connection | None = None
             try:
                 db = _connect(path)
@@ -188,6 +191,7 @@ class StateStore:
                 loaded.problem = str(exc) or type(exc).__name__
                 loaded.moved_to = _move_aside(path, clock())
                 loaded.records, loaded.downtime, loaded.invalid_rows = [], 0.0, 0
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
                 db = _connect(path)
                 _read(db, identity, clock())
             return cls(path, db, lock_fd), loaded

@@ -34,7 +34,8 @@ PUBLIC = "198.51.100.1"
 NATEDIT = worker_gateway(
     "natedit",
     lambda lab, ready: [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
-                        "--pid-file", str(lab.tmpdir / "natedit.pid")],
+                        "--pid-file", str(lab.tmpdir / "natedit.pid"),
+                        "--state", str(lab.tmpdir / "state.db")],
     cwd=str(REPO),
 )
 
@@ -50,6 +51,7 @@ NATEDIT_KERNEL = worker_gateway(
     "natedit-kernel",
     lambda lab, ready: [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
                         "--pid-file", str(lab.tmpdir / "natedit.pid"),
+                        "--state", str(lab.tmpdir / "state.db"),
                         "--policy", kernel_policy(lab)],
     cwd=str(REPO),
 )

@@ -227,6 +227,10 @@ def test_missing_file_is_created_and_round_trips(tmp_path: Path) -> None:
     assert sorted(loaded.records, key=str) == sorted(records, key=str)
     assert loaded.downtime == 7.0
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+    assert modes == {"state.db": 0o600, "state.db-wal": 0o600, "state.db-shm": 0o600,
+                     "state.db.lock": 0o600}
+    assert path.parent.stat().st_mode & 0o777 == 0o700
     store.close()
 
 
