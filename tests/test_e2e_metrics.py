@@ -64,7 +64,8 @@ NATEDIT = worker_gateway(
     "natedit",
     lambda lab, ready: [sys.executable, "-m", "natedit", "run",
                         "--policy", str(write_policy(lab)), "--ready-file", str(ready),
-                        "--pid-file", str(lab.tmpdir / "natedit.pid")],
+                        "--pid-file", str(lab.tmpdir / "natedit.pid"),
+                        "--state", str(lab.tmpdir / "state.db")],
     cwd=str(REPO),
 )
 

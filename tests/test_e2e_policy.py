@@ -52,7 +52,8 @@ def natedit_with_policy(name: str, policy: str) -> Gateway:
         ready = lab.tmpdir / "natedit.ready"
         lab.start_gateway_process(
             [sys.executable, "-m", "natedit", "run", "--policy", str(path),
-             "--ready-file", str(ready), "--pid-file", str(lab.tmpdir / "natedit.pid")],
+             "--ready-file", str(ready), "--pid-file", str(lab.tmpdir / "natedit.pid"),
+             "--state", str(lab.tmpdir / "state.db")],
             ready=ready.exists, cwd=str(REPO), name=name)
 
     return Gateway(name, setup)

@@ -240,7 +240,8 @@ def test_second_worker_on_the_same_queues_is_refused(lab: Lab) -> None:
     try:
         policy = lab.tmp / "policy.yaml"
         done = subprocess.run(
-            lab.gw.argv([PYTHON, "-m", "natedit", "run", "--policy", str(policy)]),
+            lab.gw.argv([PYTHON, "-m", "natedit", "run", "--policy", str(policy),
+                         "--state", "", "--pid-file", ""]),
             capture_output=True, text=True, timeout=30, cwd=REPO,
         )  # fmt: skip
         assert done.returncode == 1
