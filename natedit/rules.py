@@ -188,8 +188,16 @@ def build_ruleset(policy: Policy) -> RuleSet:
 _IPT_TRAFFIC = {
     Traffic.CONTROL_TO_SERVER: f"-p tcp -m tcp --dport {PPTP_PORT}",
     Traffic.CONTROL_FROM_SERVER: f"-p tcp -m tcp --sport {PPTP_PORT}",
-    Traffic.GRE_V1: f'-p gre -m u32 --u32 "{GRE_V1_U32}"',
+    Traffic.GRE_V1: "-p gre",
 }
+"""What selects the traffic natively (iptables-nft turns it into nft expressions)."""
+_IPT_EXACT = {Traffic.GRE_V1: f'-m u32 --u32 "{GRE_V1_U32}"'}
+"""The rest of the selection, through xt compatibility (costly per packet): checked last,
+once the addresses have matched, so GRE that is not natedit's (and GRE the kernel fast
+path already translated) never pays for it."""
+_IPT_TRAFFIC_CHAIN = {Traffic.GRE_V1: "-GRE"}
+"""Flow chains of traffic with an exact part are their own (the part sits on their
+targets)."""
 _IPT_FLOW_CHAIN = {Flow.OUTBOUND: "-OUT", Flow.INBOUND: "-IN"}
 _IPT_FLOW_EXCLUDE = {Flow.OUTBOUND: "-d", Flow.INBOUND: "-s"}
 """The side that must not be inside: those packets RETURN."""
@@ -210,7 +218,9 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
     first in the built-in chain. "Inside and the other side not inside" has
     no single-rule form for several networks, so each (hook, flow) gets a
     chain ``NATEDIT-<CHAIN>-OUT|IN``: RETURN for the excluded side, then the
-    target for each inside network.
+    target for each inside network. GRE's version check (xt ``u32``) comes
+    last: on the targets of its own flow chains ``NATEDIT-<CHAIN>-GRE-OUT``,
+    after the public address in the other rules.
     """
     chains: dict[str, dict[str, list[str]]] = {}
     jumps: dict[str, list[str]] = {}
@@ -223,11 +233,15 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
             jumps.setdefault(rule.hook.table, []).append(f"-I {rule.hook.chain} 1 -j {main}")
         target = _ipt_target(rule)
         traffic = _IPT_TRAFFIC[rule.traffic]
+        exact = _IPT_EXACT.get(rule.traffic)
         table[main].append(f"# {rule.why}")
         if rule.flow is Flow.TO_PUBLIC:
-            table[main].append(f"-A {main} -d {rs.public_address}/32 {traffic} {target}")
+            table[main].append(f"-A {main} -d {rs.public_address}/32 {traffic}"
+                               + (f" {exact}" if exact else "") + f" {target}")
             continue
-        flow_chain = main + _IPT_FLOW_CHAIN[rule.flow]
+        flow_chain = main + _IPT_TRAFFIC_CHAIN.get(rule.traffic, "") + _IPT_FLOW_CHAIN[rule.flow]
+        if exact:
+            target = f"{exact} {target}"
         table[main].append(f"-A {main} {traffic} -j {flow_chain}")
         if flow_chain in table:
             if flow_targets[flow_chain] != target:

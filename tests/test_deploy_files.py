@@ -67,6 +67,7 @@ def test_iptables_file_loads_and_natedit_cleanup_removes_it() -> None:
         before = ns.iptables_save()
         ns.run(["iptables-restore", "--noflush", str(RULES["iptables"])])
         saved = ns.iptables_save()
-        assert len(re.findall(r"-j NFQUEUE --queue-num 172[34]", saved)) == 7, saved
+        # 3 networks x (TCP out, GRE out, TCP in), and GRE in
+        assert len(re.findall(r"-j NFQUEUE --queue-num 172[34]", saved)) == 10, saved
         ns.run([sys.executable, "-m", "natedit", "cleanup"])
         assert ns.iptables_save() == before
