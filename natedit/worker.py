@@ -191,7 +191,7 @@ class Dispatcher:
         deadline = self.translator.next_deadline()
         if deadline is None or deadline > now:
             return _earliest(deadline, fast)
-        if fast is not None and now - fast.synced_at > fastpath.FRESH_BEFORE_TIMERS:
+        if fast is not None and fast.stale(now):
             fast.sync(now)
         try:
             self.log_events(self.translator.handle_timer(now))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -25,6 +26,7 @@ from natedit._translator import Translator
 from natedit._wire import MessageType
 from natedit.fastpath import (
     NFT_TABLE,
+    SYNC_DUTY,
     SYNC_INTERVAL,
     FastPathError,
     KernelDatapath,
@@ -363,3 +365,25 @@ def test_calls_not_yet_established_have_no_route(state: str) -> None:
         forward(conv, IN, msg(MT.INCOMING_CALL_REQUEST, call_id=5))
         forward(conv, OUT, msg(MT.INCOMING_CALL_REPLY, call_id=0x1234, peer_call_id=5))
     assert tr.gre_routes() == []
+
+
+def test_many_calls_are_read_less_often() -> None:
+    """A slow reading (many calls) spaces the readings out: at most 1/SYNC_DUTY of the
+    worker's time goes to them, before timers too."""
+    tr, nft, fast, clock, _ = setup()
+    new_call(tr, "10.0.0.11", 0x1234, 0)
+    fast.start()
+    slow_run = nft.run
+
+    def run(commands: str, *, json_output: bool = False, handles: bool = False) -> str:
+        if commands.startswith("list map"):
+            time.sleep(0.06)
+        return slow_run(commands, json_output=json_output, handles=handles)
+
+    nft.run = run  # type: ignore[method-assign]
+    clock.now = 10.0
+    fast.sync(clock.now)
+    interval = fast.next_sync - clock.now
+    assert interval >= 0.12 * SYNC_DUTY > SYNC_INTERVAL
+    assert not fast.stale(clock.now + interval / 2)
+    assert fast.stale(clock.now + interval + 0.1)
