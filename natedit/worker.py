@@ -147,22 +147,28 @@ class Dispatcher:
 
         def on_packet(packet: Packet) -> None:
             try:
-                out = fast(packet.get_payload(), clock())
+                data, now = packet.get_payload(), clock()
+                out = fast(data, now)
                 if out is not None:
                     packet.set_payload(out)
                     packet.accept()
                     return
             except Exception:
-                pass  # decided again, and counted, by the full path
-            slow(packet, direction)
+                slow(packet, direction)  # decided again, and counted, by the full path
+                return
+            slow(packet, direction, data, now)  # the bytes and the time already read
 
         return on_packet
 
-    def packet(self, packet: Packet, direction: Direction) -> None:
-        """Decide one queued packet. Never raises: NetfilterQueue's callback must not."""
+    def packet(self, packet: Packet, direction: Direction, data: bytes | None = None,
+               now: float | None = None) -> None:
+        """Decide one queued packet (its bytes and the time, if the caller has read them
+        already). Never raises: NetfilterQueue's callback must not."""
         try:
-            data = packet.get_payload()
-            now = self.clock()
+            if data is None:
+                data = packet.get_payload()
+            if now is None:
+                now = self.clock()
             verdict = self.translator.handle_packet(data, direction, now)
             if verdict.action is Action.ACCEPT:
                 if verdict.data is not None:

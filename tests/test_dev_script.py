@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.scratch_ns import Namespace, require_scratch_ns, scratch_namespaces
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,8 +47,7 @@ def test_help_lists_the_commands() -> None:
 
 
 def test_bench_prints_progress_per_figure() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("scripts/dev checks the runtime Debian packages as root")
+    require(os.geteuid() == 0, "scripts/dev checks the runtime Debian packages as root")
     done = dev("bench", "--seconds", "0.05", "--setups", "500")
     assert done.returncode == 0, done.stderr
     progress = [ln for ln in done.stderr.splitlines() if ln.startswith("[bench] ")]

@@ -112,9 +112,6 @@ class PptpServer:
                 )
         return result
 
-    def pptpctrl_pids(self) -> set[int]:
-        return {pid for pid in self.lab.pids_in(self.lab.server_ns) if _comm(pid) == "pptpctrl"}
-
     def end_call(self, call: StandinInfo, how: str = "standin") -> None:
         """End one call from the server side, by PID.
 
@@ -129,13 +126,6 @@ class PptpServer:
         if pid not in self.lab.pids_in(self.lab.server_ns):
             raise LabError(f"pid {pid} is not a process of the server namespace")
         os.kill(pid, signal.SIGTERM)
-
-    def pidfile_pid(self) -> int | None:
-        """The PID pptpd wrote to its own pid file (``-p``)."""
-        try:
-            return int(self.pidfile.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
 
     def stop(self, timeout: float = 3.0) -> int | None:
         """Stop the pptpd manager by PID (SIGTERM). Its pptpctrl children are not touched."""
