@@ -300,11 +300,16 @@ class CallTable:
             if cid is None:
                 return None
             self.relaxed += 1
-        call = Call(conn, client_call_hi, public_ip, cid, now)
-        used.add(cid)
-        self.by_public[(public_ip, conn.server_ip, cid)] = call
-        self.per_client[conn.client_ip] += 1
-        conn.calls.append(call)
+        return self._register(Call(conn, client_call_hi, public_ip, cid, now))
+
+    def _register(self, call: Call) -> Call:
+        """Enter a new call in every index (the one place; :meth:`release` undoes it)."""
+        self.used.setdefault((call.public_ip, call.server_ip), set()).add(call.public_call_id)
+        self.by_public[(call.public_ip, call.server_ip, call.public_call_id)] = call
+        self.per_client[call.client_ip] += 1
+        call.conn.calls.append(call)
+        if call.server_call_id is not None:
+            self.by_server[(call.client_ip, call.server_ip, call.server_call_id)] = call
         self.schedule(call, call.expires(self.policy))
         return call
 
@@ -379,13 +384,8 @@ class CallTable:
         call = Call(conn, hi, public_ip, rec.public_call_id, now)
         call.client_call_id = cid
         call.state = state
-        used.add(rec.public_call_id)
-        self.by_public[(public_ip, server_ip, rec.public_call_id)] = call
-        self.per_client[client_ip] += 1
-        conn.calls.append(call)
-        if rec.server_call_id is not None:
-            self.set_server_call_id(call, rec.server_call_id)
-        self.schedule(call, call.expires(self.policy))
+        call.server_call_id = rec.server_call_id
+        self._register(call)
         return None
 
     def set_server_call_id(self, call: Call, server_call_id: int) -> None:
