@@ -51,10 +51,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from natedit._wire import MessageType, build_control_message, build_gre
 
@@ -296,22 +297,45 @@ def setup_path(topo: Topology, path: str) -> int | None:
 
 
 def _wait_line(proc: subprocess.Popen[bytes], start: str, timeout: float) -> str:
+    """The next whole line of ``proc``'s stdout that starts with ``start``."""
     assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            for line in buf.decode(errors="replace").splitlines():
-                if line.startswith(start):
-                    return line
+    pending = _PENDING.setdefault(proc.stdout, bytearray())
+    line = read_line(proc.stdout.fileno(), start, timeout, pending)
+    if line is not None:
+        return line
     err = proc.stderr.read1().decode(errors="replace") if proc.stderr else ""  # type: ignore[attr-defined]
-    raise RuntimeError(f"no line {start!r} from {proc.args!r}: {buf!r} {err[-1500:]}")
+    raise RuntimeError(f"no line {start!r} from {proc.args!r}: {bytes(pending)!r} {err[-1500:]}")
+
+
+_PENDING: weakref.WeakKeyDictionary[IO[bytes], bytearray] = weakref.WeakKeyDictionary()
+"""Per pipe, what was read past the last line returned (the next call starts there)."""
+
+
+def read_line(fd: int, start: str, timeout: float, pending: bytearray) -> str | None:
+    """The next line from ``fd`` that starts with ``start``, once its newline has arrived.
+
+    ``pending`` holds the bytes read but not yet consumed, across calls: a line may
+    arrive in many reads, and one read may hold the ends of several lines. Lines
+    that do not start with ``start`` are consumed and skipped. A last line cut off by
+    end of file counts as whole. None when nothing matched within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    eof = False
+    while True:
+        while (end := pending.find(b"\n")) >= 0 or (eof and pending):
+            end = end if end >= 0 else len(pending)
+            line = pending[:end].decode(errors="replace")
+            del pending[:end + 1]
+            if line.startswith(start):
+                return line
+        remaining = deadline - time.monotonic()
+        if eof or remaining <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], min(0.1, remaining))
+        if ready:
+            chunk = os.read(fd, 65536)
+            eof = not chunk
+            pending += chunk
 
 
 # -- throughput --------------------------------------------------------------------------------
