@@ -66,6 +66,7 @@ EXERCISED: dict[str, tuple[str, ...]] = {
         "tests/test_lab_command.py::test_lab_runs_end_to_end_and_leaves_nothing",),
     "scripts/dev bench": ("tests/test_dev_script.py::test_bench_prints_progress_per_figure",),
     "scripts/dev datapath": ("tests/test_datapath_bench.py::test_datapath_bench_short_run",),
+    "scripts/dev dashboard": ("tests/test_dashboard.py::test_dev_dashboard_writes_the_file",),
     # the long checks, CI-sized (bench.fuzz and bench.soak, as scripts/dev runs them)
     "scripts/dev fuzz [--inputs N]": ("tests/test_fuzz_seeded.py::test_short_random_fuzz_run",),
     "scripts/dev soak [--minutes M]": ("tests/test_soak_quick.py::test_short_soak",),
