@@ -346,7 +346,8 @@ class CallTable:
 
         The call gets its old public Call ID only if the table's invariants hold
         as they do for a new call: one live call per public Call ID and server,
-        one per client Call ID in a connection, the high-byte rule, the per-client,
+        one per client Call ID in a connection, one per server Call ID of a client
+        and server, the high-byte rule, the per-client,
         table and connection limits. Its control connection is created as needed:
         started, with unsynced streams (they pick up at the next segment that starts
         with a message header). Timers start at ``now``.
@@ -366,6 +367,9 @@ class CallTable:
         used = self.used.setdefault((public_ip, server_ip), set())
         if rec.public_call_id in used:
             return "duplicate"
+        if (rec.server_call_id is not None
+                and (client_ip, server_ip, rec.server_call_id) in self.by_server):
+            return "duplicate"  # outbound GRE could not tell the two apart
         key = (client_ip, rec.client_port, server_ip, rec.server_port)
         conn = self.connections.get(key)
         if conn is not None:

@@ -277,15 +277,26 @@ class Translator:
         """Put back the calls of a previous run (a restart); before any packet.
 
         Returns how many were ``restored`` and, by reason, how many were not: a
-        different public address (``public_address``), or a record that would
-        break the table's invariants (see :meth:`CallTable.restore`). A restored
+        different public address (``public_address``), a client the running policy
+        does not put inside (0.0.0.0, the public address, outside ``inside_networks``:
+        ``client_address``), a server that is inside, 0.0.0.0 or the public address
+        (``server_address``), or a record that would break the table's invariants
+        (see :meth:`CallTable.restore`). A restored
         call keeps its public Call ID, so GRE flows again at once; its idle and
         request timers start at ``now``.
         """
         outcome: Counter[str] = Counter()
+        policy = self.policy
         for rec in records:
+            client, server = rec.client_address, rec.server_address
             if rec.public_address.packed != self.public_ip:
                 reason: str | None = "public_address"
+            elif (client.is_unspecified or client.packed == self.public_ip
+                  or not policy.is_inside(client)):
+                reason = "client_address"
+            elif (server.is_unspecified or server.packed == self.public_ip
+                  or policy.is_inside(server)):
+                reason = "server_address"
             else:
                 reason = self.table.restore(rec, now)
             outcome[reason or "restored"] += 1

@@ -27,13 +27,23 @@ released by the first timer, and none lives more than
 ``call_idle_timeout`` past the last packet the old worker saw (plus
 ``HEARTBEAT``).
 
-Reading. A missing file is created (reported: the worker starts with an
-empty table). A file SQLite cannot read, or one with another schema, is
-moved aside as ``<file>.corrupt-<time>`` (reported and counted, the worker
-starts clean). A file written in another boot or another network namespace
+Reading. A missing file is created, private to root (reported: the worker
+starts with an empty table); an existing one is made 0600 again. A symbolic
+link, or anything but a regular file, at the state path (or its ``-wal``,
+``-shm``, ``.lock``) is refused: the worker keeps no state. A file that is
+*corrupt* (SQLite says so: SQLITE_CORRUPT, SQLITE_NOTADB, a failed
+``quick_check``) or has another schema is moved aside as
+``<file>.corrupt-<time>`` (reported and counted, the worker starts clean).
+A file that is fine but *cannot be written* (a full disk, a read-only file
+system, no permission for ``-wal``: any other error) is never moved: its
+calls are read read-only and restored, the worker keeps them in memory
+only (``state_error`` counted and logged: :class:`StateUnwritable`), and the
+next start, once the disk is writable, restores them again from the file
+as it was. A file written in another boot or another network namespace
 (its ``identity``) holds calls that cannot be live here: reported, emptied,
 and the worker starts clean. Rows that do not make a valid record, and
-records the table refuses (``Translator.restore``), are reported by reason.
+records the table refuses (``Translator.restore``: the running policy's
+rules), are reported by reason.
 
 One worker per file: the file is locked (``flock`` on ``<file>.lock``) while
 a worker uses it; a second worker pointed at the same file runs without
@@ -43,11 +53,13 @@ persistence and says so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import socket
 import sqlite3
+import stat
 import struct
 import time
 from collections import Counter
@@ -164,40 +176,64 @@ class StateStore:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, identity: str | None = None,
              clock: Callable[[], float] = time.time) -> tuple[StateStore, Loaded]:
-        """Lock and open ``path``, read the calls it holds. Raises StateBusy, OSError."""
+        """Lock and open ``path``, read the calls it holds.
+
+        Raises StateBusy, StateUnwritable (with the calls read read-only), OSError
+        (a symbolic link or not a regular file: refused; or nothing readable at all).
+        """
         path = Path(path)
         identity = identity if identity is not None else host_identity()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _refuse_links(path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                              | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if not path.exists():
+                raise
+            raise StateUnwritable(str(exc), _read_only(path, identity, clock())) from exc
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
             raise StateBusy(f"{path} is in use by another natedit worker") from None
         try:
-            loaded = Loaded(created=not path.exists())
-            if loaded.created:  # private addresses: root's only (SQLite gives -wal, -shm
-                # the main file's mode)
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-            db: sqlite3.Connection | None = None
-            try:
-                db = _connect(path)
-                loaded.records, loaded.downtime, loaded.invalid_rows, loaded.foreign = _read(
-                    db, identity, clock())
-            except (sqlite3.DatabaseError, _Unusable) as exc:
-                if db is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.close()
-                loaded.problem = str(exc) or type(exc).__name__
-                loaded.moved_to = _move_aside(path, clock())
-                loaded.records, loaded.downtime, loaded.invalid_rows = [], 0.0, 0
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-                db = _connect(path)
-                _read(db, identity, clock())
-            return cls(path, db, lock_fd), loaded
+            return cls._open_locked(path, lock_fd, identity, clock)
         except BaseException:
             os.close(lock_fd)
             raise
+
+    @classmethod
+    def _open_locked(cls, path: Path, lock_fd: int, identity: str,
+                     clock: Callable[[], float]) -> tuple[StateStore, Loaded]:
+        loaded = Loaded()
+        db: sqlite3.Connection | None = None
+        try:
+            loaded.created = not _private_regular_file(path)
+            db = _connect(path)
+            loaded.records, loaded.downtime, loaded.invalid_rows, loaded.foreign = _read(
+                db, identity, clock())
+            return cls(path, db, lock_fd), loaded
+        except StateRefused:
+            raise
+        except (sqlite3.Error, OSError, _Unusable) as exc:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            if not _corrupt(exc):  # fine but not writable here: leave it as it is
+                raise StateUnwritable(str(exc) or type(exc).__name__,
+                                      _read_only(path, identity, clock())) from exc
+            loaded.problem = str(exc) or type(exc).__name__
+        loaded.moved_to = _move_aside(path, clock())
+        loaded.records, loaded.downtime, loaded.invalid_rows = [], 0.0, 0
+        try:
+            _private_regular_file(path)
+            db = _connect(path)
+            _read(db, identity, clock())
+        except (sqlite3.Error, OSError, _Unusable) as exc:
+            raise StateUnwritable(f"{loaded.problem}; moved to {loaded.moved_to}, and a new "
+                                  f"file cannot be made: {exc}", Loaded()) from exc
+        return cls(path, db, lock_fd), loaded
 
     def write(self, upserts: Iterable[CallRecord], deletes: Iterable[Key],
               alive_at: float | None) -> None:
@@ -238,6 +274,93 @@ class _Unusable(Exception):
     """A readable SQLite file that is not a natedit state file of this schema."""
 
 
+class StateRefused(OSError):
+    """The state path is a symbolic link or not a regular file: natedit does not use it."""
+
+
+class StateUnwritable(Exception):
+    """The state file is fine (or absent) but cannot be written here: a full disk, a
+    read-only file system, no permission. ``loaded`` holds what it was read to hold
+    (read-only); the file is left exactly as it was."""
+
+    def __init__(self, reason: str, loaded: Loaded) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.loaded = loaded
+
+
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+"""SQLite's primary result codes that say the file itself is damaged."""
+
+
+def _corrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` says the file is damaged (move it aside), not that it cannot be
+    written (leave it: the next start may write it)."""
+    if isinstance(exc, _Unusable):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF in _CORRUPT
+
+
+def _refuse_links(path: Path) -> None:
+    """OSError when the state path, or a file SQLite or the lock keep beside it, is a
+    symbolic link (dangling or not) or not a regular file."""
+    for name in (str(path), f"{path}-wal", f"{path}-shm", f"{path}.lock"):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise StateRefused(errno.ELOOP, "a symbolic link: refused, natedit does not follow "
+                                            "one (give the path of a regular file)", name)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateRefused(errno.EINVAL, "not a regular file: refused", name)
+
+
+def _private_regular_file(path: Path) -> bool:
+    """Make ``path`` a regular file only root reads (0600, its -wal and -shm too);
+    whether it was there already. Creates it (empty) when missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600))
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateRefused(errno.EINVAL, "not a regular file: refused", str(path))
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(os.lstat(f"{path}{suffix}").st_mode) != 0o600:
+                os.chmod(f"{path}{suffix}", 0o600, follow_symlinks=False)
+    return True
+
+
+def _read_only(path: Path, identity: str, now: float) -> Loaded:
+    """What the file holds, read without writing anything (nothing when it cannot be
+    read at all): read-only first, then as an immutable file (the main file only,
+    when even the -shm index cannot be made)."""
+    for query in ("mode=ro", "immutable=1"):
+        try:
+            db = sqlite3.connect(f"file:{path}?{query}", uri=True, check_same_thread=False)
+        except sqlite3.Error:
+            continue
+        try:
+            records, downtime, invalid, foreign = _read(db, identity, now, write=False)
+            return Loaded(records=records, downtime=downtime, invalid_rows=invalid,
+                          foreign=foreign)
+        except (sqlite3.Error, _Unusable):
+            continue
+        finally:
+            db.close()
+    return Loaded()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False)
     try:
@@ -252,13 +375,16 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise
 
 
-def _read(db: sqlite3.Connection, identity: str,
-          now: float) -> tuple[list[CallRecord], float, int, str | None]:
-    """(records, downtime, invalid rows, foreign identity); a new file gets the schema."""
+def _read(db: sqlite3.Connection, identity: str, now: float, *,
+          write: bool = True) -> tuple[list[CallRecord], float, int, str | None]:
+    """(records, downtime, invalid rows, foreign identity); a new file gets the schema
+    (a foreign one is emptied) unless ``write`` is False."""
     check = db.execute("PRAGMA quick_check").fetchone()[0]
     if check != "ok":
         raise _Unusable(f"quick_check: {check}")
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables and not write:
+        return [], 0.0, 0, None
     if not tables:
         with db:
             db.executescript(_SCHEMA)
@@ -271,6 +397,8 @@ def _read(db: sqlite3.Connection, identity: str,
     if meta.get("schema_version") != str(SCHEMA_VERSION):
         raise _Unusable(f"schema version {meta.get('schema_version')!r}, "
                         f"this natedit reads {SCHEMA_VERSION}")
+    if meta.get("identity") != identity and not write:
+        return [], 0.0, 0, str(meta.get("identity"))
     if meta.get("identity") != identity:
         with db:
             db.execute("DELETE FROM calls")
@@ -388,6 +516,14 @@ def restore_into(translator: RestoringTranslator, path: str, counts: MutableMapp
     except StateBusy as exc:
         log.warning("%s; this worker keeps no state", exc)
         return None
+    except StateUnwritable as exc:
+        counts["state_error"] = counts.get("state_error", 0) + 1
+        log.error("state_error: cannot write the state file %s (%s); left as it is: its %d "
+                  "calls read to be restored, kept in memory only (this worker keeps no "
+                  "state); the next start restores them from the file", path, exc.reason,
+                  len(exc.loaded.records))
+        _restore(translator, path, exc.loaded, monotonic)
+        return None
     except OSError as exc:
         counts["state_error"] = counts.get("state_error", 0) + 1
         log.error("state_error: cannot open the state file %s (%s); this worker keeps no state",
@@ -402,6 +538,18 @@ def restore_into(translator: RestoringTranslator, path: str, counts: MutableMapp
     elif loaded.foreign is not None:
         log.info("the state file %s was written in another boot or network namespace; "
                  "starting with an empty call table", path)
+    _restore(translator, path, loaded, monotonic)
+    try:
+        store.replace_all(translator.snapshot(), time.time())
+    except (sqlite3.Error, OSError) as exc:
+        counts["state_error"] = counts.get("state_error", 0) + 1
+        log.error("state_error: cannot write the state file %s: %s", path, exc)
+    return Journal(store, translator.call_record, counts)
+
+
+def _restore(translator: RestoringTranslator, path: str, loaded: Loaded,
+             monotonic: Callable[[], float]) -> None:
+    """Put ``loaded``'s calls back into ``translator`` and log how many, and why not."""
     outcome = translator.restore(loaded.records, monotonic() - loaded.downtime)
     if loaded.invalid_rows:
         outcome["invalid"] += loaded.invalid_rows
@@ -410,12 +558,6 @@ def restore_into(translator: RestoringTranslator, path: str, counts: MutableMapp
         skipped = " ".join(f"{k}={v}" for k, v in sorted(outcome.items()))
         log.info("event=state_restored path=%s calls=%d down_seconds=%.1f%s", path, restored,
                  loaded.downtime, f" skipped {skipped}" if skipped else "")
-    try:
-        store.replace_all(translator.snapshot(), time.time())
-    except (sqlite3.Error, OSError) as exc:
-        counts["state_error"] = counts.get("state_error", 0) + 1
-        log.error("state_error: cannot write the state file %s: %s", path, exc)
-    return Journal(store, translator.call_record, counts)
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ journal once per turn.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import struct
 from collections import Counter
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from natedit import Action, CallRecord, Direction, MessageType
+from natedit import Action, CallRecord, Direction, MessageType, state
 from natedit._translator import Translator
 from natedit.state import (
     HEARTBEAT,
@@ -152,7 +153,8 @@ def rec(**kw: object) -> CallRecord:
     ([rec(), rec(public_call_id=0x6001, server_call_id=0x81)], "duplicate"),  # client Call ID
     ([rec(), rec(public_call_id=0x6001, client_call_id=0x1299, server_call_id=0x81)],
      "high_byte_rule"),  # client hi 0x12 already maps to public hi 0x50
-    ([rec(), rec(public_call_id=0x5002, client_call_hi=0x13, client_call_id=0x1399)],
+    ([rec(), rec(public_call_id=0x5002, client_call_hi=0x13, client_call_id=0x1399,
+                 server_call_id=0x81)],
      "high_byte_rule"),  # public hi 0x50 already maps to client hi 0x12
     ([rec(public_address=IPv4Address("203.0.113.9"))], "public_address"),
     ([rec(state="dancing")], "invalid"),
@@ -160,6 +162,13 @@ def rec(**kw: object) -> CallRecord:
     ([rec(public_call_id=70000)], "invalid"),
     ([rec(client_port=0)], "invalid"),
     ([rec(server_call_id=-1)], "invalid"),
+    ([rec(client_address=IPv4Address("0.0.0.0"))], "client_address"),
+    ([rec(client_address=IPv4Address("198.51.100.1"))], "client_address"),  # the public one
+    ([rec(client_address=IPv4Address("192.0.2.7"))], "client_address"),  # not inside
+    ([rec(server_address=IPv4Address("10.9.9.9"))], "server_address"),  # inside
+    ([rec(server_address=IPv4Address("0.0.0.0"))], "server_address"),
+    ([rec(), rec(client_port=40001, public_call_id=0x6001, client_call_hi=0x13,
+                 client_call_id=0x1300)], "duplicate"),  # one server Call ID, client, server
 ])
 def test_restore_keeps_the_invariants(records: list[CallRecord], reason: str) -> None:
     tr = make_translator()
@@ -333,6 +342,74 @@ def test_one_worker_per_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     j = restore_into(make_translator(), str(path), counts, identity=ID)
     assert j is not None
     j.close()
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+@pytest.mark.parametrize("suffix", ["", "-wal", ".lock"])
+def test_a_symbolic_link_at_the_state_path_is_refused(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, dangling: bool, suffix: str) -> None:
+    path = tmp_path / "state.db"
+    target = tmp_path / "elsewhere"
+    if not dangling:
+        target.write_bytes(b"")
+    Path(f"{path}{suffix}").symlink_to(target)
+    counts: Counter[str] = Counter()
+    with caplog.at_level(logging.ERROR, "natedit"):
+        assert restore_into(make_translator(), str(path), counts, identity=ID) is None
+    assert counts == Counter(state_error=1)
+    assert "a symbolic link: refused" in caplog.text
+    assert target.exists() is not dangling  # nothing created through the link
+    if not dangling:
+        assert target.read_bytes() == b""
+
+
+def test_a_fifo_at_the_state_path_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    os.mkfifo(path)
+    with pytest.raises(OSError, match="not a regular file"):
+        StateStore.open(path, identity=ID)
+
+
+def test_an_existing_file_is_made_private_again(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store, _ = StateStore.open(path, identity=ID)
+    store.write(busy_translator(1, 1).snapshot(), [], None)
+    store.close()
+    path.chmod(0o644)
+    store, loaded = StateStore.open(path, identity=ID)
+    assert len(loaded.records) == 2
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert all(Path(f"{path}{s}").stat().st_mode & 0o777 == 0o600 for s in ("-wal", "-shm"))
+    store.close()
+
+
+def test_a_file_that_cannot_be_written_is_read_and_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite failing to make -wal (a full disk: SQLITE_IOERR_SHMSIZE) is not corruption.
+    tests/test_state_disk.py does it on a real full and a real read-only tmpfs."""
+    path = tmp_path / "state.db"
+    old = busy_translator(1, 2)
+    store, _ = StateStore.open(path, identity=ID)
+    store.replace_all(old.snapshot(), 1.0)
+    store.close()
+    content = path.read_bytes()
+
+    def full(_path: Path) -> sqlite3.Connection:
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = 4874  # SQLITE_IOERR_SHMSIZE
+        raise exc
+
+    monkeypatch.setattr(state, "_connect", full)
+    counts: Counter[str] = Counter()
+    new = make_translator()
+    with caplog.at_level(logging.INFO, "natedit"):
+        assert restore_into(new, str(path), counts, identity=ID) is None
+    assert counts == Counter(state_error=1)
+    assert sorted(map(key, new.calls())) == sorted(map(key, old.calls()))
+    assert "cannot write the state file" in caplog.text and "3 calls read" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]  # nothing moved aside
+    assert path.read_bytes() == content
 
 
 def test_unwritable_place_is_an_error_not_a_crash(tmp_path: Path,
