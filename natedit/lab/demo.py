@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -30,9 +29,11 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TextIO
 
+from .netns import unique_prefix
 from .peers import PptpClient, start_pptp_client, start_pptpd
+from .procs import LabError, which
 from .pump import FramePump
-from .topology import REQUIRED_COMMANDS, Lab, LabError, which
+from .topology import REQUIRED_COMMANDS, Lab
 
 DEFAULT_CLIENTS = 3
 DEFAULT_DURATION = 20.0
@@ -81,7 +82,7 @@ _ONLY_WHEN_NOT_ZERO = ("natedit_calls{", "natedit_packets_dropped_total",
 def missing_packages(have: Callable[[str], str | None] | None = None) -> list[str]:
     """The Debian packages to install for the lab, in a stable order (empty: none).
 
-    ``have`` finds a command (default: :func:`natedit.lab.topology.which`).
+    ``have`` finds a command (default: :func:`natedit.lab.procs.which`).
     """
     find = have or which
     commands = (*REQUIRED_COMMANDS, "iptables-save", "iptables-restore")
@@ -187,7 +188,7 @@ def main(clients: int = DEFAULT_CLIENTS, duration: float = DEFAULT_DURATION,
 def _run(n_clients: int, duration: float, call_id: int, interval: float, out: TextIO,
          signals: _Signals) -> int:
     progress = _Progress(out, total=5)
-    lab = Lab(n_clients, prefix=f"nelab{os.getpid() % 100000:05d}{secrets.token_hex(2)}")
+    lab = Lab(n_clients, prefix=unique_prefix("nelab"))
     progress.say(f"natedit lab: {n_clients} pptp-linux clients forced onto Call ID "
                  f"{call_id:#06x}, one pptpd, natedit between them (namespaces {lab.prefix}-*)")
     with progress.step(f"network namespaces: gateway, server, {n_clients} clients"):

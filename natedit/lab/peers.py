@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .topology import PPTP_PORT, SERVER_ADDR, Lab, LabError, PrivateMounts, which
+from .gateway import PPTP_PORT
+from .mounts import PrivateMounts
+from .procs import LabError, which
+from .topology import SERVER_ADDR, Lab
 
 STANDIN_MARKER = b"NEH-STANDIN"
 
