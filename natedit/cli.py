@@ -198,7 +198,7 @@ def _clients(text: str) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from . import replay
 
-    return replay.main(args.input, args.output, args.policy)
+    return replay.main(args.input, args.output, args.policy, args.public_address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("input", metavar="IN.pcap")
     replay.add_argument("output", metavar="OUT.pcap")
     replay.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")
+    replay.add_argument(
+        "--public-address", type=IPv4Address, metavar="A",
+        help="the address the clients share (default: the policy's, else the destination "
+             "of the capture's first GRE from outside)",
+    )  # fmt: skip
     replay.set_defaults(func=_cmd_replay)
     return parser
 

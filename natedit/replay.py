@@ -104,7 +104,8 @@ def replay(in_path: str, out_path: str, policy: Policy, out: TextIO = sys.stdout
         guessed = guess_public_address(in_path, policy)
         if guessed is None:
             raise NateditError(
-                f"{in_path}: cannot tell the public address; set public_address in the policy")
+                f"{in_path}: cannot tell the public address (no GRE from outside to "
+                "outside); give it: --public-address A, or public_address in the policy")
         policy = policy.with_public_address(guessed)
     translator = Translator(policy)
     summary = ReplaySummary()
@@ -151,5 +152,10 @@ def replay(in_path: str, out_path: str, policy: Policy, out: TextIO = sys.stdout
     return 0
 
 
-def main(in_path: str, out_path: str, policy_path: str | None) -> int:
-    return replay(in_path, out_path, load_policy(policy_path))
+def main(in_path: str, out_path: str, policy_path: str | None,
+         public_address: ipaddress.IPv4Address | None = None) -> int:
+    """``natedit replay``: ``public_address`` (``--public-address``) overrides the policy's."""
+    policy = load_policy(policy_path)
+    if public_address is not None:
+        policy = policy.with_public_address(public_address)
+    return replay(in_path, out_path, policy)

@@ -52,8 +52,9 @@ EXERCISED: dict[str, tuple[str, ...]] = {
     "natedit rules [--flavour iptables|nft] [--policy FILE]": (
         "tests/test_readme.py::test_rules_as_written",
         "tests/test_deploy_files.py::test_rules_files_are_what_natedit_rules_prints"),
-    "natedit replay IN.pcap OUT.pcap [--policy FILE]": (
+    "natedit replay IN.pcap OUT.pcap [--policy FILE] [--public-address A]": (
         "tests/test_replay.py::test_replay_three_clients_same_call_id",
+        "tests/test_replay.py::test_replay_public_address_flag",
         "tests/test_readme.py::test_replay_as_written"),
     "natedit calls [--metrics HOST:PORT]": (
         "tests/test_e2e_metrics.py::test_prometheus_scrapes_worker_with_real_calls",

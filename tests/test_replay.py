@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import subprocess
+import sys
 from pathlib import Path
 
 from scapy.layers.pptp import PPTP, PPTPOutgoingCallRequest
@@ -146,3 +147,32 @@ def test_replay_guesses_public_address(tmp_path: Path) -> None:
     assert replay(str(src), str(dst), Policy(allocation=Allocation.SEQUENTIAL,
                                               call_id_first=FIRST_PUBLIC), out) == 0
     assert "calls mapped 3" in out.getvalue()
+
+
+def test_replay_public_address_flag(tmp_path: Path) -> None:
+    """A capture without inbound GRE cannot tell the public address: the flag gives it."""
+    src, dst = tmp_path / "in.pcap", tmp_path / "out.pcap"
+    packets = [p for p in conversation() if not p.startswith(b"\x45") or p[12:16] !=
+               ipaddress.IPv4Address(SERVER).packed or p[9] != 47]
+    assert len(packets) == len(conversation()) - len(CLIENTS)  # no GRE from the server
+    write_pcap(src, packets)
+    policy = tmp_path / "policy.yaml"  # the crafted replies name public Call IDs 1000, ...
+    policy.write_text(f"call_ids: {{first: {FIRST_PUBLIC}, allocation: sequential}}\n")
+    without = natedit("replay", str(src), str(dst), "--policy", str(policy))
+    assert without.returncode == 1
+    assert "cannot tell the public address" in without.stderr
+    assert "--public-address A" in without.stderr
+    done = natedit("replay", str(src), str(dst), "--policy", str(policy),
+                   "--public-address", PUBLIC)
+    assert done.returncode == 0, done.stderr
+    assert "calls mapped 3" in done.stdout
+    outbound = [r for r in tshark_rows(dst) if r["gre.key.call_id"]]
+    assert len(outbound) == len(CLIENTS)
+    assert {r["ip.src"] for r in outbound} == {PUBLIC}
+    bad = natedit("replay", str(src), str(dst), "--public-address", "not-an-address")
+    assert bad.returncode == 2
+
+
+def natedit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "natedit", *args], capture_output=True,
+                          text=True, timeout=120)
