@@ -52,12 +52,14 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from natedit._wire import MessageType, build_control_message, build_gre
+from natedit.lab import netns
+from natedit.lab.procs import Processes
 
 REPO = Path(__file__).resolve().parent.parent
 INSIDE, GW_INSIDE, PUBLIC, SERVER = "10.0.0.11", "10.0.0.1", "198.51.100.1", "198.51.100.2"
@@ -104,52 +106,49 @@ def run(argv: Sequence[str], *, check: bool = True, input: str | None = None) ->
 # -- the topology ------------------------------------------------------------------------------
 
 
+NET = netns.Topology(
+    nodes=("in", "gw", "out"),
+    links=(netns.Veth(netns.Port("gw", "in0", f"{GW_INSIDE}/24"),
+                      netns.Port("in", "eth0", f"{INSIDE}/24")),
+           netns.Veth(netns.Port("gw", "out0", f"{PUBLIC}/24"),
+                      netns.Port("out", "eth0", f"{SERVER}/24"))),
+    routes=(netns.Route("in", "default", GW_INSIDE), netns.Route("out", "10.0.0.0/24", PUBLIC),
+            netns.Route("gw", "default", SERVER)),
+    forwarding=("gw",),
+)
+"""Three namespaces, two veth pairs (natedit.lab.netns builds and removes them)."""
+
+
 @dataclass
-class Topology:
-    """Three namespaces, two veth pairs; processes started here are stopped by PID."""
+class Topology(netns.Scoped):
+    """The bench's namespaces; processes started here are stopped by PID."""
 
     prefix: str
     tmp: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    made: list[str] = field(default_factory=list)
+    net: netns.Netns = field(init=False)
+    procs: Processes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.net = netns.Netns(NET, self.prefix)
+        self.procs = Processes(self.tmp)
 
     @property
     def ns_in(self) -> str:
-        return f"{self.prefix}-in"
+        return self.net.name("in")
 
     @property
     def ns_gw(self) -> str:
-        return f"{self.prefix}-gw"
+        return self.net.name("gw")
 
     @property
     def ns_out(self) -> str:
-        return f"{self.prefix}-out"
+        return self.net.name("out")
 
     def ns(self, ns: str, *argv: str, check: bool = True, input: str | None = None) -> str:
-        return run(["ip", "netns", "exec", ns, *argv], check=check, input=input)
+        return self.net.exec(ns, argv, check=check, input=input, timeout=30).stdout
 
     def build(self) -> None:
-        for ns in (self.ns_in, self.ns_gw, self.ns_out):
-            run(["ip", "netns", "add", ns])
-            self.made.append(ns)
-            run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        gw = ["ip", "-n", self.ns_gw]
-        run([*gw, "link", "add", "in0", "type", "veth", "peer", "name", "eth0", "netns",
-             self.ns_in])
-        run([*gw, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns",
-             self.ns_out])
-        run([*gw, "addr", "add", f"{GW_INSIDE}/24", "dev", "in0"])
-        run([*gw, "addr", "add", f"{PUBLIC}/24", "dev", "out0"])
-        run(["ip", "-n", self.ns_in, "addr", "add", f"{INSIDE}/24", "dev", "eth0"])
-        run(["ip", "-n", self.ns_out, "addr", "add", f"{SERVER}/24", "dev", "eth0"])
-        for ns, dev in ((self.ns_gw, "in0"), (self.ns_gw, "out0"), (self.ns_in, "eth0"),
-                        (self.ns_out, "eth0")):
-            run(["ip", "-n", ns, "link", "set", dev, "up"])
-            self.ns(ns, "ethtool", "-K", dev, "tx", "off", check=False)
-        run(["ip", "-n", self.ns_in, "route", "add", "default", "via", GW_INSIDE])
-        run(["ip", "-n", self.ns_out, "route", "add", "10.0.0.0/24", "via", PUBLIC])
-        run([*gw, "route", "add", "default", "via", SERVER])
-        self.ns(self.ns_gw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.net.build()
         for ns in (self.ns_in, self.ns_out):
             self.ns(ns, "nft", "-f", "-", input=RECEIVER_TABLE)
         # neighbours resolved once, so the first frames are not lost to ARP
@@ -161,46 +160,17 @@ class Topology:
 
     def popen(self, ns: str, argv: Sequence[str], *, cpu: str | None = None,
               stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in ``ns``; stopped through its own process group (trafgen's
+        worker is a child of the process we started), SIGKILL after 5 s."""
         pin = ["taskset", "-c", cpu] if cpu is not None else []
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *pin, *argv], stdout=stdout,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=str(REPO))
-        self.procs.append(proc)
-        return proc
+        return self.procs.popen(self.net.argv(ns, [*pin, *argv]), stdout=stdout,
+                                stderr=subprocess.PIPE, cwd=str(REPO), grace=5.0, group=True)
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        """Signal the process group ``popen`` made for ``proc`` (trafgen's worker is a
-        child of the process we started); SIGKILL after 5 s."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        self.procs.stop(proc, sig)
 
     def teardown(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
-        self.procs.clear()
-        for ns in reversed(self.made):
-            run(["ip", "netns", "del", ns], check=False)
-        self.made.clear()
-
-
-@contextlib.contextmanager
-def topology(prefix: str, tmp: Path) -> Iterator[Topology]:
-    topo = Topology(prefix, tmp)
-    try:
-        topo.build()
-        yield topo
-    finally:
-        topo.teardown()
+        netns.raise_errors(self.procs.stop_all() + self.net.remove())
 
 
 RECEIVER_TABLE = """table netdev bench {
@@ -506,7 +476,7 @@ def peer_probe_tx(src: str, dst: str, call_id: int, count: int) -> None:
 
 def measure_path(path: str, prefix: str, tmp: Path, seconds: float,
                  probes: int) -> dict[str, Any]:
-    with topology(prefix, tmp) as topo:
+    with Topology(prefix, tmp) as topo:
         public_call_id = setup_path(topo, path)
         fl = flows(path, public_call_id)
         figures: dict[str, Any] = {}

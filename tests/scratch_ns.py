@@ -1,13 +1,14 @@
 """Throw-away network namespaces for the rules and worker tests.
 
-Each namespace gets a unique per-run name (``ned-<pid>-<n>-<role>``), is
-torn down at the end of its test, and nothing runs in the host's own
-namespace. Lighter than ``natedit.lab``: no PPTP peers needed.
+Built by :mod:`natedit.lab.netns`, the one namespace builder: each
+namespace is named ``ned<pid><hex>-<role>`` (a unique per-run prefix), is
+torn down at the end of its test with every process still living in it,
+and nothing runs in the host's own namespace. Lighter than
+``natedit.lab``'s Lab: no PPTP peers, no private mounts.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -16,26 +17,26 @@ from contextlib import contextmanager
 import pytest
 
 from natedit import host
+from natedit.lab.netns import Netns, Topology, unique_prefix
 from tests.conftest import require, require_tool
-
-_serial = itertools.count()
 
 
 def require_scratch_ns() -> None:
     """Root and the tools these tests drive (see ``tests.conftest.require``)."""
     require(os.geteuid() == 0, "needs root for network namespaces and iptables")
-    for tool in ("ip", "iptables", "iptables-save", "iptables-restore", "nft"):
+    for tool in ("ip", "iptables", "iptables-save", "iptables-restore", "nft", "ethtool"):
         require_tool(tool)
 
 
 class Namespace:
-    def __init__(self, role: str) -> None:
-        self.name = f"ned-{os.getpid()}-{next(_serial)}-{role}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.sh("ip link set lo up")
+    """One node of a scratch topology, with the commands the tests run in it."""
+
+    def __init__(self, net: Netns, role: str) -> None:
+        self.net = net
+        self.name = net.name(role)
 
     def argv(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
+        return self.net.argv(self.name, argv)
 
     def run(self, argv: Sequence[str], *, check: bool = True, stdin: str | None = None) -> str:
         done = subprocess.run(
@@ -53,20 +54,16 @@ class Namespace:
         text = self.run(["iptables-save"])
         return "".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith("#"))
 
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
-
 
 @contextmanager
-def scratch_namespaces(*roles: str) -> Iterator[list[Namespace]]:
-    made: list[Namespace] = []
-    try:
-        for role in roles:
-            made.append(Namespace(role))
-        yield made
-    finally:
-        for ns in made:
-            ns.delete()
+def scratch_namespaces(
+    *roles: str, topology: Topology | None = None
+) -> Iterator[list[Namespace]]:
+    """One namespace per role, or per node of ``topology`` (built with its links,
+    addresses and routes)."""
+    wanted = Topology(nodes=roles) + (topology or Topology(nodes=()))
+    with Netns(wanted, unique_prefix("ned")) as net:
+        yield [Namespace(net, role) for role in roles or wanted.nodes]
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from natedit._wire import build_gre
+from natedit.lab.netns import Port, Route, Topology, Veth
 from tests.scratch_ns import Namespace, require_scratch_ns, scratch_namespaces
 
 pytestmark = pytest.mark.netns
@@ -69,6 +70,15 @@ import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], 0))
 """
+
+
+ROUTER = Topology(
+    nodes=("client", "gw", "server"),
+    links=(Veth(Port("gw", "in0", "10.0.0.1/24"), Port("client", "eth0", "10.0.0.2/24")),
+           Veth(Port("gw", "out0", "198.51.100.1/24"), Port("server", "eth0", "198.51.100.2/24"))),
+    routes=(Route("client", "default", "10.0.0.1"),),
+    forwarding=("gw",),
+)
 
 
 @dataclass
@@ -134,20 +144,8 @@ def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int = signa
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     require_scratch_ns()
-    with scratch_namespaces("client", "gw", "server") as (client, gw, server):
-        gw.sh(
-            f"ip link add in0 type veth peer name eth0 netns {client.name}"
-            f" && ip link add out0 type veth peer name eth0 netns {server.name}"
-            " && ip addr add 10.0.0.1/24 dev in0 && ip link set in0 up"
-            " && ip addr add 198.51.100.1/24 dev out0 && ip link set out0 up"
-            " && sysctl -qw net.ipv4.ip_forward=1"
-            " && iptables -t nat -A POSTROUTING -s 10.0.0.0/24 -o out0 -j MASQUERADE"
-        )
-        client.sh(
-            "ip addr add 10.0.0.2/24 dev eth0 && ip link set eth0 up"
-            " && ip route add default via 10.0.0.1"
-        )
-        server.sh("ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up")
+    with scratch_namespaces(topology=ROUTER) as (client, gw, server):
+        gw.sh("iptables -t nat -A POSTROUTING -s 10.0.0.0/24 -o out0 -j MASQUERADE")
         tcp_server = subprocess.Popen(
             server.argv([PYTHON, "-c", TCP_SERVER]), stdout=subprocess.PIPE, text=True
         )
