@@ -17,8 +17,15 @@ from contextlib import contextmanager
 import pytest
 
 from natedit import host
-from natedit.lab.netns import Netns, Topology, unique_prefix
+from natedit.lab.netns import Netns, Port, Route, Topology, Veth, unique_prefix
 from tests.conftest import require, require_tool
+
+LONE_GATEWAY = Topology(
+    nodes=("gw",),
+    links=(Veth(Port("gw", "out0", "198.51.100.1/24"), Port("gw", "out1")),),
+    routes=(Route("gw", "default", "198.51.100.2"),),
+)
+"""A gateway namespace with a public address and a default route (nobody behind it)."""
 
 
 def require_scratch_ns() -> None:

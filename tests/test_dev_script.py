@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require
-from tests.scratch_ns import Namespace, require_scratch_ns, scratch_namespaces
+from tests.scratch_ns import LONE_GATEWAY, Namespace, require_scratch_ns, scratch_namespaces
 
 REPO = Path(__file__).resolve().parent.parent
 DEV = REPO / "scripts" / "dev"
@@ -61,10 +61,7 @@ def test_bench_prints_progress_per_figure() -> None:
 @pytest.fixture
 def gateway() -> Iterator[Namespace]:
     require_scratch_ns()
-    with scratch_namespaces("dev") as (gw,):
-        gw.sh("ip link add out0 type veth peer name out1 && ip link set out1 up"
-              " && ip addr add 198.51.100.1/24 dev out0 && ip link set out0 up"
-              " && ip route add default via 198.51.100.2")
+    with scratch_namespaces(topology=LONE_GATEWAY) as (gw,):
         yield gw
 
 

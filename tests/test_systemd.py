@@ -38,7 +38,7 @@ import pytest
 
 from natedit import host, reload, state
 from tests.conftest import require_tool
-from tests.scratch_ns import Namespace, require_scratch_ns, scratch_namespaces
+from tests.scratch_ns import LONE_GATEWAY, Namespace, require_scratch_ns, scratch_namespaces
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "systemd" / "natedit.service"
@@ -125,10 +125,7 @@ def gateway() -> Iterator[Namespace]:
     finds its public address there."""
     require_scratch_ns()
     require_tool("setpriv")
-    with scratch_namespaces("gw") as (gw,):
-        gw.sh("ip link add out0 type veth peer name out1 && ip link set out1 up"
-              " && ip addr add 198.51.100.1/24 dev out0 && ip link set out0 up"
-              " && ip route add default via 198.51.100.2")
+    with scratch_namespaces(topology=LONE_GATEWAY) as (gw,):
         yield gw
 
 
