@@ -279,7 +279,7 @@ class Fuzzer:
             i += 3 + length
             now[0] += (0.0, 0.5, 61.0, 301.0)[flags & 0x03]
             dispatcher.run_timers()
-            dispatcher.packet(_Packet(packet), IN if flags & 0x80 else OUT)
+            dispatcher.packets.packet(_Packet(packet), IN if flags & 0x80 else OUT)
         assert not dispatcher.counts, dispatcher.counts  # no packet_error, no timer_error
         for (_action, reason), n in tr.stats.verdicts.items():
             self.reasons[reason] += n

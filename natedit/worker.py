@@ -34,12 +34,10 @@ timers and GRE metrics see that traffic too. A reload may switch datapaths.
 
 Failure is closed everywhere: rules carry no queue bypass, so while no
 worker is bound (not started yet, crashed, stopped without removing its
-rules) or a queue is full (:data:`QUEUE_MAXLEN`) PPTP packets are dropped.
-An exception while handling one packet drops that packet, is counted and
-logged (at most once per :data:`ERROR_LOG_INTERVAL` per kind), and the
-worker goes on. Packets longer than NetfilterQueue's copy limit (4016
-bytes, far above any PPTP packet at a normal MTU) arrive truncated; the
-translator sees an IP total length beyond the bytes and drops them.
+rules) or a queue is full PPTP packets are dropped. The per-packet path is
+:mod:`natedit.nfqueue`: an exception while handling one packet drops that
+packet, is counted and logged (at most once per :data:`ERROR_LOG_INTERVAL`
+per kind), and the worker goes on.
 """
 
 from __future__ import annotations
@@ -55,7 +53,6 @@ import signal
 import socket
 import sys
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from ipaddress import IPv4Address
@@ -63,9 +60,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from . import fastpath, host, metrics, reload, rules, state
+from . import fastpath, host, metrics, nfqueue, reload, rules, state
 from ._errors import NateditError
-from ._events import Action, CallInfo, Event, ProtocolViolation, Verdict
+from ._events import CallInfo, Event, ProtocolViolation
 from ._policy import Datapath, Policy
 from ._translator import Translator
 from ._wire import Direction
@@ -73,33 +70,17 @@ from .status import PolicyStatus
 
 log = logging.getLogger("natedit")
 
-QUEUE_MAXLEN = 4096
-"""Packets the kernel holds per queue while the worker is busy; beyond, it drops them."""
-COPY_RANGE = 0xFFFF
-"""Bytes of each packet to copy to user space (NetfilterQueue 1.1 caps it at 4016)."""
-SOCKET_BUFFER = QUEUE_MAXLEN * 4800 // 2
-"""Netlink receive buffer for a full queue of copies (the kernel doubles it)."""
 ERROR_LOG_INTERVAL = 1.0
 """Seconds between two log lines of one kind of per-packet trouble."""
 TIMER_ERROR_BACKOFF = 1.0
+"""Seconds before retrying timers after handle_timer raised (no busy loop)."""
 RESTART_SIGNAL = signal.SIGUSR2
 """Stop, leaving the rules in place for the next worker (a restart that keeps calls)."""
-"""Seconds before retrying timers after handle_timer raised (no busy loop)."""
 
 
-class Packet(Protocol):
-    """What the worker uses of a ``netfilterqueue.Packet``."""
-
-    def get_payload(self) -> bytes: ...
-    def set_payload(self, payload: bytes) -> None: ...
-    def accept(self) -> None: ...
-    def drop(self) -> None: ...
-
-
-class PacketTranslator(Protocol):
+class PacketTranslator(nfqueue.Decider, Protocol):
     """What the worker uses of :class:`natedit._translator.Translator`."""
 
-    def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict: ...
     def next_deadline(self) -> float | None: ...
     def handle_timer(self, now: float) -> list[Event]: ...
 
@@ -111,15 +92,16 @@ class Reconfigurable(Protocol):
     def set_policy(self, policy: Policy) -> None: ...
 
 
-# -- per packet -------------------------------------------------------------------
+# -- around the translator ---------------------------------------------------------
 
 
 class Dispatcher:
-    """Applies the translator's verdicts to queued packets; runs its timers.
+    """The translator's surroundings: its per-packet path, timers, events, persistence.
 
-    No sockets: the queues call :meth:`packet`, the loop calls
-    :meth:`run_timers`. ``counts`` holds the worker's own trouble
-    (``packet_error``, ``timer_error``); the translator counts the rest.
+    No sockets: the queues call the callbacks of :attr:`packets`, the loop calls
+    :meth:`run_timers` and :meth:`flush`. ``counts`` holds the worker's own trouble
+    (``packet_error``, ``timer_error``, ``fastpath_error``); the translator counts
+    the rest.
     """
 
     def __init__(
@@ -134,55 +116,11 @@ class Dispatcher:
         self.fastpath: fastpath.KernelDatapath | None = None
         """The kernel fast path (``datapath: kernel``): call events update it, its
         counters are read before timers; None: every GRE packet comes through the queue."""
-        self._gre_fast = (getattr(translator, "gre_out_fast", _not_fast),
-                          getattr(translator, "gre_in_fast", _not_fast))
-        """By Direction: the translator's shortcut for the GRE of live calls (bytes, or
-        None for anything else), tried before ``handle_packet``."""
-
-    def callback(self, direction: Direction) -> Callable[[Packet], None]:
-        """The queue's callback for ``direction``: the GRE of live calls through the
-        translator's shortcut, in as few Python steps as possible (this is the per-packet
-        path of the user-space datapath), everything else through :meth:`packet`."""
-        fast, slow, clock = self._gre_fast[direction], self.packet, self.clock
-
-        def on_packet(packet: Packet) -> None:
-            try:
-                data, now = packet.get_payload(), clock()
-                out = fast(data, now)
-                if out is not None:
-                    packet.set_payload(out)
-                    packet.accept()
-                    return
-            except Exception:
-                slow(packet, direction)  # decided again, and counted, by the full path
-                return
-            slow(packet, direction, data, now)  # the bytes and the time already read
-
-        return on_packet
-
-    def packet(self, packet: Packet, direction: Direction, data: bytes | None = None,
-               now: float | None = None) -> None:
-        """Decide one queued packet (its bytes and the time, if the caller has read them
-        already). Never raises: NetfilterQueue's callback must not."""
-        try:
-            if data is None:
-                data = packet.get_payload()
-            if now is None:
-                now = self.clock()
-            verdict = self.translator.handle_packet(data, direction, now)
-            if verdict.action is Action.ACCEPT:
-                if verdict.data is not None:
-                    packet.set_payload(verdict.data)
-                packet.accept()
-            else:
-                packet.drop()
-            if verdict.events:
-                self.log_events(verdict.events)
-        except Exception:
-            self.counts["packet_error"] += 1
-            with contextlib.suppress(Exception):  # the verdict may already be given
-                packet.drop()
-            self._log_trouble("packet_error", f"{direction.name.lower()} packet dropped")
+        self.packets = nfqueue.PacketPath(
+            translator, clock, self.counts,  # late-bound: a test may replace either
+            lambda events: self.log_events(events),
+            lambda kind, what: self._log_trouble(kind, what))
+        """The per-packet path (:mod:`natedit.nfqueue`): the queues' callbacks."""
 
     def run_timers(self) -> float | None:
         """Call ``handle_timer`` when due; the next deadline (None: no timer).
@@ -245,11 +183,6 @@ class Dispatcher:
         suppressed = self._throttle.allow(kind)
         if suppressed is not None:
             log.exception("%s: %s%s", kind, what, _suppressed(suppressed))
-
-
-def _not_fast(data: bytes, now: float) -> None:
-    """A translator without a GRE shortcut: every packet goes to handle_packet."""
-    return None
 
 
 def _earliest(deadline: float | None, fast: fastpath.KernelDatapath | None) -> float | None:
@@ -372,12 +305,13 @@ def run(
 
     reloader = reload.Reloader(policy_path, configured, apply, status)
     collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
-                                         queue_maxlen=QUEUE_MAXLEN)
+                                         queue_maxlen=nfqueue.QUEUE_MAXLEN)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     with (
         state.journal(translator, state_path, dispatcher.counts) as journal,
         _signals() as wakeup,
-        _bound(queues, dispatcher) as bound,
+        nfqueue.bound({number: dispatcher.packets.callback(direction)
+                       for number, direction in queues.items()}) as bound,
         metrics.serving(policy.metrics_listen, collector),  # /metrics and /calls
     ):
         dispatcher.journal = journal
@@ -434,35 +368,6 @@ def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
                     key.data.run(block=False)
             dispatcher.flush()
         log.info("%s received, stopping", wakeup.stop)
-
-
-@contextlib.contextmanager
-def _bound(queues: dict[int, Direction], dispatcher: Dispatcher) -> Iterator[list[Any]]:
-    """Both queues bound to ``dispatcher``; unbound on exit."""
-    from netfilterqueue import COPY_PACKET, NetfilterQueue
-
-    bound: list[Any] = []
-    try:
-        for number, direction in queues.items():
-            queue = NetfilterQueue()
-            bound.append(queue)
-
-            callback = dispatcher.callback(direction)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    queue.bind(number, callback, QUEUE_MAXLEN, COPY_PACKET, COPY_RANGE,
-                               SOCKET_BUFFER)  # fmt: skip
-                except OSError as exc:
-                    raise host.HostError(
-                        f"cannot bind NFQUEUE {number} ({exc}): is another natedit running?"
-                    ) from exc
-            for warning in caught:
-                log.warning("queue %d: %s", number, warning.message)
-        yield bound
-    finally:
-        for queue in bound:
-            queue.unbind()
 
 
 class _Wakeup:

@@ -544,11 +544,11 @@ def test_dispatcher_persists_through_the_journal(tmp_path: Path) -> None:
         conv.open()
         conv.send(OUT, msg(MT.OUTGOING_CALL_REQUEST, call_id=0x1234))
         for packet, direction in packets:
-            d.packet(FakePacket(packet), direction)
+            d.packets.packet(FakePacket(packet), direction)
         d.flush()
         public = tr.calls()[0].public_call_id
         reply = conv.segment(IN, msg(MT.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public))
-        d.packet(FakePacket(reply), IN)
+        d.packets.packet(FakePacket(reply), IN)
         d.flush()
         before = tr.snapshot()
     # "kill -9": nothing more is written; a new worker opens the same file

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from natedit._events import (
 )
 from natedit._wire import Direction
 from natedit.worker import TIMER_ERROR_BACKOFF, Dispatcher, Throttle, format_event
+from tests.harness.queued import FakePacket
 
 CALL = CallInfo(
     client_address=IPv4Address("10.0.0.2"),
@@ -33,32 +33,6 @@ CALL = CallInfo(
     public_call_id=51234,
     state="requested",
 )
-
-
-@dataclass
-class FakePacket:
-    payload: bytes
-    calls: list[str] = field(default_factory=list)
-    given: bytes | None = None
-
-    def get_payload(self) -> bytes:
-        self.calls.append("get_payload")
-        return self.payload
-
-    def set_payload(self, payload: bytes) -> None:
-        self.calls.append("set_payload")
-        self.given = payload
-
-    def accept(self) -> None:
-        self._verdict("accept")
-
-    def drop(self) -> None:
-        self._verdict("drop")
-
-    def _verdict(self, name: str) -> None:
-        if any(c in ("accept", "drop") for c in self.calls):
-            raise RuntimeError("Verdict already given for this packet")
-        self.calls.append(name)
 
 
 class StandIn:
@@ -114,7 +88,7 @@ def dispatcher(standin: StandIn, clock: Clock) -> Dispatcher:
 
 def test_accept_unchanged(dispatcher: Dispatcher, standin: StandIn) -> None:
     packet = FakePacket(b"same")
-    dispatcher.packet(packet, Direction.INBOUND)
+    dispatcher.packets.packet(packet, Direction.INBOUND)
     assert packet.calls == ["get_payload", "accept"]
     assert standin.seen == [(b"same", Direction.INBOUND, 100.0)]
 
@@ -122,7 +96,7 @@ def test_accept_unchanged(dispatcher: Dispatcher, standin: StandIn) -> None:
 def test_accept_with_new_bytes(dispatcher: Dispatcher, standin: StandIn) -> None:
     standin.verdicts[b"old"] = Verdict(Action.ACCEPT, b"new")
     packet = FakePacket(b"old")
-    dispatcher.packet(packet, Direction.OUTBOUND)
+    dispatcher.packets.packet(packet, Direction.OUTBOUND)
     assert packet.calls == ["get_payload", "set_payload", "accept"]
     assert packet.given == b"new"
 
@@ -130,7 +104,7 @@ def test_accept_with_new_bytes(dispatcher: Dispatcher, standin: StandIn) -> None
 def test_drop(dispatcher: Dispatcher, standin: StandIn) -> None:
     standin.verdicts[b"bad"] = Verdict(Action.DROP, reason="no_call")
     packet = FakePacket(b"bad")
-    dispatcher.packet(packet, Direction.INBOUND)
+    dispatcher.packets.packet(packet, Direction.INBOUND)
     assert packet.calls == ["get_payload", "drop"]
 
 
@@ -140,10 +114,10 @@ def test_an_exception_drops_that_packet_only(
     standin.verdicts[b"boom"] = ValueError("bug")
     for _ in range(3):
         packet = FakePacket(b"boom")
-        dispatcher.packet(packet, Direction.OUTBOUND)
+        dispatcher.packets.packet(packet, Direction.OUTBOUND)
         assert packet.calls == ["get_payload", "drop"]
     good = FakePacket(b"fine")
-    dispatcher.packet(good, Direction.OUTBOUND)
+    dispatcher.packets.packet(good, Direction.OUTBOUND)
     assert good.calls == ["get_payload", "accept"]
     assert dispatcher.counts["packet_error"] == 3
     # One log line (with the traceback) per interval, then a count of what was held back.
@@ -151,7 +125,7 @@ def test_an_exception_drops_that_packet_only(
     assert [r.getMessage() for r in errors] == ["packet_error: outbound packet dropped"]
     assert errors[0].exc_info is not None
     clock.now += 5
-    dispatcher.packet(FakePacket(b"boom"), Direction.OUTBOUND)
+    dispatcher.packets.packet(FakePacket(b"boom"), Direction.OUTBOUND)
     assert caplog.records[-1].getMessage() == (
         "packet_error: outbound packet dropped (2 more suppressed)"
     )
@@ -167,7 +141,7 @@ def test_an_exception_after_the_verdict_does_not_give_a_second_one(
 
     monkeypatch.setattr(dispatcher, "log_events", broken)
     packet = FakePacket(b"x")
-    dispatcher.packet(packet, Direction.OUTBOUND)
+    dispatcher.packets.packet(packet, Direction.OUTBOUND)
     assert packet.calls == ["get_payload", "accept"]
     assert dispatcher.counts["packet_error"] == 1
 
@@ -179,7 +153,7 @@ def test_events_are_logged_one_line_each(
     standin.verdicts[b"x"] = Verdict(
         Action.ACCEPT, b"y", events=(CallMapped(CALL), CallReleased(CALL, "clear"))
     )
-    dispatcher.packet(FakePacket(b"x"), Direction.OUTBOUND)
+    dispatcher.packets.packet(FakePacket(b"x"), Direction.OUTBOUND)
     assert [r.getMessage() for r in caplog.records] == [
         format_event(CallMapped(CALL)),
         format_event(CallReleased(CALL, "clear")),
@@ -192,7 +166,7 @@ def test_protocol_violations_are_throttled_per_reason(
     v = Verdict(Action.DROP, reason="bad_cookie", events=(ProtocolViolation("bad_cookie", "x"),))
     standin.verdicts[b"v"] = v
     for _ in range(5):
-        dispatcher.packet(FakePacket(b"v"), Direction.INBOUND)
+        dispatcher.packets.packet(FakePacket(b"v"), Direction.INBOUND)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 

@@ -1,0 +1,177 @@
+"""The NFQUEUE adapter: queued packets in, the translator's verdicts out.
+
+Theory of operation
+-------------------
+This is the per-packet path of the user-space datapath. :func:`bound` binds
+one NetfilterQueue per queue number, each with the callback that
+:meth:`PacketPath.callback` made for its direction; the worker's loop
+(:mod:`natedit.worker`) reads the queue sockets when they are readable, and
+NetfilterQueue calls the callback once per packet, which must give every
+packet a verdict and must never raise.
+
+The callback first tries the translator's shortcut for the GRE of live
+calls (``gre_out_fast``/``gre_in_fast``: bytes, or None for anything else);
+the shortcut counts what it translates, so once it has returned bytes the
+packet is never decided again: should ``set_payload`` or ``accept`` then
+raise, the packet is dropped and counted as ``packet_error``. Anything the
+shortcut does not take (None, or an exception before it decided) goes
+through :meth:`PacketPath.packet`, the full path (``handle_packet``): its
+verdict is applied, its events go to the worker, and any exception drops
+the packet, is counted as ``packet_error`` and reported.
+
+Packets longer than NetfilterQueue's copy limit (4016 bytes, far above any
+PPTP packet at a normal MTU) arrive truncated; the translator sees an IP
+total length beyond the bytes and drops them. While no worker is bound, or a
+queue is full (:data:`QUEUE_MAXLEN`), the kernel drops (no queue bypass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
+
+from . import host
+from ._events import Action, Event, Verdict
+from ._wire import Direction
+
+log = logging.getLogger("natedit")
+
+QUEUE_MAXLEN = 4096
+"""Packets the kernel holds per queue while the worker is busy; beyond, it drops them."""
+COPY_RANGE = 0xFFFF
+"""Bytes of each packet to copy to user space (NetfilterQueue 1.1 caps it at 4016)."""
+SOCKET_BUFFER = QUEUE_MAXLEN * 4800 // 2
+"""Netlink receive buffer for a full queue of copies (the kernel doubles it)."""
+
+
+class Packet(Protocol):
+    """What the adapter uses of a ``netfilterqueue.Packet``."""
+
+    def get_payload(self) -> bytes: ...
+    def set_payload(self, payload: bytes) -> None: ...
+    def accept(self) -> None: ...
+    def drop(self) -> None: ...
+
+
+class Decider(Protocol):
+    """What the adapter uses of :class:`natedit._translator.Translator` (and, when it
+    has them, its ``gre_out_fast``/``gre_in_fast`` shortcuts)."""
+
+    def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict: ...
+
+
+Callback = Callable[[Packet], None]
+
+
+class PacketPath:
+    """Applies the translator's verdicts to queued packets.
+
+    ``counts`` gets ``packet_error``; ``on_events`` the events of each verdict;
+    ``on_trouble(kind, what)`` is called, inside the ``except``, for each packet
+    dropped on an exception (the worker logs it, throttled).
+    """
+
+    def __init__(self, translator: Decider, clock: Callable[[], float],
+                 counts: Counter[str], on_events: Callable[[Iterable[Event]], None],
+                 on_trouble: Callable[[str, str], None]) -> None:
+        self.translator = translator
+        self.clock = clock
+        self.counts = counts
+        self.on_events = on_events
+        self.on_trouble = on_trouble
+        self._gre_fast = (getattr(translator, "gre_out_fast", _not_fast),
+                          getattr(translator, "gre_in_fast", _not_fast))
+        """By Direction: the translator's shortcut for the GRE of live calls (bytes, or
+        None for anything else), tried before ``handle_packet``."""
+
+    def callback(self, direction: Direction) -> Callback:
+        """The queue's callback for ``direction``: the GRE of live calls through the
+        translator's shortcut, in as few Python steps as possible, everything else
+        through :meth:`packet`."""
+        fast, slow, clock = self._gre_fast[direction], self.packet, self.clock
+        failed = self._failed
+
+        def on_packet(packet: Packet) -> None:
+            try:
+                data, now = packet.get_payload(), clock()
+                out = fast(data, now)
+            except Exception:
+                slow(packet, direction)  # not decided yet: the full path decides, counts
+                return
+            if out is None:
+                slow(packet, direction, data, now)  # the bytes and the time already read
+                return
+            try:  # the shortcut counted this packet: it is never decided again
+                packet.set_payload(out)
+                packet.accept()
+            except Exception:
+                failed(packet, direction)
+
+        return on_packet
+
+    def packet(self, packet: Packet, direction: Direction, data: bytes | None = None,
+               now: float | None = None) -> None:
+        """Decide one queued packet (its bytes and the time, if the caller has read them
+        already). Never raises: NetfilterQueue's callback must not."""
+        try:
+            if data is None:
+                data = packet.get_payload()
+            if now is None:
+                now = self.clock()
+            verdict = self.translator.handle_packet(data, direction, now)
+            if verdict.action is Action.ACCEPT:
+                if verdict.data is not None:
+                    packet.set_payload(verdict.data)
+                packet.accept()
+            else:
+                packet.drop()
+            if verdict.events:
+                self.on_events(verdict.events)
+        except Exception:
+            self._failed(packet, direction)
+
+    def _failed(self, packet: Packet, direction: Direction) -> None:
+        """In an ``except``: drop the packet (if no verdict was given yet), count, report."""
+        self.counts["packet_error"] += 1
+        with contextlib.suppress(Exception):  # the verdict may already be given
+            packet.drop()
+        self.on_trouble("packet_error", f"{direction.name.lower()} packet dropped")
+
+
+def _not_fast(data: bytes, now: float) -> None:
+    """A translator without a GRE shortcut: every packet goes to handle_packet."""
+    return None
+
+
+@contextlib.contextmanager
+def bound(callbacks: Mapping[int, Callback]) -> Iterator[list[Any]]:
+    """A bound NetfilterQueue per queue number, with its callback; unbound on exit.
+
+    Raises :class:`natedit.host.HostError` when a queue cannot be bound.
+    """
+    from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+    queues: list[Any] = []
+    try:
+        for number, callback in callbacks.items():
+            queue = NetfilterQueue()
+            queues.append(queue)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    queue.bind(number, callback, QUEUE_MAXLEN, COPY_PACKET, COPY_RANGE,
+                               SOCKET_BUFFER)  # fmt: skip
+                except OSError as exc:
+                    raise host.HostError(
+                        f"cannot bind NFQUEUE {number} ({exc}): is another natedit running?"
+                    ) from exc
+            for warning in caught:
+                log.warning("queue %d: %s", number, warning.message)
+        yield queues
+    finally:
+        for queue in queues:
+            queue.unbind()
