@@ -11,6 +11,7 @@ import pytest
 
 from natedit.lab.netns import Address, Bridge, Netns, Port, Route, Topology, Veth, unique_prefix
 from natedit.lab.procs import LabError
+from natedit.lab.topology import Lab
 from tests.scratch_ns import require_scratch_ns
 
 # a client on a bridge, a router with two public addresses, a server with a route back
@@ -102,3 +103,30 @@ def test_a_failed_build_removes_what_it_made() -> None:
         pass
     assert not any(name.startswith(net.prefix) for name in namespaces().split())
     assert not Path(f"/run/netns/{net.prefix}-a").exists()
+
+
+@pytest.mark.netns
+def test_the_lab_takes_extra_nodes_and_addresses_and_removes_them() -> None:
+    require_scratch_ns()
+    inside_server = Topology(
+        nodes=("isrv",),
+        links=(Veth(Port("gw", "pisrv", bridge="br0"), Port("isrv", "eth0", "10.0.0.50/24")),),
+        addresses=(Address("gw", "out0", "198.51.100.3/24"),),
+        routes=(Route("isrv", "default", "10.0.0.1"),),
+    )
+    with Lab(1, extra=inside_server) as lab:
+        isrv = lab.node("isrv")
+        assert lab.namespaces == [lab.gw_ns, lab.server_ns, lab.clients[0].ns, isrv]
+        assert "198.51.100.3/24" in lab.exec(lab.gw_ns, ["ip", "-o", "addr", "show", "out0"]).stdout
+        assert lab.gateway_of("gw") is lab.gateway
+        lab.gateway_masquerade_only()
+        assert "-o out0 -j MASQUERADE" in lab.iptables("-t", "nat", "-S")
+        echo = lab.popen(isrv, [sys.executable, "-c", ECHO.replace("198.51.100.2", "10.0.0.50")],
+                         stdout=subprocess.PIPE)
+        assert echo.stdout is not None and echo.stdout.readline() == b"listening\n"
+        hello = [sys.executable, "-c", HELLO.replace("198.51.100.2", "10.0.0.50")]
+        assert lab.exec(lab.clients[0].ns, hello).stdout == "seen from 10.0.0.11"
+        tmpdir = lab.tmpdir
+    assert echo.returncode is not None
+    assert not any(name.startswith(lab.net.prefix) for name in namespaces().split())
+    assert not tmpdir.exists()

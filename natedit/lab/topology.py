@@ -122,7 +122,17 @@ def lab_topology(n_clients: int) -> Topology:
 class Lab(Scoped):
     """The namespace lab. Use as a context manager: ``with Lab(3) as lab: ...``.
 
-    ``extra`` adds to :func:`lab_topology` (more nodes, links, addresses, routes).
+    ``extra`` adds to :func:`lab_topology` (more nodes, links, addresses, routes);
+    ``lab.node(name)`` is a node's namespace, ``lab.gateway_of(name)`` the modes of
+    another gateway node. An inside server behind the gateway, say::
+
+        INSIDE_SERVER = Topology(
+            nodes=("isrv",),
+            links=(Veth(Port("gw", "pisrv", bridge="br0"), Port("isrv", "eth0", "10.0.0.50/24")),),
+            routes=(Route("isrv", "default", "10.0.0.1"),),
+        )
+        with Lab(2, extra=INSIDE_SERVER) as lab:
+            lab.exec(lab.node("isrv"), [...])
     """
 
     n_clients: int
@@ -138,6 +148,7 @@ class Lab(Scoped):
     syslog: SyslogSink = field(init=False)
     procs: Processes = field(init=False)
     mounts: Mounts = field(init=False)
+    _gateways: dict[str, Gateway] = field(init=False, default_factory=dict)
     _torn_down: bool = field(init=False, default=False)
     _serial: int = field(init=False, default=0)
 
@@ -147,13 +158,13 @@ class Lab(Scoped):
         if self.prefix is None:
             self.prefix = unique_prefix()
         self.net = Netns(lab_topology(self.n_clients) + self.extra, self.prefix)
-        self.gw_ns = self.net.name("gw")
-        self.server_ns = self.net.name("srv")
+        self.gw_ns = self.node("gw")
+        self.server_ns = self.node("srv")
         for i in range(self.n_clients):
             self.clients.append(
                 ClientNode(
                     index=i,
-                    ns=self.net.name(f"c{i + 1}"),
+                    ns=self.node(f"c{i + 1}"),
                     addr=f"10.0.0.{FIRST_CLIENT_HOST + i}",
                     ifname=NS_IF,
                     bridge_port=f"p{i + 1}",
@@ -171,7 +182,7 @@ class Lab(Scoped):
         self.tmpdir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
         os.chmod(self.tmpdir, 0o755)
         self.procs = Processes(self.tmpdir)
-        self.gateway = Gateway(self.gw_ns, GW_OUTSIDE_IF, self.net, self.procs)
+        self.gateway = self.gateway_of("gw")
         self.syslog = SyslogSink(self.tmpdir / "log")
         self.mounts = Mounts(self.tmpdir, self.procs, self.net, self.syslog)
         self.net.build()
@@ -219,6 +230,10 @@ class Lab(Scoped):
     @property
     def gw_public_addr(self) -> str:
         return PUBLIC_GW_ADDR
+
+    def node(self, name: str) -> str:
+        """The namespace of node ``name`` (``gw``, ``srv``, ``c1``.., or one of ``extra``)."""
+        return self.net.name(name)
 
     def pids_in(self, ns: str) -> set[int]:
         """Live PIDs in one of the lab's network namespaces."""
@@ -269,6 +284,12 @@ class Lab(Scoped):
         return self.mounts.private(ns, name, forced_call_id=forced_call_id)
 
     # the gateway's modes (see natedit.lab.gateway)
+
+    def gateway_of(self, node: str, outside_if: str = GW_OUTSIDE_IF) -> Gateway:
+        """The modes of a gateway node, made once (``lab.gateway`` is node ``gw``'s)."""
+        if node not in self._gateways:
+            self._gateways[node] = Gateway(self.node(node), outside_if, self.net, self.procs)
+        return self._gateways[node]
 
     @property
     def gateway_processes(self) -> list[subprocess.Popen[bytes]]:
