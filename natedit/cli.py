@@ -10,62 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
-from . import host, reload, rules, state
+from . import host, logs, reload, rules, state
 from ._errors import NateditError, PolicyError
-from ._policy import LOG_LEVELS, LogFormat, Policy, dump_policy, load_policy, read_policy
+from ._policy import LOG_LEVELS, Policy, dump_policy, load_policy, read_policy
 from .status import PolicyStatus
 
 RELOAD_WAIT = 10.0
 """Seconds ``natedit reload`` waits for the worker to report the outcome."""
-
-
-class _Formatter(logging.Formatter):
-    """``natedit: message``; ``natedit: warning: message`` from WARNING up."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if record.levelno >= logging.WARNING:
-            return f"natedit: {record.levelname.lower()}: {text}"
-        return f"natedit: {text}"
-
-
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line: ``{"time": ..., "level": "info", "message": ...}``.
-
-    A record logged with ``extra={"fields": {...}}`` (a call event, a policy
-    reload) carries those keys too: ``"event": "call_mapped", "client_address": ...``.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        entry: dict[str, Any] = {"time": f"{stamp}.{int(record.msecs):03d}Z",
-                                 "level": record.levelname.lower(),
-                                 "message": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update((k, v) for k, v in fields.items() if k not in entry)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def _setup_logging(level: str, fmt: LogFormat = LogFormat.TEXT) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt is LogFormat.JSON:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(_Formatter("%(message)s"))
-    logger = logging.getLogger("natedit")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -77,10 +34,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "it installs firewall rules and binds netfilter queues"
         )
     policy = load_policy(args.policy)
-    _setup_logging(args.log_level or policy.log_level, policy.log_format)
+    logs.setup(args.log_level or policy.log_level, policy.log_format)
 
     def on_reload(new: Policy) -> None:
-        _setup_logging(args.log_level or new.log_level, new.log_format)
+        logs.setup(args.log_level or new.log_level, new.log_format)
 
     status = PolicyStatus(source=args.policy, loaded_at=time.time())
     return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,

@@ -43,11 +43,9 @@ per kind), and the worker goes on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import re
 import selectors
 import signal
 import socket
@@ -55,17 +53,17 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from ipaddress import IPv4Address
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 from . import fastpath, host, metrics, nfqueue, reload, rules, state
 from ._errors import NateditError
-from ._events import CallInfo, Event, ProtocolViolation
+from ._events import Event, ProtocolViolation
 from ._policy import Datapath, Policy
 from ._translator import Translator
 from ._wire import Direction
+from .logs import Throttle, event_fields, format_event, held_back
 from .status import PolicyStatus
 
 log = logging.getLogger("natedit")
@@ -158,7 +156,7 @@ class Dispatcher:
         self.counts["fastpath_error"] += 1
         suppressed = self._throttle.allow("fastpath_error")
         if suppressed is not None:
-            log.error("fastpath_error: %s%s", what, _suppressed(suppressed))
+            log.error("fastpath_error: %s%s", what, held_back(suppressed))
 
     def log_events(self, events: Iterable[Event]) -> None:
         if self.journal is not None or self.fastpath is not None:
@@ -174,7 +172,7 @@ class Dispatcher:
                 if suppressed is not None:
                     if suppressed:
                         fields["fields"]["suppressed"] = suppressed
-                    log.warning("%s%s", format_event(event), _suppressed(suppressed),
+                    log.warning("%s%s", format_event(event), held_back(suppressed),
                                 extra=fields)
             else:
                 log.info("%s", format_event(event), extra=fields)
@@ -182,66 +180,13 @@ class Dispatcher:
     def _log_trouble(self, kind: str, what: str) -> None:
         suppressed = self._throttle.allow(kind)
         if suppressed is not None:
-            log.exception("%s: %s%s", kind, what, _suppressed(suppressed))
+            log.exception("%s: %s%s", kind, what, held_back(suppressed))
 
 
 def _earliest(deadline: float | None, fast: fastpath.KernelDatapath | None) -> float | None:
     if fast is None:
         return deadline
     return fast.next_sync if deadline is None else min(deadline, fast.next_sync)
-
-
-class Throttle:
-    """At most one log line per key per ``interval`` seconds."""
-
-    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._last: dict[str, float] = {}
-        self._held: Counter[str] = Counter()
-
-    def allow(self, key: str) -> int | None:
-        """None: stay quiet; else log now, and this many lines were held back."""
-        now = self.clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._held[key] += 1
-            return None
-        self._last[key] = now
-        return self._held.pop(key, 0)
-
-
-def _suppressed(n: int) -> str:
-    return f" ({n} more suppressed)" if n else ""
-
-
-def format_event(event: Event) -> str:
-    """One logfmt line: ``event=call_mapped client_address=10.0.0.2 ...``."""
-    return " ".join(f"{key}={_logfmt(value)}" for key, value in event_fields(event).items())
-
-
-def event_fields(event: Event) -> dict[str, Any]:
-    """``{"event": "call_mapped", "client_address": "10.0.0.2", ...}``: JSON values.
-
-    A call's fields are spelled out flat, as :class:`CallInfo` names them;
-    addresses are strings, a Call ID not known yet is None.
-    """
-    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
-    fields: dict[str, Any] = {"event": name}
-    for field in dataclasses.fields(event):
-        value = getattr(event, field.name)
-        if isinstance(value, CallInfo):
-            fields.update(dataclasses.asdict(value))
-        else:
-            fields[field.name] = value
-    return {k: str(v) if isinstance(v, IPv4Address) else v for k, v in fields.items()}
-
-
-def _logfmt(value: object) -> str:
-    text = "-" if value is None else str(value)
-    if not text or any(c in text for c in ' "=\\'):
-        return json.dumps(text)
-    return text
 
 
 # -- the loop ---------------------------------------------------------------------

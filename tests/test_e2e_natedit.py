@@ -96,8 +96,8 @@ def test_same_call_id_three_clients(gateway: Gateway) -> None:
     assert set(r.outcome["public_call_ids"]) == set(public), info  # the server's GRE uses them
     assert r.wire.gre_call_ids(src=PUBLIC, dst=SERVER_ADDR) == {0, 128, 256}, info
     mapped = events(r, "call_mapped")
-    assert sorted(int(e["public_call_id"]) for e in mapped) == sorted(public), info
-    assert {int(e["client_call_id"]) for e in mapped} == {FORCED}, info
+    assert sorted(int(e["public_call_id"], 0) for e in mapped) == sorted(public), info
+    assert {int(e["client_call_id"], 0) for e in mapped} == {FORCED}, info
     assert r.outcome["icmp_unreachable_for_gre"] == 0, info
 
 
@@ -307,4 +307,4 @@ def test_two_calls_one_control_connection(gateway: Gateway) -> None:
     assert r.total_foreign == 0, info
     mapped = events(r, "call_mapped")
     assert len({e["public_call_id"] for e in mapped}) == 2, info
-    assert {int(e["client_call_id"]) for e in mapped} == {0x1234, 0x1235}, info
+    assert {int(e["client_call_id"], 0) for e in mapped} == {0x1234, 0x1235}, info

@@ -178,7 +178,7 @@ def test_reloads_under_traffic_lose_no_call() -> None:
     assert all(1000 <= cid <= 1999 for cid in ocrq_ids[:3]) and ocrq_ids[3] == 40000, info
     assert set(ocrq_ids) <= r.wire.gre_call_ids_from_server, info
     mapped = events(log, "call_mapped")
-    assert sorted(int(e["public_call_id"]) for e in mapped) == sorted(ocrq_ids), info
+    assert sorted(int(e["public_call_id"], 0) for e in mapped) == sorted(ocrq_ids), info
     assert not events(log, "call_released") or all(
         e["reason"] in ("fin", "stop", "reset", "disconnect")
         for e in events(log, "call_released")), info

@@ -114,7 +114,7 @@ def test_stop_and_restart_keep_live_calls(sig: int, n_calls: int = 3) -> None:
     after_ready = [kq for kq, t in sent_at.items() if t > t_ready + 0.05]
     ids_from_server_after = sorted({g.call_id for g in r.wire.gre
                                     if g.src == SERVER_ADDR and g.dst == PUBLIC})
-    publics = sorted(int(e["public_call_id"]) for e in mapped_first)
+    publics = sorted(int(e["public_call_id"], 0) for e in mapped_first)
     figures = {
         "signal": signal.Signals(sig).name,
         "calls": n_calls,

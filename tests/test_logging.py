@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from natedit import cli, reload
+from natedit import logs, reload
 from natedit._events import (
     CallEstablished,
     CallInfo,
@@ -65,11 +65,11 @@ class _NoTranslator:
 @contextlib.contextmanager
 def logging_as(fmt: LogFormat, level: str = "info") -> Iterator[None]:
     """The worker's logging set up as the policy says (on the current sys.stderr)."""
-    cli._setup_logging(level, fmt)
+    logs.setup(level, fmt)
     try:
         yield
     finally:
-        cli._setup_logging("info")
+        logs.setup("info")
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -94,11 +94,13 @@ def test_each_call_event_is_one_structured_line(
         entry = json.loads(line)
         assert entry["level"] == level and entry["event"] == name, entry
         assert entry["message"].startswith(f"event={name} ")
-        fields = {k: str(v) for k, v in entry.items()}
+        fields = {k: (logs.call_id(v) if k in logs.CALL_ID_FIELDS else str(v))
+                  for k, v in entry.items()}  # JSON keeps the integer, text prints hex
     event = EVENTS[name]
     if hasattr(event, "call"):
-        assert fields["client_address"] == CLIENT and fields["public_call_id"] == "40001"
-        assert fields["server_call_id"] == "128" and fields["state"] == "established"
+        assert fields["client_address"] == CLIENT and fields["public_call_id"] == "0x9c41"
+        assert fields["server_call_id"] == "0x0080" and fields["state"] == "established"
+        assert fields["client_call_id"] == "0x1234"
     if hasattr(event, "reason"):
         assert fields["reason"] == event.reason
 

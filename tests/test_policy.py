@@ -30,6 +30,7 @@ from natedit import (
     PolicyError,
     Verdict,
     cli,
+    logs,
     reload,
     worker,
 )
@@ -442,14 +443,14 @@ def test_check_policy_of_the_deploy_example(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_json_log_format(capsys: pytest.CaptureFixture[str]) -> None:
-    cli._setup_logging("info", LogFormat.JSON)
+    logs.setup("info", LogFormat.JSON)
     try:
         logging.getLogger("natedit").warning("policy %s", "x")
         entry = json.loads(capsys.readouterr().err)
         assert (entry["level"], entry["message"]) == ("warning", "policy x")
         assert entry["time"].endswith("Z")
     finally:
-        cli._setup_logging("info")
+        logs.setup("info")
 
 
 # -- refusals in the core --------------------------------------------------------------------

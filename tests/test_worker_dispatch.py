@@ -21,7 +21,8 @@ from natedit._events import (
     Verdict,
 )
 from natedit._wire import Direction
-from natedit.worker import TIMER_ERROR_BACKOFF, Dispatcher, Throttle, format_event
+from natedit.logs import Throttle, format_event
+from natedit.worker import TIMER_ERROR_BACKOFF, Dispatcher
 from tests.harness.queued import FakePacket
 
 CALL = CallInfo(
@@ -172,9 +173,9 @@ def test_protocol_violations_are_throttled_per_reason(
 
 def test_format_event() -> None:
     assert format_event(CallMapped(CALL)) == (
-        "event=call_mapped client_address=10.0.0.2 client_call_id=4660 "
+        "event=call_mapped client_address=10.0.0.2 client_call_id=0x1234 "
         "server_address=198.51.100.2 server_call_id=- public_address=198.51.100.1 "
-        "public_call_id=51234 state=requested"
+        "public_call_id=0xc822 state=requested"
     )
     assert format_event(CallReleased(CALL, "idle")).endswith(" state=requested reason=idle")
     refused = CallRefused(IPv4Address("10.0.0.2"), None, IPv4Address("198.51.100.2"), "table_full")

@@ -14,7 +14,7 @@ import sys
 import time
 from ipaddress import IPv4Address
 
-from natedit import cli, worker
+from natedit import logs, worker
 from natedit._checksum import internet_checksum
 from natedit._events import ACCEPT, Action, CallInfo, CallReleased, Event, Verdict
 from natedit._policy import Policy, load_policy
@@ -58,6 +58,6 @@ class StandIn:
 
 
 if __name__ == "__main__":
-    cli._setup_logging("info")
+    logs.setup("info")
     policy = load_policy(sys.argv[1])
     sys.exit(worker.run(policy, ready_file=sys.argv[2], make_translator=StandIn))
