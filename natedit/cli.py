@@ -1,4 +1,5 @@
-"""The ``natedit`` command: run, reload, check-policy, rules, cleanup, replay, calls, lab.
+"""The ``natedit`` command: run, reload, check-policy, rules, cleanup, replay, calls, events,
+lab.
 
 Errors natedit expects (a bad policy, not root, a queue in use, a command
 that failed) print one line ``natedit: error: ...`` and exit 1; usage
@@ -19,6 +20,7 @@ from typing import Any
 from . import host, logs, reload, rules, state
 from ._errors import NateditError, PolicyError
 from ._policy import LOG_LEVELS, Policy, dump_policy, load_policy, read_policy
+from .eventstream import DEFAULT_SOCKET, Filter
 from .status import PolicyStatus
 
 RELOAD_WAIT = 10.0
@@ -43,7 +45,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,
                       policy_status=status, policy_path=args.policy,
                       pid_file=args.pid_file or None, on_reload=on_reload,
-                      state_path=args.state or None)
+                      state_path=args.state or None,
+                      events_socket=args.events_socket or None)
 
 
 def _cmd_check_policy(args: argparse.Namespace) -> int:
@@ -123,13 +126,47 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def _cmd_calls(args: argparse.Namespace) -> int:
-    from . import metrics, view
+    from . import eventstream, metrics, view
 
     where = args.metrics or load_policy(args.policy).metrics_listen
-    calls = metrics.fetch_calls(where)
-    sys.stdout.write(view.format_calls(calls) + "\n")
-    print(f"natedit: {len(calls)} calls", file=sys.stderr)
-    return 0
+    match = _filter(args)
+    rows = [c for c in metrics.fetch_calls_json(where) if match.matches(c)]
+    if args.json:
+        sys.stdout.writelines(json.dumps(c) + "\n" for c in rows)
+    else:
+        sys.stdout.write(view.format_calls([metrics.call_info(c) for c in rows]) + "\n")
+    sys.stdout.flush()
+    print(f"natedit: {len(rows)} calls", file=sys.stderr)
+    if not args.watch:
+        return 0
+    return eventstream.follow(args.events_socket, json_lines=args.json, where=match)
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from . import eventstream
+
+    return eventstream.follow(args.socket, json_lines=args.json, where=_filter(args),
+                              count=args.count)
+
+
+def _filter(args: argparse.Namespace) -> Filter:
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    return Filter(client=text(args.client), server=text(args.server),
+                  public=text(args.public), state=args.state)
+
+
+def _filter_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--client, --server, --public, --state: like conntrack's -s, -d, --state."""
+    from ._table import CallState
+
+    for flag, whose in (("--client", "private address"), ("--server", "server's address"),
+                        ("--public", "public address")):
+        parser.add_argument(flag, type=IPv4Address, metavar="A",
+                            help=f"only {what} with this {whose}")
+    parser.add_argument("--state", choices=[s.value for s in CallState],
+                        help=f"only {what} in this state")
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
@@ -164,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     flavours = [f.value for f in rules.Flavour]
+    events_default = DEFAULT_SOCKET
 
     run = sub.add_parser("run", help="install the rules and serve the queues until SIGTERM")
     run.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")
@@ -183,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", metavar="FILE", default=state.DEFAULT_STATE_FILE,
         help="keep the call table here across restarts (SQLite; default "
              f"{state.DEFAULT_STATE_FILE}; '' for none)",
+    )  # fmt: skip
+    run.add_argument(
+        "--events-socket", metavar="NAME", default=events_default,
+        help=f"serve the call events here (natedit events; default {events_default}, "
+             "@: abstract, per network namespace; '' for none)",
     )  # fmt: skip
     run.add_argument("--log-level", choices=LOG_LEVELS,
                      help="overrides the policy's logging.level (also across reloads)")
@@ -224,7 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="the worker's metrics endpoint (default: the policy's metrics_listen)",
     )  # fmt: skip
     calls.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")
+    _filter_options(calls, "calls")
+    calls.add_argument("--json", action="store_true",
+                       help="one JSON object per call (per event with --watch)")
+    calls.add_argument("--watch", action="store_true",
+                       help="then follow the call events, like natedit events")
+    calls.add_argument("--events-socket", metavar="NAME", default=events_default,
+                       help=f"where --watch reads the events (default {events_default})")
     calls.set_defaults(func=_cmd_calls)
+
+    events = sub.add_parser(
+        "events", help="follow the running worker's call events (like conntrack -E)",
+        description="One line per call event of the running worker, as it happens, until "
+        "Ctrl-C or the worker stops (exit 1). A reader too slow for the worker loses "
+        "events: an events_lost line says how many, where.")
+    events.add_argument("--socket", metavar="NAME", default=events_default,
+                        help=f"the worker's --events-socket (default {events_default})")
+    _filter_options(events, "events")
+    events.add_argument("--json", action="store_true", help="one JSON object per event")
+    events.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    events.set_defaults(func=_cmd_events)
 
     lab = sub.add_parser(
         "lab", help="natedit with real pptpd and pptp-linux peers in throw-away namespaces",

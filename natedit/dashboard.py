@@ -247,6 +247,13 @@ def queues() -> list[Panel]:
         single("Queues bound", f"sum({m('natedit_queue_bound')})",
                "NFQUEUEs with a worker bound (2 when healthy).",
                steps=[("red", None), ("green", 2)], background=True),
+        single("Event stream readers", f"sum({m('natedit_event_subscribers')})",
+               "natedit events (and natedit calls --watch) readers now."),
+        single("Events lost by slow readers",
+               f"sum(increase({m('natedit_events_lost_total')}[$__range]))",
+               "Call events a reader of the event stream was too slow to take, over the "
+               "time range (its stream says where); the worker never waits for a reader.",
+               steps=[("green", None), ("orange", 1)], background=True),
     ]
 
 

@@ -46,11 +46,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from socketserver import ThreadingMixIn
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -116,6 +116,12 @@ fastpath_error is the kernel fast path repairing itself (its GRE goes through th
 POLICY_RELOAD_OUTCOMES = ("ok", "failed")
 
 T = TypeVar("T")
+
+
+class Collector(Protocol):
+    """Anything with metric families to add to the worker's (prometheus_client's shape)."""
+
+    def collect(self) -> Iterable[Metric]: ...
 
 
 # -- the kernel's queue figures -------------------------------------------------------------
@@ -211,6 +217,7 @@ class NateditCollector:
         queue_maxlen: int | None = None,
         version: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        extra: Sequence[Collector] = (),
     ) -> None:
         if current_policy is None:
             if translator is None:
@@ -228,8 +235,12 @@ class NateditCollector:
         self.queue_maxlen = queue_maxlen
         self.version = _version() if version is None else version
         self.clock = clock
+        self.extra = extra
+        """Collectors of the worker's other parts (the event stream), scraped with it."""
 
     def collect(self) -> Iterator[Metric]:
+        for part in self.extra:
+            yield from part.collect()
         policy = self.current_policy()
         yield from self._build()
         yield from self._policy(policy)
@@ -608,21 +619,30 @@ def calls_url(base: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, CALLS_PATH, "", ""))
 
 
-def fetch_calls(base: str, timeout: float = FETCH_TIMEOUT) -> list[CallInfo]:
-    """The running worker's call table; NateditError when no worker answers."""
+def fetch_calls_json(base: str, timeout: float = FETCH_TIMEOUT) -> list[dict[str, Any]]:
+    """The running worker's call table as ``/calls`` has it; NateditError when no worker
+    answers."""
     url = calls_url(base)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        calls: list[dict[str, Any]] = data["calls"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
         why = getattr(exc, "reason", None) or exc
         raise NateditError(f"no natedit worker answers at {url} ({why})") from exc
-    return [
-        CallInfo(IPv4Address(c["client_address"]), c["client_call_id"],
-                 IPv4Address(c["server_address"]), c["server_call_id"],
-                 IPv4Address(c["public_address"]), c["public_call_id"], c["state"])
-        for c in data["calls"]
-    ]
+    return calls
+
+
+def call_info(c: Mapping[str, Any]) -> CallInfo:
+    """One call of ``/calls`` as a :class:`CallInfo`."""
+    return CallInfo(IPv4Address(c["client_address"]), c["client_call_id"],
+                    IPv4Address(c["server_address"]), c["server_call_id"],
+                    IPv4Address(c["public_address"]), c["public_call_id"], c["state"])
+
+
+def fetch_calls(base: str, timeout: float = FETCH_TIMEOUT) -> list[CallInfo]:
+    """The running worker's call table; NateditError when no worker answers."""
+    return [call_info(c) for c in fetch_calls_json(base, timeout)]
 
 
 @contextlib.contextmanager
@@ -634,10 +654,12 @@ def serving(listen: str, collector: NateditCollector) -> Iterator[MetricsServer]
 
 def worker_collector(translator: object, dispatcher_counts: Mapping[str, int],
                      policy_status: PolicyStatus, policy: Policy, *,
-                     queue_maxlen: int | None = None) -> NateditCollector:
+                     queue_maxlen: int | None = None,
+                     extra: Sequence[Collector] = ()) -> NateditCollector:
     """The worker's collector: the call table families only with the real core."""
     if isinstance(translator, Translator):
         return NateditCollector(translator, dispatcher_counts, policy_status,
-                                queue_maxlen=queue_maxlen)
+                                queue_maxlen=queue_maxlen, extra=extra)
     return NateditCollector(None, dispatcher_counts, policy_status,
-                            current_policy=lambda: policy, queue_maxlen=queue_maxlen)
+                            current_policy=lambda: policy, queue_maxlen=queue_maxlen,
+                            extra=extra)

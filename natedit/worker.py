@@ -12,7 +12,9 @@ the translator's next deadline (``time.monotonic()``) is due.
 Start: restore the call table from the state file (:mod:`natedit.state`;
 every call event is written back to it once per turn of the loop), bind
 both queues, serve metrics (:mod:`natedit.metrics`, on
-``policy.metrics_listen``, in threads of their own), then install the rules
+``policy.metrics_listen``, in threads of their own) and the live call events
+(:mod:`natedit.eventstream`: each batch the loop logs is handed to the
+readers' bounded queues, never waited for), then install the rules
 (so that no packet is ever queued to nobody by natedit's own start), then
 announce readiness: the line ``natedit: ready ...`` on stderr, the
 ``--ready-file`` and, under systemd, ``READY=1``. Stop (SIGTERM, SIGINT):
@@ -57,7 +59,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from . import fastpath, host, metrics, nfqueue, reload, rules, state
+from . import eventstream, fastpath, host, metrics, nfqueue, reload, rules, state
 from ._errors import NateditError
 from ._events import Event, ProtocolViolation
 from ._policy import Datapath, Policy
@@ -114,6 +116,8 @@ class Dispatcher:
         self.fastpath: fastpath.KernelDatapath | None = None
         """The kernel fast path (``datapath: kernel``): call events update it, its
         counters are read before timers; None: every GRE packet comes through the queue."""
+        self.events: eventstream.EventHub | None = None
+        """Where call events go to ``natedit events`` readers; None: nowhere."""
         self.packets = nfqueue.PacketPath(
             translator, clock, self.counts,  # late-bound: a test may replace either
             lambda events: self.log_events(events),
@@ -159,8 +163,10 @@ class Dispatcher:
             log.error("fastpath_error: %s%s", what, held_back(suppressed))
 
     def log_events(self, events: Iterable[Event]) -> None:
-        if self.journal is not None or self.fastpath is not None:
+        if self.journal is not None or self.fastpath is not None or self.events is not None:
             events = tuple(events)
+        if self.events is not None:
+            self.events.publish(events)
         if self.journal is not None:
             self.journal.note(events)
         if self.fastpath is not None:
@@ -203,13 +209,15 @@ def run(
     pid_file: str | None = None,
     on_reload: Callable[[Policy], None] | None = None,
     state_path: str | None = None,
+    events_socket: str | None = None,
 ) -> int:
     """``natedit run``: serve until SIGTERM or SIGINT; 0 after a clean stop.
 
     ``policy`` was loaded from ``policy_path`` (None: the built-in default), which
     SIGHUP reads again; ``on_reload`` gets each policy a reload put in force.
     ``state_path``: the state file the call table is restored from and kept in
-    (:mod:`natedit.state`; None: none).
+    (:mod:`natedit.state`; None: none). ``events_socket``: where ``natedit events``
+    reads the call events (:mod:`natedit.eventstream`; None: nowhere).
 
     Raises :class:`natedit.NateditError` when it cannot start (no public
     address, the kernel PPTP helper attached, a queue in use, rules refused).
@@ -249,8 +257,9 @@ def run(
             on_reload(new)
 
     reloader = reload.Reloader(policy_path, configured, apply, status)
+    hub = eventstream.EventHub()
     collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
-                                         queue_maxlen=nfqueue.QUEUE_MAXLEN)
+                                         queue_maxlen=nfqueue.QUEUE_MAXLEN, extra=(hub,))
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     with (
         state.journal(translator, state_path, dispatcher.counts) as journal,
@@ -258,8 +267,10 @@ def run(
         nfqueue.bound({number: dispatcher.packets.callback(direction)
                        for number, direction in queues.items()}) as bound,
         metrics.serving(policy.metrics_listen, collector),  # /metrics and /calls
+        _serving_events(events_socket, hub),
     ):
         dispatcher.journal = journal
+        dispatcher.events = hub if events_socket is not None else None
         installation = rules.install(ruleset, flavour)
         try:
             set_datapath(policy.datapath)
@@ -313,6 +324,16 @@ def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
                     key.data.run(block=False)
             dispatcher.flush()
         log.info("%s received, stopping", wakeup.stop)
+
+
+@contextlib.contextmanager
+def _serving_events(name: str | None, hub: eventstream.EventHub) -> Iterator[None]:
+    """The event stream on ``name`` for the duration of the block (None: not served)."""
+    if name is None:
+        yield
+        return
+    with eventstream.EventServer(name, hub):
+        yield
 
 
 class _Wakeup:

@@ -166,10 +166,19 @@ def test_prometheus_scrapes_worker_with_real_calls() -> None:
         def info() -> str:
             return lab.process_log(prometheus)[-3000:] + lab.process_log(worker)[-3000:]
 
+        # natedit events, like conntrack -E, follows the calls live
+        events = lab.popen(lab.gw_ns, [sys.executable, "-m", "natedit", "events", "--json",
+                                       "--state", "established", "--count", "3"],
+                           name="natedit-events")
         # three calls fill the pool; GRE both ways
         for i in range(3):
             s.start_call(i, forced_call_id=FORCED)
         assert s.wait_connected([0, 1, 2]), info()
+        assert events.wait(timeout=20) == 0, lab.process_log(events)
+        streamed = [json.loads(line) for line in lab.process_log(events).splitlines()
+                    if line.startswith("{")]
+        assert [e["event"] for e in streamed] == ["call_established"] * 3, streamed
+        assert {e["client_call_id"] for e in streamed} == {FORCED}, streamed
         assert s.phase("burst", [0, 1, 2], 20), info()
         prom.wait("Prometheus to scrape the worker",
                   lambda: prom.value('up{job="natedit"}') == 1, timeout=20)

@@ -143,7 +143,7 @@ def test_stop_and_restart_keep_live_calls(sig: int, n_calls: int = 3) -> None:
     # run long, carries the IDs they had and the new call's, nothing else
     assert len(set(publics)) == n_calls, info
     assert len(mapped_second) == 1, info  # only the new call
-    new_public = int(mapped_second[0]["public_call_id"])
+    new_public = int(mapped_second[0]["public_call_id"], 0)
     assert ids_from_server_after == sorted({*publics, new_public}), info
     assert new_connected and new_call and r.calls[new_call_key].clean, info
     assert rc2 == 0, info

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from natedit import NateditError, cli, metrics
 from natedit._translator import Translator
 from natedit._wire import TCP_ACK, MessageType, build_gre
+from natedit.eventstream import EventHub
 from natedit.metrics import NateditCollector, QueueStats, parse_queue_stats
 from natedit.status import PolicyStatus
 from tests.pptp_flows import (
@@ -59,6 +60,7 @@ FAMILIES = {
     "natedit_control_messages_total", "natedit_call_id_rewrites_total",
     "natedit_gre_packets_total", "natedit_gre_bytes_total", "natedit_packets_dropped_total",
     "natedit_packets_passed_total", "natedit_malformed_packets_total",
+    "natedit_event_subscribers", "natedit_events_lost_total",
 }
 """Every family natedit's collector exports (sample names: counters with _total)."""
 
@@ -112,7 +114,7 @@ def busy() -> tuple[Translator, list[int]]:
 
 def test_every_family_is_exported(busy: tuple[Translator, list[int]]) -> None:
     tr, _ = busy
-    reg = registry(collector(tr, queue_maxlen=4096))
+    reg = registry(collector(tr, queue_maxlen=4096, extra=(EventHub(),)))
     names = {m.name + ("_total" if m.type == "counter" else "")
              + ("_info" if m.type == "info" else "") for m in reg.collect()}
     assert names == FAMILIES

@@ -56,10 +56,18 @@ EXERCISED: dict[str, tuple[str, ...]] = {
         "tests/test_replay.py::test_replay_three_clients_same_call_id",
         "tests/test_replay.py::test_replay_public_address_flag",
         "tests/test_readme.py::test_replay_as_written"),
-    "natedit calls [--metrics HOST:PORT]": (
+    "natedit calls [--metrics HOST:PORT] [--client A] [--server A] [--public A] [--state S] "
+    "[--json] [--watch]": (
         "tests/test_e2e_metrics.py::test_prometheus_scrapes_worker_with_real_calls",
         "tests/test_lab_command.py::test_lab_runs_end_to_end_and_leaves_nothing",
-        "tests/test_readme.py::test_calls_without_a_worker"),
+        "tests/test_readme.py::test_calls_without_a_worker",
+        "tests/test_calls_command.py::test_filters", "tests/test_calls_command.py::test_json",
+        "tests/test_calls_command.py::test_watch_prints_the_table_then_the_events"),
+    "natedit events [--json] [--client A] [--server A] [--public A] [--state S]": (
+        "tests/test_e2e_metrics.py::test_prometheus_scrapes_worker_with_real_calls",
+        "tests/test_eventstream.py::test_slow_subscriber_loses_events_fast_one_gets_all",
+        "tests/test_eventstream.py::test_follow_prints_text_filters_and_stops",
+        "tests/test_eventstream.py::test_events_without_a_worker"),
     "natedit cleanup": (
         "tests/test_worker_netns.py::test_fail_closed_crash_restart_and_cleanup",
         "tests/test_deploy_files.py::test_iptables_file_loads_and_natedit_cleanup_removes_it"),
