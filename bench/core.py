@@ -20,8 +20,15 @@ from collections.abc import Callable
 from functools import partial
 
 from natedit import Allocation, Direction, Policy
-from natedit._translator import Translator
-from natedit._wire import TCP_ACK, TCP_SYN, MessageType, build_control_message, build_gre, build_tcp
+from natedit.core.translator import Translator
+from natedit.core.wire import (
+    TCP_ACK,
+    TCP_SYN,
+    MessageType,
+    build_control_message,
+    build_gre,
+    build_tcp,
+)
 
 PUBLIC, SERVER = "198.51.100.1", "198.51.100.2"
 OUT, IN = Direction.OUTBOUND, Direction.INBOUND

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from natedit._wire import MessageType, build_control_message, build_gre
+from natedit.core.wire import MessageType, build_control_message, build_gre
 from natedit.lab import netns
 from natedit.lab.procs import Processes
 

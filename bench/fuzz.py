@@ -51,14 +51,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from natedit import CallRecord, Direction, Policy, ProtocolError
-from natedit._checksum import internet_checksum
-from natedit._stream import Stream, frame
-from natedit._translator import Translator
-from natedit._wire import MAGIC_COOKIE, MESSAGE_LENGTH, parse_control_header
-from natedit._wire import parse_control_message as _parse_message
+from natedit.core.checksum import internet_checksum
+from natedit.core.stream import Stream, frame
+from natedit.core.translator import Translator
+from natedit.core.wire import MAGIC_COOKIE, MESSAGE_LENGTH, parse_control_header
+from natedit.core.wire import parse_control_message as _parse_message
 from natedit.worker import Dispatcher
 from tests.pptp_flows import assert_table_consistent
-from tests.test_fuzz_quick import PROTOCOL_REASONS, check_verdict
+from tests.unit.test_fuzz_quick import PROTOCOL_REASONS, check_verdict
 
 REPO = Path(__file__).resolve().parent.parent
 SEED_PCAP = REPO / "tests" / "data" / "pptp_seed.pcap"

@@ -35,9 +35,9 @@ import tracemalloc
 from pathlib import Path
 
 from natedit import CallEstablished, CallMapped, Direction, MessageType, Policy
-from natedit._stream import EDIT_BACKLOG
-from natedit._translator import Translator
-from natedit._wire import TCP_ACK, TCP_SYN, build_control_message, build_tcp
+from natedit.core.stream import EDIT_BACKLOG
+from natedit.core.translator import Translator
+from natedit.core.wire import TCP_ACK, TCP_SYN, build_control_message, build_tcp
 from natedit.state import StateStore
 
 PUBLIC, SERVER = "198.51.100.1", "198.51.100.2"

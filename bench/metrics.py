@@ -30,9 +30,9 @@ from prometheus_client import generate_latest
 
 from bench.core import IN, OUT, SERVER, client, translator
 from natedit import Allocation, metrics
-from natedit._translator import Translator
-from natedit._wire import TCP_ACK, TCP_SYN, build_control_message, build_tcp
-from natedit._wire import MessageType as MT
+from natedit.core.translator import Translator
+from natedit.core.wire import TCP_ACK, TCP_SYN, build_control_message, build_tcp
+from natedit.core.wire import MessageType as MT
 from natedit.status import PolicyStatus
 
 

@@ -1,7 +1,8 @@
-"""natedit: a PPTP NAT editor. Public names of the sans-I/O core."""
+"""natedit: a PPTP NAT editor. Public names of the sans-I/O core (:mod:`natedit.core`)."""
 
-from ._errors import NateditError, PolicyError, ProtocolError
-from ._events import (
+from .core import errors, events
+from .core.errors import NateditError, PolicyError, ProtocolError
+from .core.events import (
     ACCEPT,
     Action,
     CallEstablished,
@@ -16,8 +17,10 @@ from ._events import (
     ProtocolViolation,
     Verdict,
 )
-from ._policy import Allocation, DisconnectRule, MalformedAction, Policy, load_policy
-from ._wire import Direction, MessageType
+from .core.policy import Allocation, DisconnectRule, MalformedAction, Policy
+from .core.translator import Translator
+from .core.wire import Direction, MessageType
+from .policyfile import load_policy
 
 __all__ = [
     "ACCEPT",
@@ -41,6 +44,9 @@ __all__ = [
     "PolicyError",
     "ProtocolError",
     "ProtocolViolation",
+    "Translator",
     "Verdict",
+    "errors",
+    "events",
     "load_policy",
 ]

@@ -18,9 +18,10 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from . import host, logs, reload, rules, state
-from ._errors import NateditError, PolicyError
-from ._policy import LOG_LEVELS, Policy, dump_policy, load_policy, read_policy
+from .core.errors import NateditError, PolicyError
+from .core.policy import LOG_LEVELS, Policy
 from .eventstream import DEFAULT_SOCKET, Filter
+from .policyfile import dump_policy, load_policy, read_policy
 from .status import PolicyStatus
 
 RELOAD_WAIT = 10.0
@@ -159,7 +160,7 @@ def _filter(args: argparse.Namespace) -> Filter:
 
 def _filter_options(parser: argparse.ArgumentParser, what: str) -> None:
     """--client, --server, --public, --state: like conntrack's -s, -d, --state."""
-    from ._table import CallState
+    from .core.table import CallState
 
     for flag, whose in (("--client", "private address"), ("--server", "server's address"),
                         ("--public", "public address")):

@@ -3,10 +3,10 @@
 ``deploy/grafana/dashboards/natedit.json`` is what :func:`build` returns,
 encoded by :func:`render`; regenerate it with ``scripts/dev dashboard``
 (``python -m natedit.dashboard --write``), never by hand:
-``tests/test_dashboard.py`` holds the committed file equal to the code.
+``tests/unit/test_dashboard.py`` holds the committed file equal to the code.
 
 Every query selects the gateways picked in the ``instance`` menu
-(:func:`m`); tests/test_e2e_metrics.py evaluates each of them against a real
+(:func:`m`); tests/netns/test_e2e_metrics.py evaluates each of them against a real
 Prometheus scraping a worker with real calls. The SDK is a dev extra
 (``natedit[dev]``): the worker never imports this module.
 """

@@ -46,8 +46,8 @@ from typing import Any, TextIO
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ._errors import NateditError
-from ._events import Event
+from .core.errors import NateditError
+from .core.events import Event
 from .logs import event_fields, format_fields, timestamp
 
 log = logging.getLogger("natedit")

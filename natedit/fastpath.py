@@ -69,10 +69,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ._errors import NateditError
-from ._events import CallEstablished, CallMapped, CallReleased, Event
-from ._translator import Translator
-from ._wire import Direction
+from .core.errors import NateditError
+from .core.events import CallEstablished, CallMapped, CallReleased, Event
+from .core.translator import Translator
+from .core.wire import Direction
 
 log = logging.getLogger("natedit")
 
@@ -97,7 +97,7 @@ then that interval (at 65,000 calls, about 45 s of 300)."""
 REBUILD_BACKOFF = 5.0
 """Seconds before trying again after the table could not be rebuilt."""
 ENHANCED_GRE = "@th,0,32 & 0xe007ffff == 0x2001880b"
-"""C=0 R=0 K=1, version 1, protocol PPP: what ``_wire.is_pptp_gre`` accepts."""
+"""C=0 R=0 K=1, version 1, protocol PPP: what ``core.wire.is_pptp_gre`` accepts."""
 UNFRAGMENTED = "ip frag-off & 0x3fff == 0"
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4

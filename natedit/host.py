@@ -17,8 +17,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from ._errors import NateditError
-from ._policy import Policy
+from .core.errors import NateditError
+from .core.policy import Policy
 
 
 class HostError(NateditError):

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
-from ._events import CallInfo, Event
-from ._policy import LogFormat
+from .core.events import CallInfo, Event
+from .core.policy import LogFormat
 
 CALL_ID_FIELDS = frozenset({"client_call_id", "server_call_id", "public_call_id"})
 """Event fields that hold a Call ID (printed by :func:`call_id` in text)."""

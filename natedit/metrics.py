@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Nothing here is on the per-packet path. The translator already counts what
-it decides (:class:`natedit._translator.Stats`, per call GRE counters) and
+it decides (:class:`natedit.core.translator.Stats`, per call GRE counters) and
 the call table is the single source of truth of calls; the worker counts its
 own trouble (``Dispatcher.counts``); the kernel counts its queues in
 ``/proc/net/netfilter/nfnetlink_queue``. :class:`NateditCollector` is a
@@ -62,12 +62,12 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from ._errors import NateditError
-from ._events import CallInfo
-from ._policy import MalformedAction, Policy
-from ._table import CallState
-from ._translator import _FIELDS, Translator
-from ._wire import Direction, MessageType
+from .core.errors import NateditError
+from .core.events import CallInfo
+from .core.policy import MalformedAction, Policy
+from .core.table import CallState
+from .core.translator import _FIELDS, Translator
+from .core.wire import Direction, MessageType
 from .status import PolicyStatus
 
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
@@ -82,7 +82,7 @@ COPY_RETRIES = 8
 DIRECTIONS = {d: d.name.lower() for d in Direction}
 
 # Label values known in advance, exported at 0. A reason not listed here is still
-# exported once it happens; tests/test_metrics.py checks these against the core's source.
+# exported once it happens; tests/unit/test_metrics.py checks these against the core's source.
 RELEASE_REASONS = (
     "disconnect", "stop", "fin", "reset", "idle", "request_timeout", "control_idle",
     "refused_by_server", "refused_by_client", "replaced",

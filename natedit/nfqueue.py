@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from . import host
-from ._events import Action, Event, Verdict
-from ._wire import Direction
+from .core.events import Action, Event, Verdict
+from .core.wire import Direction
 
 log = logging.getLogger("natedit")
 
@@ -58,7 +58,7 @@ class Packet(Protocol):
 
 
 class Decider(Protocol):
-    """What the adapter uses of :class:`natedit._translator.Translator` (and, when it
+    """What the adapter uses of :class:`natedit.core.translator.Translator` (and, when it
     has them, its ``gre_out_fast``/``gre_in_fast`` shortcuts)."""
 
     def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict: ...

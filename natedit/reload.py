@@ -1,7 +1,7 @@
 """Policy reload for a running worker (SIGHUP, ``natedit reload``).
 
 A reload reads the policy file again. A valid policy takes effect at once for
-new calls and connections (:meth:`natedit._translator.Translator.set_policy`:
+new calls and connections (:meth:`natedit.core.translator.Translator.set_policy`:
 live calls keep their public Call IDs even outside a new range, and a
 tighter limit does not cut them; shorter timeouts apply to them). An invalid
 one is rejected whole, logged and counted, and the running policy stays.
@@ -24,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._errors import NateditError, PolicyError
-from ._policy import FIELDS, LoadedPolicy, Policy, changes, read_policy, yaml_value
+from .core.errors import NateditError, PolicyError
+from .core.policy import Policy
+from .policyfile import FIELDS, LoadedPolicy, changes, read_policy, yaml_value
 from .status import PolicyStatus
 
 log = logging.getLogger("natedit")

@@ -21,10 +21,11 @@ from typing import TextIO
 
 from scapy.utils import RawPcapReader, RawPcapWriter
 
-from ._errors import NateditError
-from ._policy import Policy, load_policy
-from ._translator import Translator
-from ._wire import IPPROTO_GRE, Direction
+from .core.errors import NateditError
+from .core.policy import Policy
+from .core.translator import Translator
+from .core.wire import IPPROTO_GRE, Direction
+from .policyfile import load_policy
 from .view import format_calls
 
 DLT_EN10MB = 1

@@ -64,9 +64,9 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from . import host
-from ._errors import NateditError
-from ._policy import Policy
-from ._wire import PPTP_PORT
+from .core.errors import NateditError
+from .core.policy import Policy
+from .core.wire import PPTP_PORT
 
 CHAIN_PREFIX = "NATEDIT-"
 """Every iptables chain natedit creates starts with this; any chain so named is natedit's."""

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The core keeps no files (:mod:`natedit._translator`): it hands out
+The core keeps no files (:mod:`natedit.core.translator`): it hands out
 :class:`~natedit.CallRecord` values and takes them back with
 ``Translator.restore``. This adapter keeps them in SQLite (stdlib
 ``sqlite3``) in WAL mode, one row per live call keyed like the table's own
@@ -69,7 +69,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ._events import CallEstablished, CallInfo, CallMapped, CallRecord, CallReleased, Event
+from .core.events import CallEstablished, CallInfo, CallMapped, CallRecord, CallReleased, Event
 
 log = logging.getLogger("natedit")
 
@@ -562,7 +562,7 @@ def _restore(translator: RestoringTranslator, path: str, loaded: Loaded,
 
 @runtime_checkable
 class RestoringTranslator(Protocol):
-    """What :func:`restore_into` uses of :class:`natedit._translator.Translator`."""
+    """What :func:`restore_into` uses of :class:`natedit.core.translator.Translator`."""
 
     def restore(self, records: Iterable[CallRecord], now: float) -> Counter[str]: ...
     def snapshot(self) -> list[CallRecord]: ...

@@ -60,11 +60,11 @@ from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 from . import eventstream, fastpath, host, metrics, nfqueue, reload, rules, state
-from ._errors import NateditError
-from ._events import Event, ProtocolViolation
-from ._policy import Datapath, Policy
-from ._translator import Translator
-from ._wire import Direction
+from .core.errors import NateditError
+from .core.events import Event, ProtocolViolation
+from .core.policy import Datapath, Policy
+from .core.translator import Translator
+from .core.wire import Direction
 from .logs import Throttle, event_fields, format_event, held_back
 from .status import PolicyStatus
 
@@ -79,7 +79,7 @@ RESTART_SIGNAL = signal.SIGUSR2
 
 
 class PacketTranslator(nfqueue.Decider, Protocol):
-    """What the worker uses of :class:`natedit._translator.Translator`."""
+    """What the worker uses of :class:`natedit.core.translator.Translator`."""
 
     def next_deadline(self) -> float | None: ...
     def handle_timer(self, now: float) -> list[Event]: ...

@@ -13,10 +13,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from natedit import Direction, Policy, Verdict
-from natedit._checksum import internet_checksum
-from natedit._table import CallTable
-from natedit._translator import Translator
-from natedit._wire import (
+from natedit.core.checksum import internet_checksum
+from natedit.core.table import CallTable
+from natedit.core.translator import Translator
+from natedit.core.wire import (
     TCP_ACK,
     TCP_SYN,
     MessageType,

@@ -15,10 +15,11 @@ import time
 from ipaddress import IPv4Address
 
 from natedit import logs, worker
-from natedit._checksum import internet_checksum
-from natedit._events import ACCEPT, Action, CallInfo, CallReleased, Event, Verdict
-from natedit._policy import Policy, load_policy
-from natedit._wire import IPPROTO_GRE, Direction
+from natedit.core.checksum import internet_checksum
+from natedit.core.events import ACCEPT, Action, CallInfo, CallReleased, Event, Verdict
+from natedit.core.policy import Policy
+from natedit.core.wire import IPPROTO_GRE, Direction
+from natedit.policyfile import load_policy
 
 CLIENT = IPv4Address("10.0.0.2")
 TIMER_CALL = CallInfo(

@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from natedit._errors import ProtocolError
-from natedit._wire import (
+from natedit.core.errors import ProtocolError
+from natedit.core.wire import (
     CONTROL_HEADER_LEN,
     IPPROTO_GRE,
     MessageType,

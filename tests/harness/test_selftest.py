@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from natedit._wire import (
+from natedit.core.wire import (
     MessageType,
     build_control_message,
     build_gre,

@@ -1,0 +1,340 @@
+"""Wire formats: IPv4, TCP, PPTP control messages (RFC 2637) and enhanced GRE.
+
+Pure functions over bytes. Parsers raise :class:`ProtocolError` and nothing
+else; builders are for tests, the lab and replies natedit makes itself.
+Offsets and sizes are those of RFC 2637 section 2 and 4.1 (see
+``shared/reference/pptp.md`` for the table this module encodes).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from .checksum import internet_checksum
+from .errors import ProtocolError
+
+PPTP_PORT = 1723
+MAGIC_COOKIE = 0x1A2B3C4D
+CONTROL_HEADER_LEN = 12
+IPPROTO_TCP = 6
+IPPROTO_GRE = 47
+GRE_PROTO_PPP = 0x880B
+
+
+class Direction(enum.IntEnum):
+    """Which way a packet crosses the gateway."""
+
+    OUTBOUND = 0
+    """Inside -> outside: from a private client toward a server."""
+    INBOUND = 1
+    """Outside -> inside: from a server toward a private client."""
+
+
+class PptpMessageType(enum.IntEnum):
+    """PPTP Message Type field (RFC 2637 section 2.1)."""
+
+    CONTROL = 1
+    MANAGEMENT = 2
+
+
+class MessageType(enum.IntEnum):
+    """Control Message Type (RFC 2637 section 2.1)."""
+
+    START_CONTROL_CONNECTION_REQUEST = 1
+    START_CONTROL_CONNECTION_REPLY = 2
+    STOP_CONTROL_CONNECTION_REQUEST = 3
+    STOP_CONTROL_CONNECTION_REPLY = 4
+    ECHO_REQUEST = 5
+    ECHO_REPLY = 6
+    OUTGOING_CALL_REQUEST = 7
+    OUTGOING_CALL_REPLY = 8
+    INCOMING_CALL_REQUEST = 9
+    INCOMING_CALL_REPLY = 10
+    INCOMING_CALL_CONNECTED = 11
+    CALL_CLEAR_REQUEST = 12
+    CALL_DISCONNECT_NOTIFY = 13
+    WAN_ERROR_NOTIFY = 14
+    SET_LINK_INFO = 15
+
+
+MT = MessageType
+
+MESSAGE_LENGTH: dict[int, int] = {
+    MT.START_CONTROL_CONNECTION_REQUEST: 156,
+    MT.START_CONTROL_CONNECTION_REPLY: 156,
+    MT.STOP_CONTROL_CONNECTION_REQUEST: 16,
+    MT.STOP_CONTROL_CONNECTION_REPLY: 16,
+    MT.ECHO_REQUEST: 16,
+    MT.ECHO_REPLY: 20,
+    MT.OUTGOING_CALL_REQUEST: 168,
+    MT.OUTGOING_CALL_REPLY: 32,
+    MT.INCOMING_CALL_REQUEST: 220,
+    MT.INCOMING_CALL_REPLY: 24,
+    MT.INCOMING_CALL_CONNECTED: 28,
+    MT.CALL_CLEAR_REQUEST: 16,
+    MT.CALL_DISCONNECT_NOTIFY: 148,
+    MT.WAN_ERROR_NOTIFY: 40,
+    MT.SET_LINK_INFO: 24,
+}
+"""Exact Length of every control message (RFC 2637 section 2)."""
+
+MAX_MESSAGE_LENGTH = max(MESSAGE_LENGTH.values())
+
+OWN_CALL_ID_OFFSET: dict[int, int] = {
+    MT.OUTGOING_CALL_REQUEST: 12,
+    MT.OUTGOING_CALL_REPLY: 12,
+    MT.INCOMING_CALL_REQUEST: 12,
+    MT.INCOMING_CALL_REPLY: 12,
+    MT.CALL_CLEAR_REQUEST: 12,
+    MT.CALL_DISCONNECT_NOTIFY: 12,
+}
+"""Where a message carries its *sender's* own Call ID."""
+
+PEER_CALL_ID_OFFSET: dict[int, int] = {
+    MT.OUTGOING_CALL_REPLY: 14,
+    MT.INCOMING_CALL_REPLY: 14,
+    MT.INCOMING_CALL_CONNECTED: 12,
+    MT.WAN_ERROR_NOTIFY: 12,
+    MT.SET_LINK_INFO: 12,
+}
+"""Where a message carries the *receiver's* Call ID (the Peer's Call ID)."""
+
+RESULT_CODE_OFFSET: dict[int, int] = {
+    MT.OUTGOING_CALL_REPLY: 16,
+    MT.INCOMING_CALL_REPLY: 16,
+}
+_OTHER_RESULT_OFFSET: dict[int, int] = {
+    MT.START_CONTROL_CONNECTION_REPLY: 14,
+    MT.STOP_CONTROL_CONNECTION_REPLY: 12,
+    MT.ECHO_REPLY: 16,
+}
+"""Result Codes natedit never reads, for the builder (RFC 2637 2.2, 2.4, 2.6)."""
+RESULT_CONNECTED = 1
+"""Outgoing/Incoming-Call-Reply Result Code 1: the call is up."""
+
+_HEADER = struct.Struct("!HHIHH")
+_U16 = struct.Struct("!H")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_GRE = struct.Struct("!BBHHH")
+
+TCP_FIN = 0x01
+TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_ACK = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class ControlHeader:
+    length: int
+    pptp_type: int
+    cookie: int
+    message_type: MessageType
+
+
+def parse_control_header(data: bytes | bytearray | memoryview, offset: int = 0) -> ControlHeader:
+    """Validate the 12-byte header at ``offset``: type, cookie, Length.
+
+    The checks run in the order libalias and the kernel got wrong: enough
+    bytes for a header, PPTP message type, magic cookie, known control type,
+    then the Length against that type's exact size.
+    """
+    if len(data) - offset < CONTROL_HEADER_LEN:
+        raise ProtocolError("short_header", f"{len(data) - offset} bytes, need 12")
+    length, pptp_type, cookie, ctype, _reserved = _HEADER.unpack_from(data, offset)
+    if pptp_type != PptpMessageType.CONTROL:
+        raise ProtocolError("bad_pptp_type", f"PPTP message type {pptp_type}")
+    if cookie != MAGIC_COOKIE:
+        raise ProtocolError("bad_cookie", f"magic cookie {cookie:#010x}")
+    if ctype not in MESSAGE_LENGTH:
+        raise ProtocolError("bad_message_type", f"control message type {ctype}")
+    expected = MESSAGE_LENGTH[ctype]
+    if length != expected:
+        raise ProtocolError(
+            "bad_length", f"{MessageType(ctype).name} Length {length}, expected {expected}"
+        )
+    return ControlHeader(length, pptp_type, cookie, MessageType(ctype))
+
+
+@dataclass(frozen=True, slots=True)
+class ControlMessage:
+    """One whole control message, decoded for humans, tests and replay."""
+
+    message_type: MessageType
+    call_id: int | None
+    """The sender's own Call ID, where the type has one."""
+    peer_call_id: int | None
+    """The receiver's Call ID (Peer's Call ID), where the type has one."""
+    result_code: int | None
+    raw: bytes
+
+
+def parse_control_message(data: bytes | bytearray | memoryview) -> ControlMessage:
+    """Parse exactly one message; trailing bytes are an error."""
+    header = parse_control_header(data)
+    if len(data) != header.length:
+        raise ProtocolError("length_mismatch", f"Length {header.length}, have {len(data)} bytes")
+    mt = header.message_type
+    own = OWN_CALL_ID_OFFSET.get(mt)
+    peer = PEER_CALL_ID_OFFSET.get(mt)
+    res = RESULT_CODE_OFFSET.get(mt)
+    return ControlMessage(
+        mt,
+        _U16.unpack_from(data, own)[0] if own is not None else None,
+        _U16.unpack_from(data, peer)[0] if peer is not None else None,
+        data[res] if res is not None else None,
+        bytes(data),
+    )
+
+
+def build_control_message(
+    message_type: MessageType | int,
+    *,
+    call_id: int = 0,
+    peer_call_id: int = 0,
+    result_code: int = 1,
+    serial: int = 0,
+    length: int | None = None,
+    cookie: int = MAGIC_COOKIE,
+) -> bytes:
+    """A well-formed message of ``message_type`` (fields not named are zero).
+
+    ``length``/``cookie`` exist so tests can build malformed messages.
+    """
+    size = MESSAGE_LENGTH.get(int(message_type), CONTROL_HEADER_LEN)
+    buf = bytearray(size)
+    _HEADER.pack_into(
+        buf, 0, size if length is None else length, PptpMessageType.CONTROL, cookie,
+        int(message_type), 0,
+    )
+    own = OWN_CALL_ID_OFFSET.get(int(message_type))
+    peer = PEER_CALL_ID_OFFSET.get(int(message_type))
+    res = RESULT_CODE_OFFSET.get(int(message_type))
+    if own is not None:
+        _U16.pack_into(buf, own, call_id)
+    if peer is not None:
+        _U16.pack_into(buf, peer, peer_call_id)
+    if res is not None:
+        buf[res] = result_code
+    if message_type == MT.OUTGOING_CALL_REQUEST:
+        _U16.pack_into(buf, 14, serial)
+    if message_type in (MT.START_CONTROL_CONNECTION_REQUEST, MT.START_CONTROL_CONNECTION_REPLY):
+        buf[12:14] = b"\x01\x00"  # protocol version 1.0
+    result_at = _OTHER_RESULT_OFFSET.get(int(message_type))
+    if result_at is not None:
+        buf[result_at] = result_code
+    return bytes(buf)
+
+
+# -- IPv4 / TCP / GRE -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IPv4Header:
+    ihl: int
+    """Header length in bytes (options included)."""
+    total_length: int
+    flags_fragment: int
+    protocol: int
+    src: bytes
+    dst: bytes
+
+    @property
+    def is_fragment(self) -> bool:
+        return bool(self.flags_fragment & 0x3FFF)
+
+
+def parse_ipv4(data: bytes | bytearray | memoryview) -> IPv4Header:
+    if len(data) < 20:
+        raise ProtocolError("short_ip", f"{len(data)} bytes")
+    vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(data, 0)
+    if vihl >> 4 != 4:
+        raise ProtocolError("not_ipv4", f"IP version {vihl >> 4}")
+    ihl = (vihl & 0x0F) * 4
+    if ihl < 20 or ihl > len(data) or total < ihl or total > len(data):
+        raise ProtocolError("bad_ip_header", f"IHL {ihl}, total length {total}, {len(data)} bytes")
+    return IPv4Header(ihl, total, frag, proto, src, dst)
+
+
+def build_ipv4(src: str, dst: str, protocol: int, payload: bytes, *, options: bytes = b"",
+               ident: int = 0, ttl: int = 64) -> bytes:
+    """An IPv4 packet with a correct header checksum (for tests and the lab)."""
+    if len(options) % 4:
+        raise ValueError("IP options must be a multiple of 4 bytes")
+    ihl = 20 + len(options)
+    hdr = bytearray(_IPV4.pack(
+        0x40 | (ihl // 4), 0, ihl + len(payload), ident, 0x4000, ttl, protocol, 0,
+        ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed,
+    ) + options)
+    _U16.pack_into(hdr, 10, internet_checksum(hdr))
+    return bytes(hdr) + payload
+
+
+def tcp_checksum(ip_src: bytes, ip_dst: bytes, segment: bytes | bytearray | memoryview) -> int:
+    """Full TCP checksum over the pseudo-header and ``segment`` (field zeroed by caller)."""
+    pseudo = ip_src + ip_dst + struct.pack("!BBH", 0, IPPROTO_TCP, len(segment))
+    return internet_checksum(pseudo + bytes(segment))
+
+
+def build_tcp(src: str, dst: str, sport: int, dport: int, seq: int, payload: bytes = b"", *,
+              ack: int = 0, flags: int = TCP_ACK, window: int = 65535,
+              ip_options: bytes = b"") -> bytes:
+    """An IPv4/TCP packet with correct checksums (for tests and the lab)."""
+    seg = bytearray(_TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack, 5 << 4, flags, window, 0, 0))
+    seg += payload
+    s = ipaddress.IPv4Address(src).packed
+    d = ipaddress.IPv4Address(dst).packed
+    _U16.pack_into(seg, 16, tcp_checksum(s, d, seg))
+    return build_ipv4(src, dst, IPPROTO_TCP, bytes(seg), options=ip_options)
+
+
+def build_gre(src: str, dst: str, call_id: int, payload: bytes = b"", *, seq: int | None = 0,
+              ack: int | None = None, ip_options: bytes = b"") -> bytes:
+    """An IPv4 packet carrying enhanced GRE (RFC 2637 section 4.1)."""
+    flags0 = 0x20 | (0x10 if seq is not None else 0)
+    flags1 = 0x01 | (0x80 if ack is not None else 0)
+    gre = _GRE.pack(flags0, flags1, GRE_PROTO_PPP, len(payload), call_id)
+    if seq is not None:
+        gre += struct.pack("!I", seq)
+    if ack is not None:
+        gre += struct.pack("!I", ack)
+    return build_ipv4(src, dst, IPPROTO_GRE, gre + payload, options=ip_options)
+
+
+def is_pptp_gre(flags0: int, flags1: int, protocol: int) -> bool:
+    """Enhanced GRE: C=0, R=0, K=1, version 1, protocol PPP (RFC 2637 4.1)."""
+    return flags0 & 0xE0 == 0x20 and flags1 & 0x07 == 1 and protocol == GRE_PROTO_PPP
+
+
+@dataclass(frozen=True, slots=True)
+class GreHeader:
+    call_id: int
+    payload_length: int
+    sequence: int | None
+    ack: int | None
+    header_length: int
+
+
+def parse_gre(data: bytes | bytearray | memoryview, offset: int = 0) -> GreHeader:
+    """Parse an enhanced GRE header (version 1, PPP, K set) at ``offset``."""
+    if len(data) - offset < 8:
+        raise ProtocolError("short_gre", f"{len(data) - offset} bytes")
+    f0, f1, proto, plen, call_id = _GRE.unpack_from(data, offset)
+    if not is_pptp_gre(f0, f1, proto):
+        raise ProtocolError("not_pptp_gre", f"flags {f0:#04x} {f1:#04x} protocol {proto:#06x}")
+    pos = offset + 8
+    seq = ack = None
+    if f0 & 0x10:
+        if len(data) < pos + 4:
+            raise ProtocolError("short_gre", "sequence number missing")
+        seq = struct.unpack_from("!I", data, pos)[0]
+        pos += 4
+    if f1 & 0x80:
+        if len(data) < pos + 4:
+            raise ProtocolError("short_gre", "acknowledgment number missing")
+        ack = struct.unpack_from("!I", data, pos)[0]
+        pos += 4
+    return GreHeader(call_id, plen, seq, ack, pos - offset)

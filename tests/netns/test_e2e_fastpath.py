@@ -1,0 +1,176 @@
+"""The kernel fast path (``datapath: kernel``) with the real peers.
+
+The scenarios of tests/netns/test_e2e_natedit.py run in both datapaths; these tests
+check what only the kernel datapath promises: GRE of established calls never
+reaches the queues (the kernel's queue figures), the element counters reach
+the metrics and keep busy calls alive past ``call_idle`` while idle ones are
+released and leave the kernel's maps, and a reload switches datapaths with
+live calls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from natedit.fastpath import parse_map_counters
+from natedit.lab.topology import Lab
+from natedit.metrics import parse_queue_stats
+from tests.harness import require_netns, scenarios
+from tests.harness.scenarios import Gateway
+
+pytestmark = pytest.mark.netns
+
+REPO = Path(__file__).resolve().parents[2]
+FORCED = 0x1234
+
+
+@pytest.fixture(autouse=True)
+def _real_peers() -> None:
+    require_netns()
+
+
+def start_worker(lab: Lab, policy: str) -> subprocess.Popen[bytes]:
+    path, ready = lab.tmpdir / "policy.yaml", lab.tmpdir / "natedit.ready"
+    path.write_text(policy)
+    return lab.start_gateway_process(
+        [sys.executable, "-m", "natedit", "run", "--policy", str(path), "--ready-file",
+         str(ready), "--pid-file", str(lab.tmpdir / "natedit.pid"), "--state", ""],
+        ready=ready.exists, cwd=str(REPO), name="natedit")
+
+
+def gateway(policy: str) -> Gateway:
+    def setup(lab: Lab) -> None:
+        lab.gateway_masquerade_only()
+        start_worker(lab, policy)
+
+    return Gateway("natedit-fastpath", setup)
+
+
+def fast_maps(lab: Lab) -> dict[str, dict[tuple[object, ...], int]]:
+    """The elements of each map of ip natedit_fast and their packets ({}: no table)."""
+    res = lab.exec(lab.gw_ns, ["nft", "-j", "list", "table", "ip", "natedit_fast"],
+                   check=False)
+    if res.returncode != 0:
+        return {}
+    maps = {}
+    for obj in json.loads(res.stdout)["nftables"]:
+        if "map" in obj:
+            one = json.dumps({"nftables": [obj]})
+            maps[obj["map"]["name"]] = {k: p for k, (p, _) in parse_map_counters(one).items()}
+    return maps
+
+
+def queued(lab: Lab) -> int:
+    """Packets queued to natedit since its queues were bound (both queues)."""
+    text = lab.exec(lab.gw_ns, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return sum(q.id_sequence for q in parse_queue_stats(text).values())
+
+
+def metric(lab: Lab, sample: str) -> float:
+    """The sum of the samples whose line starts with ``sample`` (name and labels)."""
+    code = ("import urllib.request; print(urllib.request.urlopen("
+            "'http://127.0.0.1:9723/metrics', timeout=5).read().decode())")
+    text = lab.exec(lab.gw_ns, [sys.executable, "-c", code]).stdout
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith(sample))
+
+
+def released(lab: Lab) -> list[dict[str, str]]:
+    out = []
+    for line in lab.process_log(lab.gateway_processes[0]).splitlines():
+        if "event=call_released " in line:
+            out.append(dict(re.findall(r'(\w+)=("[^"]*"|\S+)', line)))
+    return out
+
+
+def test_gre_of_established_calls_never_reaches_the_queues() -> None:
+    with scenarios.session(gateway("datapath: kernel\n"), 2) as s:
+        lab = s.lab
+        s.start_call(0, forced_call_id=FORCED)
+        s.start_call(1, forced_call_id=FORCED)
+        assert s.wait_connected([0, 1])
+        assert s.phase("warm", [0, 1], 5)
+        before = queued(lab)
+        assert s.phase("burst", [0, 1], 200)
+        during = queued(lab) - before
+        maps = fast_maps(lab)
+        time.sleep(2.5)  # one reading of the counters
+        gre_out = metric(lab, 'natedit_gre_packets_total{direction="outbound"')
+        gre_in = metric(lab, 'natedit_gre_packets_total{direction="inbound"')
+        r = s.finish("fastpath", {})
+    info = r.describe() + f"\nmaps {maps}\nqueued during the burst {during}"
+    assert all(c.clean for c in r.calls.values()), info
+    assert during == 0, info  # 800 GRE packets crossed, none through a queue
+    assert len(maps["in_daddr"]) == len(maps["in_cid"]) == len(maps["out_saddr"]) == 2, info
+    assert all(p >= 205 for p in maps["in_daddr"].values()), info
+    assert all(p >= 205 for p in maps["out_saddr"].values()), info
+    assert gre_out >= 410 and gre_in >= 410, info  # the kernel's packets are counted
+
+
+def test_kernel_counters_keep_busy_calls_and_idle_ones_leave() -> None:
+    """call_idle 3 s: a call whose GRE flows only through the kernel for 8 s stays; once
+    its GRE stops it is released as idle and its elements leave the kernel."""
+    policy = "datapath: kernel\ntimeouts:\n  call_idle: 3\n"
+    with scenarios.session(gateway(policy), 2) as s:
+        lab = s.lab
+        s.start_call(0, forced_call_id=FORCED)
+        s.start_call(1, forced_call_id=FORCED)
+        assert s.wait_connected([0, 1])
+        busy = True
+        for i in range(16):
+            busy = s.phase(f"t{i}", [0], 2) and busy
+            time.sleep(0.5)
+        early = released(lab)
+        still = fast_maps(lab)
+        time.sleep(3.0 + 2.0 + 1.5)  # idle timeout, a counter reading, a turn
+        late = released(lab)
+        gone = fast_maps(lab)
+        r = s.finish("fastpath_idle", {})
+    info = r.describe() + f"\nbefore {still}\nafter {gone}"
+    assert busy, info
+    victim = r.call(1).client_addr  # sent nothing after its hello: idle from the start
+    assert [e["client_address"] for e in early] == [victim], info
+    assert early[0]["reason"] == "idle", info
+    assert len(still["in_daddr"]) == 1, info
+    assert {e["reason"] for e in late} == {"idle"} and len(late) == 2, info
+    assert gone["in_daddr"] == {} and gone["out_saddr"] == {}, info
+
+
+def test_a_reload_switches_the_datapath_with_live_calls() -> None:
+    with scenarios.session(gateway("datapath: userspace\n"), 2) as s:
+        lab = s.lab
+        s.start_call(0, forced_call_id=FORCED)
+        s.start_call(1, forced_call_id=FORCED)
+        assert s.wait_connected([0, 1])
+        first = s.phase("userspace", [0, 1], 20)
+        no_table = fast_maps(lab)
+        outcomes = []
+        for datapath in ("kernel", "userspace"):
+            (lab.tmpdir / "policy.yaml").write_text(f"datapath: {datapath}\n")
+            done = lab.exec(lab.gw_ns, [sys.executable, "-m", "natedit", "reload",
+                                        "--ready-file", str(lab.tmpdir / "natedit.ready")],
+                            check=False)
+            outcomes.append((done.returncode, done.stderr))
+            if datapath == "kernel":
+                before = queued(lab)
+                kernel = s.phase("kernel", [0, 1], 50)
+                through_queue = queued(lab) - before
+                table = fast_maps(lab)
+        back = s.phase("userspace_again", [0, 1], 20)
+        after = fast_maps(lab)
+        ready = json.loads((lab.tmpdir / "natedit.ready").read_text())
+        r = s.finish("fastpath_reload", {})
+    info = r.describe() + f"\n{outcomes}\n{table}"
+    assert [rc for rc, _ in outcomes] == [0, 0], info
+    assert no_table == {} and after == {}, info
+    assert first and kernel and back, info
+    assert len(table["in_daddr"]) == 2 and through_queue == 0, info
+    assert all(c.clean for c in r.calls.values()), info
+    assert ready["policy"]["reloads_ok"] == 2, info

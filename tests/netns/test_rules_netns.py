@@ -1,0 +1,157 @@
+"""natedit.rules: install/remove in a namespace of our own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from natedit import host
+from natedit.core.policy import Policy
+from natedit.rules import (
+    Flavour,
+    Hook,
+    RulesError,
+    build_ruleset,
+    check_no_pptp_helper,
+    cleanup,
+    install,
+    remove,
+    render_iptables,
+)
+from tests.scratch_ns import Namespace, host_commands_in, require_scratch_ns, scratch_namespaces
+from tests.unit.test_rules import INSIDE, POLICY
+
+# -- in a namespace of our own ------------------------------------------------------------
+
+OPERATOR_RULES = """\
+*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A PREROUTING -p udp -m udp --dport 53 -j CT --notrack
+COMMIT
+*mangle
+:FORWARD ACCEPT [0:0]
+-A FORWARD -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -s 10.0.0.0/24 -o eth0 -j MASQUERADE
+COMMIT
+*filter
+:FORWARD DROP [0:0]
+-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+"""
+
+
+@pytest.fixture
+def gw(monkeypatch: pytest.MonkeyPatch) -> Iterator[Namespace]:
+    require_scratch_ns()
+    with scratch_namespaces("rules") as (ns,), host_commands_in(ns, monkeypatch):
+        yield ns
+
+
+def _ours(saved: str) -> list[str]:
+    return [ln for ln in saved.splitlines() if "NATEDIT-" in ln]
+
+
+def _expected_saved_lines(rs_text: str) -> list[str]:
+    """What iptables-save prints for our rules: -I X 1 becomes -A X."""
+    lines = [ln for ln in rs_text.splitlines() if "NATEDIT-" in ln and not ln.startswith(":")]
+    return sorted(
+        ln.replace(" 1 -j NATEDIT-", " -j NATEDIT-").replace("-I ", "-A ") for ln in lines
+    )
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("operator", [False, True], ids=["empty", "operator-rules"])
+def test_install_then_remove_restores_the_ruleset_exactly(gw: Namespace, operator: bool) -> None:
+    if operator:
+        gw.run(["iptables-restore"], stdin=OPERATOR_RULES)
+    before, before_nft = gw.iptables_save(), gw.run(["nft", "list", "ruleset"])
+    rs = build_ruleset(POLICY)
+
+    installation = install(rs, Flavour.IPTABLES)
+    saved = gw.iptables_save()
+    assert sorted(ln for ln in _ours(saved) if ln.startswith("-A")) == _expected_saved_lines(
+        render_iptables(rs)
+    )
+    # Our jumps come first in each built-in chain, before the operator's rules.
+    for table in ("raw", "mangle"):
+        chains = gw.run(["iptables-save", "-t", table]).splitlines()
+        firsts = {ln.split()[1]: ln for ln in reversed(chains) if ln.startswith("-A ")}
+        for hook in (h for h in Hook if h.table == table):
+            assert firsts[hook.chain] == f"-A {hook.chain} -j {hook.own_chain}"
+
+    remove(installation)
+    assert gw.iptables_save() == before
+    assert gw.run(["nft", "list", "ruleset"]) == before_nft
+
+
+@pytest.mark.netns
+def test_crash_then_restart_then_remove_is_clean(gw: Namespace) -> None:
+    gw.run(["iptables-restore"], stdin=OPERATOR_RULES)
+    before = gw.iptables_save()
+    install(build_ruleset(POLICY), Flavour.IPTABLES)  # the run that "crashed"
+    moved = Policy(public_address=IPv4Address("203.0.113.9"), inside_networks=INSIDE)
+    rs = build_ruleset(moved)  # the restart has another public address
+    installation = install(rs, Flavour.IPTABLES)
+
+    saved = gw.iptables_save()
+    assert "198.51.100.1" not in saved
+    assert sorted(ln for ln in _ours(saved) if ln.startswith("-A")) == _expected_saved_lines(
+        render_iptables(rs)
+    )
+    remove(installation)
+    assert gw.iptables_save() == before
+    remove(installation)  # idempotent
+    assert gw.iptables_save() == before
+
+
+@pytest.mark.netns
+def test_crash_in_an_empty_namespace_leaves_no_tables_behind(gw: Namespace) -> None:
+    install(build_ruleset(POLICY), Flavour.IPTABLES)
+    installation = install(build_ruleset(POLICY), Flavour.IPTABLES)
+    remove(installation)
+    assert gw.iptables_save() == ""
+    assert gw.run(["nft", "list", "ruleset"]) == ""
+
+
+@pytest.mark.netns
+def test_cleanup_without_leftovers_touches_nothing(gw: Namespace) -> None:
+    # An operator's empty base chain and empty table: not natedit's, so not pruned.
+    gw.run(["iptables", "-t", "mangle", "-P", "POSTROUTING", "ACCEPT"])
+    gw.run(["nft", "add", "table", "ip", "raw"])
+    before = gw.run(["nft", "list", "ruleset"])
+    cleanup()
+    assert gw.run(["nft", "list", "ruleset"]) == before
+
+
+@pytest.mark.netns
+def test_pptp_helper_rule_is_detected(gw: Namespace) -> None:
+    check_no_pptp_helper(INSIDE)
+    gw.run(["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "1723",
+            "-j", "CT", "--helper", "pptp"])  # fmt: skip
+    with pytest.raises(RulesError, match=r"^the kernel PPTP helper is attached to TCP 1723"):
+        check_no_pptp_helper(INSIDE)
+
+
+@pytest.mark.netns
+def test_nft_flavour_installs_exactly_or_says_why_not(gw: Namespace) -> None:
+    gw.run(["iptables-restore"], stdin=OPERATOR_RULES)
+    before = gw.run(["nft", "list", "ruleset"])
+    rs = build_ruleset(POLICY)
+    probe = "table ip natedit_probe { chain c { queue num 9; }; }\ndelete table ip natedit_probe\n"
+    try:
+        host.run(["nft", "-c", "-f", "-"], stdin=probe)
+    except host.HostError:
+        with pytest.raises(RulesError, match=r"CONFIG_NFT_QUEUE"):
+            install(rs, Flavour.NFT)
+        assert gw.run(["nft", "list", "ruleset"]) == before
+        return
+    installation = install(rs, Flavour.NFT)
+    assert "queue num 1724" in gw.run(["nft", "list", "table", "ip", "natedit"])
+    remove(installation)
+    assert gw.run(["nft", "list", "ruleset"]) == before

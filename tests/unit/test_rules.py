@@ -1,0 +1,286 @@
+"""natedit.rules: rendering (pure); tests/netns/test_rules_netns.py installs and removes."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import pytest
+
+from natedit.core.policy import Policy
+from natedit.rules import (
+    Hook,
+    NftChains,
+    RulesError,
+    build_ruleset,
+    iptables_blocks,
+    iptables_removal,
+    nft_pptp_helpers,
+    nft_prune,
+    pptp_helper_rules,
+    render_iptables,
+    render_nft,
+)
+
+PUBLIC = IPv4Address("198.51.100.1")
+INSIDE = (IPv4Network("10.0.0.0/24"),)
+POLICY = Policy(public_address=PUBLIC, inside_networks=INSIDE)
+U32 = '-m u32 --u32 "0x0>>0x16&0x3c@0x0>>0x10&0x7=0x1"'
+
+# The whole rendering for the smallest useful policy, as iptables-restore reads it.
+EXPECTED_IPTABLES = f"""\
+# natedit rules: iptables-restore --noflush < this
+# public address 198.51.100.1, inside 10.0.0.0/24
+# no --queue-bypass: with no worker bound, queued PPTP packets are dropped
+*raw
+:NATEDIT-PREROUTING - [0:0]
+:NATEDIT-PREROUTING-GRE-OUT - [0:0]
+-I PREROUTING 1 -j NATEDIT-PREROUTING
+# GRE to the public address is natedit's, not conntrack's
+-A NATEDIT-PREROUTING -d 198.51.100.1/32 -p gre {U32} -j CT --notrack
+# GRE from a client is natedit's, not conntrack's (nor MASQUERADE's)
+-A NATEDIT-PREROUTING -p gre -j NATEDIT-PREROUTING-GRE-OUT
+-A NATEDIT-PREROUTING-GRE-OUT -d 10.0.0.0/24 -j RETURN
+-A NATEDIT-PREROUTING-GRE-OUT -s 10.0.0.0/24 {U32} -j CT --notrack
+COMMIT
+*mangle
+:NATEDIT-PREROUTING - [0:0]
+:NATEDIT-FORWARD - [0:0]
+:NATEDIT-FORWARD-OUT - [0:0]
+:NATEDIT-FORWARD-IN - [0:0]
+:NATEDIT-FORWARD-GRE-OUT - [0:0]
+:NATEDIT-POSTROUTING - [0:0]
+:NATEDIT-POSTROUTING-GRE-OUT - [0:0]
+-I PREROUTING 1 -j NATEDIT-PREROUTING
+-I FORWARD 1 -j NATEDIT-FORWARD
+-I POSTROUTING 1 -j NATEDIT-POSTROUTING
+# inbound GRE, before routing: the private destination written is routed
+-A NATEDIT-PREROUTING -d 198.51.100.1/32 -p gre {U32} -j NFQUEUE --queue-num 1724
+# control, client to server: private source, before the kernel's SNAT
+-A NATEDIT-FORWARD -p tcp -m tcp --dport 1723 -j NATEDIT-FORWARD-OUT
+# control, server to client: private destination, after the kernel un-NATs
+-A NATEDIT-FORWARD -p tcp -m tcp --sport 1723 -j NATEDIT-FORWARD-IN
+# outbound GRE: natedit writes the public source
+-A NATEDIT-FORWARD -p gre -j NATEDIT-FORWARD-GRE-OUT
+-A NATEDIT-FORWARD-OUT -d 10.0.0.0/24 -j RETURN
+-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723
+-A NATEDIT-FORWARD-IN -s 10.0.0.0/24 -j RETURN
+-A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 1724
+-A NATEDIT-FORWARD-GRE-OUT -d 10.0.0.0/24 -j RETURN
+-A NATEDIT-FORWARD-GRE-OUT -s 10.0.0.0/24 {U32} -j NFQUEUE --queue-num 1723
+# safety net: no GRE leaves with a private source
+-A NATEDIT-POSTROUTING -p gre -j NATEDIT-POSTROUTING-GRE-OUT
+-A NATEDIT-POSTROUTING-GRE-OUT -d 10.0.0.0/24 -j RETURN
+-A NATEDIT-POSTROUTING-GRE-OUT -s 10.0.0.0/24 {U32} -j DROP
+COMMIT
+"""
+
+
+def test_iptables_rendering_is_exact() -> None:
+    assert render_iptables(build_ruleset(POLICY)) == EXPECTED_IPTABLES
+
+
+def test_no_queue_bypass_anywhere() -> None:
+    rs = build_ruleset(Policy(public_address=PUBLIC))
+    for text in (render_iptables(rs), render_nft(rs)):
+        rules = [ln for ln in text.splitlines() if "queue" in ln and not ln.startswith("#")]
+        assert rules
+        assert not [ln for ln in rules if "bypass" in ln]
+
+
+def test_inside_networks_are_collapsed_and_each_gets_a_return_and_a_target() -> None:
+    policy = Policy(
+        public_address=PUBLIC,
+        inside_networks=(
+            IPv4Network("10.0.0.0/25"),
+            IPv4Network("10.0.0.128/25"),
+            IPv4Network("10.0.0.0/24"),
+            IPv4Network("192.168.7.0/24"),
+        ),
+    )
+    mangle = iptables_blocks(build_ruleset(policy))["mangle"]
+    assert [ln for ln in mangle if ln.startswith("-A NATEDIT-FORWARD-OUT")] == [
+        "-A NATEDIT-FORWARD-OUT -d 10.0.0.0/24 -j RETURN",
+        "-A NATEDIT-FORWARD-OUT -d 192.168.7.0/24 -j RETURN",
+        "-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723",
+        "-A NATEDIT-FORWARD-OUT -s 192.168.7.0/24 -j NFQUEUE --queue-num 1723",
+    ]
+
+
+def test_queue_numbers_come_from_the_policy() -> None:
+    policy = Policy(
+        public_address=PUBLIC, inside_networks=INSIDE, queue_outbound=7, queue_inbound=0
+    )
+    text = render_iptables(build_ruleset(policy))
+    assert "-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 7" in text
+    assert "-A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 0" in text
+
+
+def test_unresolved_public_address_is_refused() -> None:
+    with pytest.raises(RulesError, match=r"^public_address is not resolved"):
+        build_ruleset(Policy())
+
+
+def test_public_address_inside_is_refused() -> None:
+    policy = Policy(public_address=IPv4Address("10.0.0.1"), inside_networks=INSIDE)
+    with pytest.raises(RulesError, match=r"^public_address 10.0.0.1 is inside inside_networks$"):
+        build_ruleset(policy)
+
+
+def test_nft_rendering() -> None:
+    text = render_nft(build_ruleset(POLICY))
+    lines = [ln.strip() for ln in text.splitlines()]
+    # The create-delete-create idiom: one atomic replace, whether or not it existed.
+    assert lines[3:6] == ["table ip natedit", "delete table ip natedit", "table ip natedit {"]
+    assert "elements = { 10.0.0.0/24 }" in lines
+    assert "type filter hook prerouting priority raw; policy accept;" in lines
+    gre = "ip protocol gre @th,13,3 1"
+    statements = [ln.split(" comment ")[0] for ln in lines if " comment " in ln]
+    assert statements == [
+        f"{gre} ip daddr 198.51.100.1 notrack",
+        f"{gre} ip saddr @inside ip daddr != @inside notrack",
+        f"{gre} ip daddr 198.51.100.1 queue num 1724",
+        "tcp dport 1723 ip saddr @inside ip daddr != @inside queue num 1723",
+        "tcp sport 1723 ip daddr @inside ip saddr != @inside queue num 1724",
+        f"{gre} ip saddr @inside ip daddr != @inside queue num 1723",
+        f"{gre} ip saddr @inside ip daddr != @inside drop",
+    ]
+
+
+# -- removal planning (pure) ----------------------------------------------------------
+
+SAVED_WITH_LEFTOVERS = f"""\
+# Generated by iptables-save v1.8.9 (nf_tables) on Sat Nov 21 01:02:37 2026
+*mangle
+:PREROUTING ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:NATEDIT-FORWARD - [0:0]
+:NATEDIT-FORWARD-OUT - [0:0]
+:OPERATOR - [0:0]
+-A PREROUTING -j OPERATOR
+-A FORWARD -j NATEDIT-FORWARD
+-A FORWARD -p tcp -j ACCEPT
+-A FORWARD -j NATEDIT-FORWARD
+-A OPERATOR -p gre {U32} -g NATEDIT-FORWARD-OUT
+-A NATEDIT-FORWARD -p tcp -m tcp --dport 1723 -j NATEDIT-FORWARD-OUT
+-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723
+COMMIT
+*nat
+:POSTROUTING ACCEPT [0:0]
+-A POSTROUTING -o eth0 -j MASQUERADE
+COMMIT
+"""
+
+
+def test_removal_deletes_every_reference_then_flushes_then_deletes() -> None:
+    assert iptables_removal(SAVED_WITH_LEFTOVERS) == {
+        "mangle": [
+            "-D FORWARD -j NATEDIT-FORWARD",
+            "-D FORWARD -j NATEDIT-FORWARD",
+            f"-D OPERATOR -p gre {U32} -g NATEDIT-FORWARD-OUT",
+            "-F NATEDIT-FORWARD",
+            "-F NATEDIT-FORWARD-OUT",
+            "-X NATEDIT-FORWARD",
+            "-X NATEDIT-FORWARD-OUT",
+        ]
+    }
+
+
+def test_removal_of_a_clean_ruleset_is_nothing() -> None:
+    clean = "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n"
+    assert iptables_removal(clean) == {}
+    assert iptables_removal("") == {}
+
+
+# -- the kernel PPTP helper (pure) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "covers"),
+    [
+        ("-A PREROUTING -p tcp -m tcp --dport 1723 -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -j CT --helper pptp", True),
+        ("-A PREROUTING -s 10.0.0.0/8 -p tcp -m tcp --dport 1723 -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -m multiport --dports 1700:1800 -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -m tcp ! --dport 21 -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -m multiport --dports 21,1000: -j CT --helper pptp", True),
+        ("-A PREROUTING -p tcp -m multiport --dports 21,1724: -j CT --helper pptp", False),
+        ("-A PREROUTING -p tcp -m tcp --dport 21 -j CT --helper pptp", False),
+        ("-A PREROUTING -p tcp -m tcp ! --dport 1723 -j CT --helper pptp", False),
+        ("-A PREROUTING -s 192.168.0.0/16 -p tcp -m tcp --dport 1723 -j CT --helper pptp", False),
+        ("-A PREROUTING -p tcp -m tcp --dport 21 -j CT --helper ftp", False),
+        ("-A PREROUTING -p tcp -m tcp --dport 1723 -j CT --helper ftp", False),
+    ],
+)
+def test_pptp_helper_rules(rule: str, covers: bool) -> None:
+    saved = f"*raw\n:PREROUTING ACCEPT [0:0]\n{rule}\nCOMMIT\n"
+    assert pptp_helper_rules(saved, INSIDE) == ([f"raw: {rule}"] if covers else [])
+
+
+def test_pptp_helper_outside_the_raw_table_is_not_a_helper_rule() -> None:
+    saved = "*mangle\n-A PREROUTING -p tcp -j CT --helper pptp\nCOMMIT\n"
+    assert pptp_helper_rules(saved, INSIDE) == []
+
+
+def test_native_nft_pptp_helper_objects() -> None:
+    objects: list[dict[str, Any]] = [
+        {"table": {"family": "inet", "name": "fw", "handle": 1}},
+        {"ct helper": {"family": "inet", "table": "fw", "name": "p", "type": "pptp"}},
+        {"ct helper": {"family": "inet", "table": "fw", "name": "f", "type": "ftp"}},
+    ]
+    assert nft_pptp_helpers(objects) == ["nft: ct helper inet fw p (type pptp)"]
+
+
+# -- pruning what iptables-nft created (pure) -----------------------------------------------
+
+
+def _chain(table: str, name: str, hook: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"family": "ip", "table": table, "name": name}
+    if hook:
+        body |= {"type": "filter", "hook": hook, "prio": -150, "policy": "accept"}
+    return {"chain": body}
+
+
+def _rule(table: str, chain: str) -> dict[str, Any]:
+    return {"rule": {"family": "ip", "table": table, "chain": chain, "expr": []}}
+
+
+AFTER_REMOVAL: list[dict[str, Any]] = [
+    {"metainfo": {"version": "1.0.6"}},
+    {"table": {"family": "ip", "name": "raw"}},
+    _chain("raw", "PREROUTING", "prerouting"),
+    {"table": {"family": "ip", "name": "mangle"}},
+    _chain("mangle", "PREROUTING", "prerouting"),
+    _chain("mangle", "FORWARD", "forward"),
+    _chain("mangle", "POSTROUTING", "postrouting"),
+    _rule("mangle", "FORWARD"),
+]
+
+
+def test_prune_with_unknown_past_deletes_every_empty_base_chain_and_table() -> None:
+    assert nft_prune(AFTER_REMOVAL, None, tuple(Hook)) == (
+        "delete chain ip raw PREROUTING\n"
+        "delete chain ip mangle PREROUTING\n"
+        "delete chain ip mangle POSTROUTING\n"
+        "delete table ip raw\n"
+    )
+
+
+def test_prune_keeps_what_was_there_before() -> None:
+    before = NftChains(frozenset({"raw"}), frozenset({("raw", "PREROUTING")}))
+    assert nft_prune(AFTER_REMOVAL, before, tuple(Hook)) == (
+        "delete chain ip mangle PREROUTING\ndelete chain ip mangle POSTROUTING\n"
+    )
+
+
+def test_prune_keeps_a_base_chain_with_a_drop_policy() -> None:
+    objects = [
+        {"table": {"family": "ip", "name": "raw"}},
+        {"chain": _chain("raw", "PREROUTING", "prerouting")["chain"] | {"policy": "drop"}},
+    ]
+    assert nft_prune(objects, None, tuple(Hook)) == ""
+
+
+def test_prune_only_looks_at_natedit_hooks() -> None:
+    objects = [{"table": {"family": "ip", "name": "mangle"}}, _chain("mangle", "INPUT", "input")]
+    assert nft_prune(objects, None, tuple(Hook)) == ""
