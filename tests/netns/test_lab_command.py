@@ -70,8 +70,8 @@ def test_lab_runs_end_to_end_and_leaves_nothing() -> None:
     # the live call table, several times: three calls, one private Call ID, three public ones
     views = output.count("natedit calls (in the gateway namespace)")
     assert views >= 2, output
-    rows = re.findall(r"^ +(10\.0\.0\.1[123]) +4660 +198\.51\.100\.2 +(\d+) +198\.51\.100\.1 "
-                      r"+(\d+) +established$", output, re.M)
+    rows = re.findall(r"^ +(10\.0\.0\.1[123]) +0x1234 +198\.51\.100\.2 +(0x[0-9a-f]{4}) "
+                      r"+198\.51\.100\.1 +(0x[0-9a-f]{4}) +established$", output, re.M)
     assert len(rows) == 3 * views, output
     assert len({public for _, _, public in rows}) == 3, output
     # the metrics excerpt
@@ -81,7 +81,7 @@ def test_lab_runs_end_to_end_and_leaves_nothing() -> None:
     assert int(inbound[-1]) > 100, output
     # the summary: every frame home, none to another client
     summary = output.split("=== summary")[1]
-    clients = re.findall(r"^ +c(\d) +10\.0\.0\.\d+ +0x1234 +(\d+) +(\d+) +(\d+) +(\d+)$",
+    clients = re.findall(r"^ +c(\d) +10\.0\.0\.\d+ +0x1234 +(0x[0-9a-f]{4}) +(\d+) +(\d+) +(\d+)$",
                          summary, re.M)
     assert len(clients) == 3, output
     for _, _, sent, returned, foreign in clients:
