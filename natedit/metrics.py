@@ -62,7 +62,15 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from .core.errors import NateditError
+from .core.errors import (
+    ACL_REFUSALS,
+    DropReason,
+    Malformed,
+    NateditError,
+    PassReason,
+    Refusal,
+    ReleaseReason,
+)
 from .core.events import CallInfo
 from .core.policy import MalformedAction, Policy
 from .core.table import CallState
@@ -81,34 +89,19 @@ COPY_RETRIES = 8
 
 DIRECTIONS = {d: d.name.lower() for d in Direction}
 
-# Label values known in advance, exported at 0. A reason not listed here is still
-# exported once it happens; tests/unit/test_metrics.py checks these against the core's source.
-RELEASE_REASONS = (
-    "disconnect", "stop", "fin", "reset", "idle", "request_timeout", "control_idle",
-    "refused_by_server", "refused_by_client", "replaced",
-)
-"""Why a mapping ended (``Translator._release`` callers)."""
-REFUSAL_REASONS = (
-    "not_started", "client_denied", "server_denied", "client_limit", "table_full",
-    "pool_exhausted", "rate_limited",
-)
-"""Why a new call was not mapped (``Translator._check_new_calls``: the connection's
-start, the ACL, ``CallTable.refusal``, the new-call rate)."""
-CONNECTION_REFUSAL_REASONS = ("client_denied", "server_denied")
+# Label values known in advance, exported at 0: the core's reason enums (a reason
+# not among them is still exported once it happens).
+RELEASE_REASONS = tuple(ReleaseReason)
+"""Why a mapping ended."""
+REFUSAL_REASONS = tuple(Refusal)
+"""Why a new call was not mapped (the connection's start, the ACL, a limit, the rate)."""
+CONNECTION_REFUSAL_REASONS = ACL_REFUSALS
 """Why a new control connection was not tracked (``Admission.connection_refusal``)."""
-MALFORMED_REASONS = (
-    "short_ip", "not_ipv4", "bad_ip_header", "short_tcp", "bad_tcp_header", "short_gre",
-    "short_header", "bad_pptp_type", "bad_cookie", "bad_message_type", "bad_length",
-    "length_mismatch",
-)
+MALFORMED_REASONS = tuple(Malformed)
 """ProtocolError reasons: input that does not parse or fails validation."""
-DROP_REASONS = (
-    "gap", "no_call", "foreign_call_id", "fragment", "too_many_connections",
-    "client_connection_limit", *(f"refused:{r}" for r in REFUSAL_REASONS),
-)
-"""Drops that are not malformed input (see the translator's verdict table)."""
-PASS_REASONS = ("unsynced", "not_ours", "not_pptp_gre", "unknown_call_id",
-                "split_call_id_undecided")
+DROP_REASONS = tuple(DropReason)
+"""Drops that are not malformed input (the refusals included)."""
+PASS_REASONS = tuple(PassReason)
 """Deliberate pass-throughs: packets, or Call ID fields, natedit leaves as they came."""
 WORKER_ERRORS = ("packet_error", "timer_error", "fastpath_error")
 """The worker's own trouble (``Dispatcher.counts``); a packet_error drops the packet; a

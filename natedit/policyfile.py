@@ -38,7 +38,6 @@ from .core.policy import (
     LogFormat,
     MalformedAction,
     Policy,
-    RefuseAction,
 )
 
 # -- the schema ------------------------------------------------------------------------------
@@ -65,6 +64,9 @@ class Field:
     """True when a running worker cannot change it (a reload that tries is rejected)."""
     networks: bool = False
     """A list of networks: each item is checked, and located, on its own."""
+    retired: bool = False
+    """A key still accepted and checked, as it always was, that sets nothing (``attr``
+    names no attribute): files that have it load; dumps and diffs leave it out."""
 
     @property
     def default(self) -> Any:
@@ -189,11 +191,19 @@ def _listen(raw: Any) -> str:
     return raw
 
 
+class _Refuse(enum.Enum):
+    """``refuse``'s one value: a refused call's segment is dropped, as it always is (TCP
+    retransmits it and it is decided again). The key sets nothing; it stays accepted
+    so that existing files load, and ``reply`` stays rejected with its reason."""
+
+    DROP = "drop"
+
+
 _REPLY_HINT = {
     "reply": "refusing with an Outgoing-Call-Reply is not supported, see the README",
 }
 
-FIELDS: tuple[Field, ...] = (
+SCHEMA: tuple[Field, ...] = (
     Field("public_address", "public_address", _address_or_null, restart=True),
     Field("public_interface", "public_interface", _interface_or_null, restart=True),
     Field("inside_networks", "inside_networks", _networks(True), restart=True, networks=True),
@@ -222,7 +232,7 @@ FIELDS: tuple[Field, ...] = (
     Field("acl.clients.deny", "clients_deny", _networks(False), networks=True),
     Field("acl.servers.allow", "servers_allow", _networks(False), networks=True),
     Field("acl.servers.deny", "servers_deny", _networks(False), networks=True),
-    Field("refuse", "refuse", _choice(RefuseAction, _REPLY_HINT)),
+    Field("refuse", "(refuse)", _choice(_Refuse, _REPLY_HINT), retired=True),
     Field("malformed", "malformed", _choice(MalformedAction)),
     Field("disconnect_rule", "disconnect_rule", _choice(DisconnectRule)),
     Field("datapath", "datapath", _choice(Datapath)),
@@ -231,9 +241,12 @@ FIELDS: tuple[Field, ...] = (
     Field("logging.level", "log_level", _log_level),
     Field("logging.format", "log_format", _choice(LogFormat)),
 )
-"""Every policy field: YAML path, Policy attribute, converter, run-time changeable or not."""
+"""Every policy key, in the document's order: YAML path, Policy attribute, converter,
+run-time changeable or not."""
+FIELDS = tuple(f for f in SCHEMA if not f.retired)
+"""The keys that set a :class:`Policy` attribute (all but the retired ``refuse``)."""
 
-BY_PATH = {f.path: f for f in FIELDS}
+BY_PATH = {f.path: f for f in SCHEMA}
 BY_ATTR = {f.attr: f for f in FIELDS}
 _DEFAULT = Policy()
 
@@ -241,7 +254,7 @@ _DEFAULT = Policy()
 def _tree() -> dict[str, Any]:
     """The document layout: group name -> sub-layout, leaf name -> Field."""
     root: dict[str, Any] = {}
-    for f in FIELDS:
+    for f in SCHEMA:
         *groups, leaf = f.path.split(".")
         node = root
         for g in groups:
@@ -491,7 +504,7 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
             found = _found(root, w._scalar(root))
             w.problem("", f"expected a mapping of policy keys, found {found}",
                       root.start_mark.line + 1)
-    policy = Policy(**w.values)
+    policy = Policy(**{a: v for a, v in w.values.items() if a in BY_ATTR})
     _cross_checks(w, policy)
     if w.problems:
         raise PolicyError(w.problems)

@@ -16,6 +16,7 @@ from ipaddress import IPv4Address
 
 from natedit import logs, worker
 from natedit.core.checksum import internet_checksum
+from natedit.core.errors import ReleaseReason
 from natedit.core.events import ACCEPT, Action, CallInfo, CallReleased, Event, Verdict
 from natedit.core.policy import Policy
 from natedit.core.wire import IPPROTO_GRE, Direction
@@ -55,7 +56,7 @@ class StandIn:
 
     def handle_timer(self, now: float) -> list[Event]:
         self.deadline = None
-        return [CallReleased(TIMER_CALL, "idle")]
+        return [CallReleased(TIMER_CALL, ReleaseReason.IDLE)]
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
+from .errors import Refusal
 from .policy import ANYWHERE, Policy
 
 BUCKETS_PRUNE_AT = 4096
@@ -38,26 +39,27 @@ class Admission:
         if policy.new_calls_per_second <= 0:
             self._buckets.clear()
 
-    def connection_refusal(self, client_ip: bytes, server_ip: bytes) -> str | None:
+    def connection_refusal(self, client_ip: bytes, server_ip: bytes) -> Refusal | None:
         """Why a new control connection from ``client_ip`` to ``server_ip`` may not be
         tracked (and its packets go no further), or None."""
         return self.acl_refusal(client_ip, server_ip)
 
-    def acl_refusal(self, client_ip: bytes, server_ip: bytes) -> str | None:
+    def acl_refusal(self, client_ip: bytes, server_ip: bytes) -> Refusal | None:
+        """One of :data:`~natedit.core.errors.ACL_REFUSALS`, or None."""
         if self._open:
             return None
         p = self.policy
         if not p.client_allowed(IPv4Address(client_ip)):
-            return "client_denied"
+            return Refusal.CLIENT_DENIED
         if not p.server_allowed(IPv4Address(server_ip)):
-            return "server_denied"
+            return Refusal.SERVER_DENIED
         return None
 
-    def rate_refusal(self, client_ip: bytes, n: int, now: float) -> str | None:
+    def rate_refusal(self, client_ip: bytes, n: int, now: float) -> Refusal | None:
         """``rate_limited`` when ``client_ip`` has fewer than ``n`` tokens at ``now``."""
         if self.policy.new_calls_per_second <= 0:
             return None
-        return "rate_limited" if self._tokens(client_ip, now) < n else None
+        return Refusal.RATE_LIMITED if self._tokens(client_ip, now) < n else None
 
     def admit(self, client_ip: bytes, n: int, now: float) -> None:
         """``n`` new calls of ``client_ip`` were let through at ``now``."""

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from .errors import Malformed, PassReason, Reason, Refusal, ReleaseReason
+
 
 class Action(enum.Enum):
     ACCEPT = "accept"
@@ -88,7 +90,7 @@ class CallReleased:
     """A mapping ended; ``reason`` says why (clear, disconnect, refused, stop, ...)."""
 
     call: CallInfo
-    reason: str
+    reason: ReleaseReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,7 @@ class CallRefused:
     client_address: IPv4Address
     client_call_id: int | None
     server_address: IPv4Address
-    reason: str
+    reason: Refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,14 +109,14 @@ class ConnectionRefused:
 
     client_address: IPv4Address
     server_address: IPv4Address
-    reason: str
+    reason: Refusal
 
 
 @dataclass(frozen=True, slots=True)
 class ProtocolViolation:
     """Input the core would not accept; the verdict carries the same reason."""
 
-    reason: str
+    reason: Malformed | PassReason
     detail: str
 
 
@@ -127,7 +129,7 @@ class Verdict:
     action: Action
     data: bytes | None = None
     """Replacement packet bytes; None means the packet goes out as it came."""
-    reason: str | None = None
+    reason: Reason | None = None
     """Why a packet was dropped, or passed untouched on purpose."""
     events: tuple[Event, ...] = ()
 

@@ -48,12 +48,6 @@ class DisconnectRule(enum.Enum):
     """Leave the PAC's Call ID untouched; only map a public Call ID back."""
 
 
-class RefuseAction(enum.Enum):
-    DROP = "drop"
-    """Drop the segment that asks for the call; TCP retransmits it, and it is
-    decided again each time (it goes through once the reason is gone)."""
-
-
 class Datapath(enum.Enum):
     USERSPACE = "userspace"
     """Every GRE packet goes through the queues to the worker."""
@@ -115,8 +109,6 @@ class Policy:
     """Servers clients may reach."""
     servers_deny: tuple[IPv4Network, ...] = ()
     """Servers clients may not reach."""
-    refuse: RefuseAction = RefuseAction.DROP
-    """What a refused call (a limit, the ACL) gets."""
     malformed: MalformedAction = MalformedAction.DROP
     """What a control message that fails validation gets."""
     disconnect_rule: DisconnectRule = DisconnectRule.CLIENT

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
 from .checksum import address_delta
+from .errors import DropReason, Refusal, RestoreOutcome
 from .events import CallInfo, CallRecord
 from .policy import Allocation, Policy
 from .stream import Stream
@@ -216,7 +217,7 @@ class CallTable:
             self.schedule(conn, conn.expires(self.policy))
         return conn
 
-    def connection_refusal(self, client_ip: bytes) -> str | None:
+    def connection_refusal(self, client_ip: bytes) -> DropReason | None:
         """Why a new control connection of ``client_ip`` cannot be tracked, or None.
 
         Besides the table's limit, a client may hold as many connections as it may
@@ -225,10 +226,10 @@ class CallTable:
         cannot fill the table.
         """
         if len(self.connections) >= self.policy.max_control_connections:
-            return "too_many_connections"
+            return DropReason.TOO_MANY_CONNECTIONS
         if (self.connections_per_client[client_ip]
                 >= self.policy.max_calls_per_client + CONNECTION_SLACK):
-            return "client_connection_limit"
+            return DropReason.CLIENT_CONNECTION_LIMIT
         return None
 
     def forget_connection(self, conn: ControlConnection) -> None:
@@ -243,23 +244,23 @@ class CallTable:
     # -- calls ------------------------------------------------------------------------
 
     def refusal(self, conn: ControlConnection, public_ip: bytes,
-                client_his: list[int]) -> str | None:
+                client_his: list[int]) -> Refusal | None:
         """Why new calls of ``conn`` (their client Call ID high bytes) cannot all be
         mapped, or None."""
         p = self.policy
         n = len(client_his)
         if self.per_client[conn.client_ip] + n > p.max_calls_per_client:
-            return "client_limit"
+            return Refusal.CLIENT_LIMIT
         if len(self.by_public) + n > p.max_calls:
-            return "table_full"
+            return Refusal.TABLE_FULL
         used = self.used.get((public_ip, conn.server_ip), set())
         size = p.call_id_last - p.call_id_first + 1
         if len(used) + n > size and sum(
                 p.call_id_first <= cid <= p.call_id_last for cid in used) + n > size:
-            return "pool_exhausted"  # (live IDs outside a range changed by a reload are free)
+            return Refusal.POOL_EXHAUSTED  # (live IDs outside a range changed by a reload are free)
         for hi in client_his:
             if not self._has_room(conn, hi, used):
-                return "pool_exhausted"
+                return Refusal.POOL_EXHAUSTED
         return None
 
     def _has_room(self, conn: ControlConnection, client_hi: int, used: set[int]) -> bool:
@@ -341,7 +342,7 @@ class CallTable:
                 return first + off
         return None
 
-    def restore(self, rec: CallRecord, now: float) -> str | None:
+    def restore(self, rec: CallRecord, now: float) -> RestoreOutcome | None:
         """Put back a call a previous run mapped; why it was not (None: it was).
 
         The call gets its old public Call ID only if the table's invariants hold
@@ -355,36 +356,36 @@ class CallTable:
         try:
             state = CallState(rec.state)
         except ValueError:
-            return "invalid"
+            return RestoreOutcome.INVALID
         cid, hi = rec.client_call_id, rec.client_call_hi
         if not (_u16(rec.public_call_id) and 0 <= hi <= 0xFF and 0 < rec.client_port <= 0xFFFF
                 and 0 < rec.server_port <= 0xFFFF
                 and (cid is None or (_u16(cid) and cid >> 8 == hi))
                 and (rec.server_call_id is None or _u16(rec.server_call_id))):
-            return "invalid"
+            return RestoreOutcome.INVALID
         client_ip, server_ip = rec.client_address.packed, rec.server_address.packed
         public_ip = rec.public_address.packed
         used = self.used.setdefault((public_ip, server_ip), set())
         if rec.public_call_id in used:
-            return "duplicate"
+            return RestoreOutcome.DUPLICATE
         if (rec.server_call_id is not None
                 and (client_ip, server_ip, rec.server_call_id) in self.by_server):
-            return "duplicate"  # outbound GRE could not tell the two apart
+            return RestoreOutcome.DUPLICATE  # outbound GRE could not tell the two apart
         key = (client_ip, rec.client_port, server_ip, rec.server_port)
         conn = self.connections.get(key)
         if conn is not None:
             if cid is not None and conn.call_by_client_id(cid) is not None:
-                return "duplicate"
+                return RestoreOutcome.DUPLICATE
             if (conn.public_hi_for_client_hi(hi) not in (None, rec.public_call_id >> 8)
                     or conn.client_hi_for_public_hi(rec.public_call_id >> 8) not in (None, hi)):
-                return "high_byte_rule"
+                return RestoreOutcome.HIGH_BYTE_RULE
         if self.per_client[client_ip] >= self.policy.max_calls_per_client:
-            return "client_limit"
+            return RestoreOutcome.CLIENT_LIMIT
         if len(self.by_public) >= self.policy.max_calls:
-            return "table_full"
+            return RestoreOutcome.TABLE_FULL
         conn = self.connection(key, now, create=True)
         if conn is None:
-            return "too_many_connections"
+            return RestoreOutcome.TOO_MANY_CONNECTIONS
         call = Call(conn, hi, public_ip, rec.public_call_id, now)
         call.client_call_id = cid
         call.state = state

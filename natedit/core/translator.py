@@ -103,7 +103,16 @@ from ipaddress import IPv4Address
 
 from .admission import Admission
 from .checksum import apply_delta
-from .errors import ProtocolError
+from .errors import (
+    DropReason,
+    Malformed,
+    PassReason,
+    ProtocolError,
+    Reason,
+    Refusal,
+    ReleaseReason,
+    RestoreOutcome,
+)
 from .events import (
     ACCEPT,
     Action,
@@ -180,12 +189,24 @@ _FIELDS: dict[tuple[Direction, MessageType], tuple[int, Field]] = {
 """The one field each (direction, message type) rewrites: offset and kind."""
 
 
+TIMEOUT_REASON = {
+    CallState.REQUESTED: ReleaseReason.REQUEST_TIMEOUT,
+    CallState.INCOMING: ReleaseReason.REQUEST_TIMEOUT,
+    CallState.ESTABLISHED: ReleaseReason.IDLE,
+    CallState.CLOSING: ReleaseReason.CLEAR_TIMEOUT,
+}
+"""Why a call whose timer ran out in each state is released."""
+
+
 class Stats:
     """Counters of everything the translator decided; metrics read them live."""
 
     def __init__(self) -> None:
         self.verdicts: Counter[tuple[str, str]] = Counter()
-        """(action, reason) of every drop and deliberate pass-through."""
+        """(action, reason) of every drop and deliberate pass-through.
+
+        The keys of these counters are reason enum members (:mod:`.errors`), read by
+        their strings alike (``StrEnum``)."""
         self.messages: Counter[tuple[str, str]] = Counter()
         """(direction, message type name) of every complete control message."""
         self.rewrites: Counter[tuple[str, str]] = Counter()
@@ -223,11 +244,11 @@ class Translator:
         """Decide one IPv4 packet crossing the gateway in ``direction`` at time ``now``."""
         try:
             if len(data) < 20 or data[0] >> 4 != 4:
-                raise ProtocolError("short_ip" if len(data) < 20 else "not_ipv4")
+                raise ProtocolError(Malformed.SHORT_IP if len(data) < 20 else Malformed.NOT_IPV4)
             ihl = (data[0] & 0x0F) * 4
             total = (data[2] << 8) | data[3]
             if ihl < 20 or total < ihl or total > len(data):
-                raise ProtocolError("bad_ip_header", f"IHL {ihl}, total length {total}")
+                raise ProtocolError(Malformed.BAD_IP_HEADER, f"IHL {ihl}, total length {total}")
             proto = data[9]
             if proto == IPPROTO_GRE:
                 if direction is IN:
@@ -247,10 +268,9 @@ class Translator:
         """Expire requests, idle calls and idle control connections due by ``now``."""
         for obj in self.table.expired(now):
             if isinstance(obj, Call):
-                reason = "idle" if obj.state is CallState.ESTABLISHED else "request_timeout"
-                self._release(obj, reason)
+                self._release(obj, TIMEOUT_REASON[obj.state])
             else:
-                self._close_connection(obj, "control_idle")
+                self._close_connection(obj, ReleaseReason.CONTROL_IDLE)
         return self._take_events()
 
     def calls(self) -> list[CallInfo]:
@@ -290,17 +310,17 @@ class Translator:
         for rec in records:
             client, server = rec.client_address, rec.server_address
             if rec.public_address.packed != self.public_ip:
-                reason: str | None = "public_address"
+                reason: RestoreOutcome | None = RestoreOutcome.PUBLIC_ADDRESS
             elif (client.is_unspecified or client.packed == self.public_ip
                   or not policy.is_inside(client)):
-                reason = "client_address"
+                reason = RestoreOutcome.CLIENT_ADDRESS
             elif (server.is_unspecified or server.packed == self.public_ip
                   or policy.is_inside(server)):
-                reason = "server_address"
+                reason = RestoreOutcome.SERVER_ADDRESS
             else:
                 reason = self.table.restore(rec, now)
-            outcome[reason or "restored"] += 1
-        self.stats.calls_restored += outcome["restored"]
+            outcome[reason or RestoreOutcome.RESTORED] += 1
+        self.stats.calls_restored += outcome[RestoreOutcome.RESTORED]
         return outcome
 
     # -- GRE translated outside the core (the kernel fast path, at the edge) -----------
@@ -372,7 +392,7 @@ class Translator:
 
     # -- verdict helpers ----------------------------------------------------------------
 
-    def _verdict(self, action: Action, reason: str | None, data: bytes | None = None,
+    def _verdict(self, action: Action, reason: Reason | None, data: bytes | None = None,
                  violation: ProtocolError | None = None) -> Verdict:
         if reason is not None:
             self.stats.verdicts[(action.value, reason)] += 1
@@ -392,17 +412,17 @@ class Translator:
     def _gre_in(self, data: bytes, ihl: int, now: float) -> Verdict:
         dst = data[16:20]
         if dst != self.public_ip:
-            return self._verdict(Action.ACCEPT, "not_ours")
+            return self._verdict(Action.ACCEPT, PassReason.NOT_OURS)
         if (data[6] << 8 | data[7]) & 0x3FFF:  # no GRE header to read in most of them
-            return self._verdict(Action.DROP, "fragment")
+            return self._verdict(Action.DROP, DropReason.FRAGMENT)
         if len(data) < ihl + 8:
-            raise ProtocolError("short_gre", f"{len(data) - ihl} bytes after the IP header")
+            raise ProtocolError(Malformed.SHORT_GRE, f"{len(data) - ihl} bytes after the IP header")
         f0, f1, proto, _plen, call_id = _GRE.unpack_from(data, ihl)
         if not is_pptp_gre(f0, f1, proto):
-            return self._verdict(Action.ACCEPT, "not_pptp_gre")
+            return self._verdict(Action.ACCEPT, PassReason.NOT_PPTP_GRE)
         call = self.table.by_public.get((dst, data[12:16], call_id))
         if call is None or call.client_call_id is None:
-            return self._verdict(Action.DROP, "no_call")
+            return self._verdict(Action.DROP, DropReason.NO_CALL)
         buf = bytearray(data)
         buf[16:20] = call.client_ip
         _U16.pack_into(buf, ihl + 6, call.client_call_id)
@@ -417,15 +437,15 @@ class Translator:
 
     def _gre_out(self, data: bytes, ihl: int, now: float) -> Verdict:
         if (data[6] << 8 | data[7]) & 0x3FFF:
-            return self._verdict(Action.DROP, "fragment")
+            return self._verdict(Action.DROP, DropReason.FRAGMENT)
         if len(data) < ihl + 8:
-            raise ProtocolError("short_gre", f"{len(data) - ihl} bytes after the IP header")
+            raise ProtocolError(Malformed.SHORT_GRE, f"{len(data) - ihl} bytes after the IP header")
         f0, f1, proto, _plen, call_id = _GRE.unpack_from(data, ihl)
         if not is_pptp_gre(f0, f1, proto):
-            return self._verdict(Action.ACCEPT, "not_pptp_gre")
+            return self._verdict(Action.ACCEPT, PassReason.NOT_PPTP_GRE)
         call = self.table.by_server.get((data[12:16], data[16:20], call_id))
         if call is None:
-            return self._verdict(Action.DROP, "no_call")
+            return self._verdict(Action.DROP, DropReason.NO_CALL)
         buf = bytearray(data)
         buf[12:16] = call.public_ip
         _U16.pack_into(buf, 10, apply_delta((buf[10] << 8) | buf[11], call.out_csum_delta))
@@ -504,12 +524,12 @@ class Translator:
 
     def _tcp(self, data: bytes, ihl: int, total: int, d: Direction, now: float) -> Verdict:
         if total < ihl + 20:
-            raise ProtocolError("short_tcp", f"{total - ihl} bytes after the IP header")
+            raise ProtocolError(Malformed.SHORT_TCP, f"{total - ihl} bytes after the IP header")
         sport, dport, seq = _TCP.unpack_from(data, ihl)
         doff = (data[ihl + 12] >> 4) * 4
         flags = data[ihl + 13]
         if doff < 20 or ihl + doff > total:
-            raise ProtocolError("bad_tcp_header", f"data offset {doff}")
+            raise ProtocolError(Malformed.BAD_TCP_HEADER, f"data offset {doff}")
         if d is OUT:
             if dport != PPTP_PORT:
                 return ACCEPT
@@ -525,7 +545,7 @@ class Translator:
         if flags & TCP_SYN:
             stream_seq = (seq + 1) % SEQ_MOD
             if conn is not None and conn.streams[d].next_seq not in (None, stream_seq):
-                self._close_connection(conn, "reset")  # the 4-tuple is reused
+                self._close_connection(conn, ReleaseReason.RESET)  # the 4-tuple is reused
                 conn = None
         if conn is None:
             if not (flags & TCP_SYN or payload) or flags & TCP_RST:
@@ -536,12 +556,12 @@ class Translator:
                     self.stats.connections_refused[denied] += 1
                     self._events.append(ConnectionRefused(
                         IPv4Address(key[0]), IPv4Address(key[2]), denied))
-                return self._verdict(Action.DROP, f"refused:{denied}")
+                return self._verdict(Action.DROP, denied.drop)
             # seen from its SYN: calls wait for Start-Control-Connection (_check_new_calls)
             conn = table.connection(key, now, create=True, started=not flags & TCP_SYN)
             if conn is None:
                 return self._verdict(Action.DROP, table.connection_refusal(key[0])
-                                     or "too_many_connections")
+                                     or DropReason.TOO_MANY_CONNECTIONS)
         conn.last_seen = now
         stream = conn.streams[d]
         if flags & TCP_SYN:
@@ -553,10 +573,10 @@ class Translator:
                 return verdict_or_data
             new_data = verdict_or_data
         if flags & TCP_RST:
-            self._close_connection(conn, "reset")
+            self._close_connection(conn, ReleaseReason.RESET)
         elif flags & TCP_FIN:
             conn.fin[d] = True
-            self._end_calls(conn, "fin")
+            self._end_calls(conn, ReleaseReason.FIN)
             if all(conn.fin):
                 table.forget_connection(conn)
         return self._verdict(Action.ACCEPT, None, new_data)
@@ -568,12 +588,12 @@ class Translator:
             try:
                 parse_control_header(payload)
             except ProtocolError:
-                return self._verdict(Action.ACCEPT, "unsynced")
+                return self._verdict(Action.ACCEPT, PassReason.UNSYNCED)
             stream.resync(seq)
         assert stream.next_seq is not None
         behind = (stream.next_seq - seq) % SEQ_MOD
         if behind >= SEQ_MOD // 2:
-            return self._verdict(Action.DROP, "gap")
+            return self._verdict(Action.DROP, DropReason.GAP)
         writes = stream.replay(seq, min(behind, len(payload)))
         if behind >= len(payload):  # all of it is a retransmission
             return _apply(data, start, writes) if writes else None
@@ -586,10 +606,10 @@ class Translator:
                 return self._verdict(Action.ACCEPT, exc.reason, violation=exc)
             return self._verdict(Action.DROP, exc.reason, violation=exc)
         if d is OUT and self._names_a_foreign_call(conn, pieces):
-            return self._verdict(Action.DROP, "foreign_call_id")
+            return self._verdict(Action.DROP, DropReason.FOREIGN_CALL_ID)
         refused = self._check_new_calls(conn, d, pieces, (seq + behind) % SEQ_MOD, now)
         if refused is not None:
-            return self._verdict(Action.DROP, f"refused:{refused}")
+            return self._verdict(Action.DROP, refused.drop)
         base = behind  # payload offset of the first new byte
         new_seq = (seq + behind) % SEQ_MOD
         for piece in pieces:
@@ -605,7 +625,7 @@ class Translator:
         return _apply(data, start, writes) if writes else None
 
     def _check_new_calls(self, conn: ControlConnection, d: Direction, pieces: list[Piece],
-                         seq: int, now: float) -> str | None:
+                         seq: int, now: float) -> Refusal | None:
         """Why the new calls of a segment whose new bytes start at ``seq`` are refused."""
         client_his = []
         started = conn.started
@@ -620,7 +640,7 @@ class Translator:
             return None
         n = len(client_his)
         admission = self.admission
-        reason = ((None if started else "not_started")
+        reason = ((None if started else Refusal.NOT_STARTED)
                   or admission.acl_refusal(conn.client_ip, conn.server_ip)
                   or self.table.refusal(conn, self.public_ip, client_his)
                   or admission.rate_refusal(conn.client_ip, n, now))
@@ -695,7 +715,7 @@ class Translator:
                 sent_hi = stream.partial.pop(f, None)
                 matched, value = self._decide(conn, kind, full)
                 if not matched:  # names no call of this connection: goes out as it came
-                    self.stats.verdicts[("accept", "unknown_call_id")] += 1
+                    self.stats.verdicts[("accept", PassReason.UNKNOWN_CALL_ID)] += 1
                 elif value is not None:
                     if has_hi:
                         out.append((f, value >> 8))
@@ -703,7 +723,7 @@ class Translator:
                     elif value >> 8 == sent_hi:
                         out.append((f + 1, value & 0xFF))
                     else:  # the high byte could not be decided alone: leave the field be
-                        self.stats.verdicts[("accept", "split_call_id_undecided")] += 1
+                        self.stats.verdicts[("accept", PassReason.SPLIT_CALL_ID_UNDECIDED)] += 1
         if out:
             self.stats.rewrites[(piece.header.message_type.name, kind.value)] += 1
         return out
@@ -714,7 +734,7 @@ class Translator:
     def _set_client_call_id(self, conn: ControlConnection, call: Call, call_id: int) -> None:
         old = conn.call_by_client_id(call_id)
         if old is not None and old is not call:
-            self._release(old, "replaced")  # the client reused a live Call ID
+            self._release(old, ReleaseReason.REPLACED)  # the client reused a live Call ID
         call.client_call_id = call_id
 
     def _decide(self, conn: ControlConnection, kind: Field,
@@ -777,7 +797,7 @@ class Translator:
         stream.new_call = None
         stream.partial.clear()
         if mt in (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY):
-            self._end_calls(conn, "stop")
+            self._end_calls(conn, ReleaseReason.STOP)
             return
         if mt is MT.START_CONTROL_CONNECTION_REQUEST:
             conn.started = True
@@ -796,7 +816,7 @@ class Translator:
                 self.table.set_state(new_call, CallState.INCOMING, now)
             self._events.append(CallMapped(new_call.info()))
             if msg[16] != RESULT_CONNECTED:
-                self._release(new_call, "refused_by_client")
+                self._release(new_call, ReleaseReason.REFUSED_BY_CLIENT)
             elif mt is not MT.INCOMING_CALL_REPLY:
                 self._establish(new_call, now)
             return
@@ -809,7 +829,7 @@ class Translator:
                     if msg[16] == RESULT_CONNECTED:
                         self._establish(call, now)
                     else:
-                        self._release(call, "refused_by_server")
+                        self._release(call, ReleaseReason.REFUSED_BY_SERVER)
             elif mt is MT.INCOMING_CALL_CONNECTED:
                 call = conn.call_by_public_id(u16(msg, 12)[0])
                 if call is not None:
@@ -818,7 +838,7 @@ class Translator:
                 value = u16(msg, 12)[0]
                 call = conn.call_by_server_id(value) or conn.call_by_public_id(value)
                 if call is not None:
-                    self._release(call, "disconnect")
+                    self._release(call, ReleaseReason.DISCONNECT)
             elif mt is MT.CALL_CLEAR_REQUEST:  # the client is a PAC
                 call = conn.call_by_server_id(u16(msg, 12)[0])
                 if call is not None:
@@ -835,13 +855,13 @@ class Translator:
             elif mt is MT.CALL_DISCONNECT_NOTIFY:  # the client is a PAC
                 call = conn.call_by_client_id(u16(msg, 12)[0])
                 if call is not None:
-                    self._release(call, "disconnect")
+                    self._release(call, ReleaseReason.DISCONNECT)
 
     def _establish(self, call: Call, now: float) -> None:
         self.table.set_state(call, CallState.ESTABLISHED, now)
         self._events.append(CallEstablished(call.info()))
 
-    def _release(self, call: Call, reason: str) -> None:
+    def _release(self, call: Call, reason: ReleaseReason) -> None:
         if call.released:
             return
         info = call.info()
@@ -849,11 +869,11 @@ class Translator:
         self.stats.calls_released[reason] += 1
         self._events.append(CallReleased(info, reason))
 
-    def _end_calls(self, conn: ControlConnection, reason: str) -> None:
+    def _end_calls(self, conn: ControlConnection, reason: ReleaseReason) -> None:
         for call in list(conn.calls):
             self._release(call, reason)
 
-    def _close_connection(self, conn: ControlConnection, reason: str) -> None:
+    def _close_connection(self, conn: ControlConnection, reason: ReleaseReason) -> None:
         self._end_calls(conn, reason)
         self.table.forget_connection(conn)
 

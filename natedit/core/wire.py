@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from .checksum import internet_checksum
-from .errors import ProtocolError
+from .errors import Malformed, PassReason, ProtocolError
 
 PPTP_PORT = 1723
 MAGIC_COOKIE = 0x1A2B3C4D
@@ -143,18 +143,19 @@ def parse_control_header(data: bytes | bytearray | memoryview, offset: int = 0) 
     then the Length against that type's exact size.
     """
     if len(data) - offset < CONTROL_HEADER_LEN:
-        raise ProtocolError("short_header", f"{len(data) - offset} bytes, need 12")
+        raise ProtocolError(Malformed.SHORT_HEADER, f"{len(data) - offset} bytes, need 12")
     length, pptp_type, cookie, ctype, _reserved = _HEADER.unpack_from(data, offset)
     if pptp_type != PptpMessageType.CONTROL:
-        raise ProtocolError("bad_pptp_type", f"PPTP message type {pptp_type}")
+        raise ProtocolError(Malformed.BAD_PPTP_TYPE, f"PPTP message type {pptp_type}")
     if cookie != MAGIC_COOKIE:
-        raise ProtocolError("bad_cookie", f"magic cookie {cookie:#010x}")
+        raise ProtocolError(Malformed.BAD_COOKIE, f"magic cookie {cookie:#010x}")
     if ctype not in MESSAGE_LENGTH:
-        raise ProtocolError("bad_message_type", f"control message type {ctype}")
+        raise ProtocolError(Malformed.BAD_MESSAGE_TYPE, f"control message type {ctype}")
     expected = MESSAGE_LENGTH[ctype]
     if length != expected:
         raise ProtocolError(
-            "bad_length", f"{MessageType(ctype).name} Length {length}, expected {expected}"
+            Malformed.BAD_LENGTH,
+            f"{MessageType(ctype).name} Length {length}, expected {expected}"
         )
     return ControlHeader(length, pptp_type, cookie, MessageType(ctype))
 
@@ -176,7 +177,8 @@ def parse_control_message(data: bytes | bytearray | memoryview) -> ControlMessag
     """Parse exactly one message; trailing bytes are an error."""
     header = parse_control_header(data)
     if len(data) != header.length:
-        raise ProtocolError("length_mismatch", f"Length {header.length}, have {len(data)} bytes")
+        raise ProtocolError(Malformed.LENGTH_MISMATCH,
+                            f"Length {header.length}, have {len(data)} bytes")
     mt = header.message_type
     own = OWN_CALL_ID_OFFSET.get(mt)
     peer = PEER_CALL_ID_OFFSET.get(mt)
@@ -249,13 +251,14 @@ class IPv4Header:
 
 def parse_ipv4(data: bytes | bytearray | memoryview) -> IPv4Header:
     if len(data) < 20:
-        raise ProtocolError("short_ip", f"{len(data)} bytes")
+        raise ProtocolError(Malformed.SHORT_IP, f"{len(data)} bytes")
     vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(data, 0)
     if vihl >> 4 != 4:
-        raise ProtocolError("not_ipv4", f"IP version {vihl >> 4}")
+        raise ProtocolError(Malformed.NOT_IPV4, f"IP version {vihl >> 4}")
     ihl = (vihl & 0x0F) * 4
     if ihl < 20 or ihl > len(data) or total < ihl or total > len(data):
-        raise ProtocolError("bad_ip_header", f"IHL {ihl}, total length {total}, {len(data)} bytes")
+        raise ProtocolError(Malformed.BAD_IP_HEADER,
+                            f"IHL {ihl}, total length {total}, {len(data)} bytes")
     return IPv4Header(ihl, total, frag, proto, src, dst)
 
 
@@ -321,20 +324,21 @@ class GreHeader:
 def parse_gre(data: bytes | bytearray | memoryview, offset: int = 0) -> GreHeader:
     """Parse an enhanced GRE header (version 1, PPP, K set) at ``offset``."""
     if len(data) - offset < 8:
-        raise ProtocolError("short_gre", f"{len(data) - offset} bytes")
+        raise ProtocolError(Malformed.SHORT_GRE, f"{len(data) - offset} bytes")
     f0, f1, proto, plen, call_id = _GRE.unpack_from(data, offset)
     if not is_pptp_gre(f0, f1, proto):
-        raise ProtocolError("not_pptp_gre", f"flags {f0:#04x} {f1:#04x} protocol {proto:#06x}")
+        raise ProtocolError(PassReason.NOT_PPTP_GRE,
+                            f"flags {f0:#04x} {f1:#04x} protocol {proto:#06x}")
     pos = offset + 8
     seq = ack = None
     if f0 & 0x10:
         if len(data) < pos + 4:
-            raise ProtocolError("short_gre", "sequence number missing")
+            raise ProtocolError(Malformed.SHORT_GRE, "sequence number missing")
         seq = struct.unpack_from("!I", data, pos)[0]
         pos += 4
     if f1 & 0x80:
         if len(data) < pos + 4:
-            raise ProtocolError("short_gre", "acknowledgment number missing")
+            raise ProtocolError(Malformed.SHORT_GRE, "acknowledgment number missing")
         ack = struct.unpack_from("!I", data, pos)[0]
         pos += 4
     return GreHeader(call_id, plen, seq, ack, pos - offset)

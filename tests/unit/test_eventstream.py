@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from natedit import NateditError, cli, eventstream
+from natedit.core.errors import Refusal, ReleaseReason
 from natedit.core.events import Action, CallInfo, CallMapped, CallRefused, CallReleased, Verdict
 from natedit.core.wire import Direction
 from natedit.eventstream import EventHub, EventServer, Filter
@@ -167,8 +168,8 @@ def test_follow_prints_text_filters_and_stops(served: tuple[str, EventHub]) -> N
     thread.start()
     wait_for(lambda: len(hub.subscribers) == 1)
     hub.publish([CallMapped(call(1, "requested")), CallMapped(call(2)),
-                 CallRefused(IPv4Address(CLIENT), None, IPv4Address(SERVER), "table_full"),
-                 CallReleased(call(3), "idle")])
+                 CallRefused(IPv4Address(CLIENT), None, IPv4Address(SERVER), Refusal.TABLE_FULL),
+                 CallReleased(call(3), ReleaseReason.IDLE)])
     thread.join(10)
     assert result == [0]
     first, second = out.getvalue().splitlines()

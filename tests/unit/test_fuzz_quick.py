@@ -27,6 +27,7 @@ from natedit import (
     ProtocolViolation,
     Verdict,
 )
+from natedit.core.errors import DropReason, Malformed, PassReason, Refusal, ReleaseReason
 from natedit.core.translator import Translator
 from natedit.core.wire import (
     MESSAGE_LENGTH,
@@ -103,6 +104,7 @@ def only_protocol_error(fn: object, *args: object) -> None:
         fn(*args)
     except ProtocolError as exc:
         assert exc.reason in PROTOCOL_REASONS
+        assert isinstance(exc.reason, Malformed | PassReason)
 
 
 # -- the parsers ------------------------------------------------------------------------------
@@ -141,6 +143,10 @@ def test_ip_and_gre_parsers_raise_only_protocol_error(data: bytes, offset: int) 
 def check_verdict(v: Verdict, packet: bytes) -> None:
     assert isinstance(v, Verdict)
     assert v.reason is None or v.reason in VERDICT_REASONS, v.reason
+    assert v.reason is None or isinstance(v.reason, DropReason | PassReason | Malformed)
+    for e in v.events:
+        reason = getattr(e, "reason", None)
+        assert reason is None or isinstance(reason, ReleaseReason | Refusal | Malformed), e
     if v.action is Action.DROP:
         assert v.reason and v.data is None
     if v.data is not None:

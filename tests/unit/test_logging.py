@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from natedit import logs, reload
+from natedit.core.errors import Malformed, Refusal, ReleaseReason
 from natedit.core.events import (
     CallEstablished,
     CallInfo,
@@ -41,12 +42,12 @@ CALL = CallInfo(IPv4Address(CLIENT), 0x1234, IPv4Address(SERVER), 128, IPv4Addre
 EVENTS: dict[str, Event] = {
     "call_mapped": CallMapped(CALL),
     "call_established": CallEstablished(CALL),
-    "call_released": CallReleased(CALL, "disconnect"),
+    "call_released": CallReleased(CALL, ReleaseReason.DISCONNECT),
     "call_refused": CallRefused(IPv4Address(CLIENT), 0x1234, IPv4Address(SERVER),
-                                "client_limit"),
+                                Refusal.CLIENT_LIMIT),
     "connection_refused": ConnectionRefused(IPv4Address(CLIENT), IPv4Address(SERVER),
-                                            "client_denied"),
-    "protocol_violation": ProtocolViolation("bad_cookie", "cookie 0xdeadbeef"),
+                                            Refusal.CLIENT_DENIED),
+    "protocol_violation": ProtocolViolation(Malformed.BAD_COOKIE, "cookie 0xdeadbeef"),
 }
 LEVELS = {"protocol_violation": "warning"}
 """Every other event is info."""
@@ -107,7 +108,7 @@ def test_each_call_event_is_one_structured_line(
 
 
 def test_json_event_values_keep_their_types(capsys: pytest.CaptureFixture[str]) -> None:
-    refused = CallRefused(IPv4Address(CLIENT), None, IPv4Address(SERVER), "pool_exhausted")
+    refused = CallRefused(IPv4Address(CLIENT), None, IPv4Address(SERVER), Refusal.POOL_EXHAUSTED)
     with logging_as(LogFormat.JSON):
         Dispatcher(_NoTranslator()).log_events([refused])  # type: ignore[arg-type]
     (line,) = lines(capsys)

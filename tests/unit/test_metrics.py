@@ -17,6 +17,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from natedit import NateditError, cli, metrics
+from natedit.core.errors import (
+    ACL_REFUSALS,
+    DropReason,
+    Malformed,
+    PassReason,
+    Refusal,
+    ReleaseReason,
+)
 from natedit.core.translator import Translator
 from natedit.core.wire import TCP_ACK, MessageType, build_gre
 from natedit.eventstream import EventHub
@@ -367,53 +375,46 @@ def test_process_metrics() -> None:
     assert reg.get_sample_value("natedit_calls", {"state": "established"}) == 0
 
 
-# -- known label values against the core's source ------------------------------------------
+# -- known label values: the core's reason enums ---------------------------------------------
 
 
-def _source(name: str) -> str:
-    return (REPO / "natedit" / name).read_text()
+def _labels(reg: CollectorRegistry, family: str, label: str = "reason") -> dict[str, float]:
+    return {s.labels[label]: s.value for m in reg.collect() if m.name == family
+            for s in m.samples}
 
 
-def test_release_reasons_match_the_core() -> None:
-    found = set(re.findall(r'_release\([^,]+, "(\w+)"\)', _source("core/translator.py")))
-    found |= set(re.findall(r'_(?:end_calls|close_connection)\([^,]+, "(\w+)"\)',
-                            _source("core/translator.py")))
-    found |= {"idle", "request_timeout"}  # handle_timer picks one of the two
-    assert found == set(metrics.RELEASE_REASONS), "update natedit.metrics.RELEASE_REASONS"
+def test_release_reasons_are_the_core_enum() -> None:
+    assert tuple(ReleaseReason) == metrics.RELEASE_REASONS
+    fresh = registry(collector(make_translator()))
+    assert _labels(fresh, "natedit_calls_released") == dict.fromkeys(ReleaseReason, 0)
 
 
-def _body(module: str, function: str) -> str:
-    return _source(module).split(f"def {function}(", 1)[1].split("\n    def ", 1)[0]
+def test_refusal_reasons_are_the_core_enum() -> None:
+    assert tuple(Refusal) == metrics.REFUSAL_REASONS
+    assert metrics.CONNECTION_REFUSAL_REASONS == ACL_REFUSALS
+    fresh = registry(collector(make_translator()))
+    assert _labels(fresh, "natedit_calls_refused") == dict.fromkeys(Refusal, 0)
+    assert _labels(fresh, "natedit_connections_refused") == dict.fromkeys(ACL_REFUSALS, 0)
 
 
-def test_refusal_reasons_match_the_core() -> None:
-    found = set(re.findall(r'return "(\w+)"', _body("core/table.py", "refusal")))
-    for function in ("acl_refusal", "rate_refusal"):
-        found |= set(re.findall(r'"(\w+)"', _body("core/admission.py", function)))
-    found |= set(re.findall(r'if started else "(\w+)"', _body("core/translator.py",
-                                                          "_check_new_calls")))
-    assert found == set(metrics.REFUSAL_REASONS), "update natedit.metrics.REFUSAL_REASONS"
-    found = set(re.findall(r'return "(\w+)"', _body("core/admission.py", "acl_refusal")))
-    assert found == set(metrics.CONNECTION_REFUSAL_REASONS)
+def test_verdict_reasons_are_the_core_enums() -> None:
+    """Every drop and pass reason (the computed refused:<why> included) is exported at 0."""
+    assert tuple(DropReason) == metrics.DROP_REASONS
+    assert tuple(PassReason) == metrics.PASS_REASONS
+    assert {r.drop for r in Refusal} <= set(metrics.DROP_REASONS)
+    fresh = registry(collector(make_translator()))
+    drops = _labels(fresh, "natedit_packets_dropped")
+    passes = _labels(fresh, "natedit_packets_passed")
+    assert drops == dict.fromkeys([*DropReason, *Malformed, "packet_error"], 0)
+    assert passes == dict.fromkeys(PassReason, 0)
 
 
-def test_verdict_reasons_match_the_core() -> None:
-    """Every literal reason the translator gives a verdict is exported at 0."""
-    source = _source("core/translator.py")
-    drops = set(re.findall(r'_verdict\(Action\.DROP, "(\w+)"', source))
-    passes = set(re.findall(r'_verdict\(Action\.ACCEPT, "(\w+)"', source))
-    passes |= set(re.findall(r'verdicts\[\("accept", "(\w+)"\)\]', source))
-    assert drops <= set(metrics.DROP_REASONS), "update natedit.metrics.DROP_REASONS"
-    assert passes <= set(metrics.PASS_REASONS), "update natedit.metrics.PASS_REASONS"
-
-
-def test_malformed_reasons_match_the_parsers() -> None:
-    found: set[str] = set()
-    for name in ("core/wire.py", "core/translator.py", "core/stream.py"):
-        found |= set(re.findall(r'ProtocolError\(\s*"(\w+)"', _source(name)))
-        found |= set(re.findall(r'"(short_ip)" if', _source(name)))
-    found -= {"not_pptp_gre"}  # the translator passes it (is_pptp_gre), never raises it
-    assert found == set(metrics.MALFORMED_REASONS), "update natedit.metrics.MALFORMED_REASONS"
+def test_malformed_reasons_are_the_core_enum() -> None:
+    assert tuple(Malformed) == metrics.MALFORMED_REASONS
+    fresh = registry(collector(make_translator()))
+    samples = [(x.labels["reason"], x.labels["action"], x.value) for m in fresh.collect()
+               if m.name == "natedit_malformed_packets" for x in m.samples]
+    assert sorted(samples) == sorted((r, "drop", 0) for r in Malformed)
 
 
 # -- a scrape while the loop changes the table -----------------------------------------------

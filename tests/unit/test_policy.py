@@ -34,17 +34,17 @@ from natedit import (
     reload,
     worker,
 )
+from natedit.core.errors import Refusal
 from natedit.core.policy import (
     Allocation,
     Datapath,
     DisconnectRule,
     LogFormat,
     MalformedAction,
-    RefuseAction,
     acl_allows,
 )
 from natedit.core.wire import TCP_SYN, MessageType, build_tcp
-from natedit.policyfile import FIELDS, dump_policy, load_policy, parse_policy, read_policy
+from natedit.policyfile import FIELDS, SCHEMA, dump_policy, load_policy, parse_policy, read_policy
 from natedit.status import PolicyStatus
 from tests.pptp_flows import (
     PUBLIC,
@@ -132,7 +132,6 @@ EVERY_FIELD_POLICY = Policy(
     clients_deny=(NET("10.1.66.0/24"),),
     servers_allow=(NET("198.51.100.0/24"),),
     servers_deny=(NET("198.51.100.66/32"),),
-    refuse=RefuseAction.DROP,
     malformed=MalformedAction.PASS,
     disconnect_rule=DisconnectRule.RFC,
     datapath=Datapath.KERNEL,
@@ -155,12 +154,17 @@ def leaf_paths(text: str) -> set[str]:
 def test_every_field_from_yaml() -> None:
     loaded = parse_policy(EVERY_FIELD, "p.yaml")
     assert loaded.policy == EVERY_FIELD_POLICY
-    # the document names every field of the schema, so a new field must join this test
-    assert leaf_paths(EVERY_FIELD) == {f.path for f in FIELDS}
-    # and every attribute differs from its default but refuse (one choice today) and
-    # public_interface (it excludes public_address)
+    # the document names every key of the schema, so a new field must join this test
+    assert leaf_paths(EVERY_FIELD) == {f.path for f in SCHEMA}
+    # refuse (one choice, and nothing reads it) is accepted and checked but sets nothing
+    assert {f.path for f in SCHEMA if f.retired} == {"refuse"}
+    assert {f.path for f in FIELDS} == {f.path for f in SCHEMA} - {"refuse"}
+    assert not hasattr(loaded.policy, "refuse")
+    assert "refuse" not in dump_policy(loaded.policy)
+    # and every attribute differs from its default but public_interface (it excludes
+    # public_address)
     same = {f.path for f in FIELDS if getattr(loaded.policy, f.attr) == f.default}
-    assert same == {"refuse", "public_interface"}
+    assert same == {"public_interface"}
 
 
 def test_public_interface() -> None:
@@ -470,7 +474,7 @@ def test_denied_client_cannot_open_a_control_connection() -> None:
     tr = make_translator(clients_deny=(NET("10.0.0.6/32"),))
     v = tr.handle_packet(syn("10.0.0.6"), OUT, 0.0)
     assert (v.action, v.reason) == (Action.DROP, "refused:client_denied")
-    assert v.events == (ConnectionRefused(IP("10.0.0.6"), IP(SERVER), "client_denied"),)
+    assert v.events == (ConnectionRefused(IP("10.0.0.6"), IP(SERVER), Refusal.CLIENT_DENIED),)
     # its retransmitted SYN again, counted as an attempt; any later packet: dropped, quietly
     tr.handle_packet(syn("10.0.0.6"), OUT, 1.0)
     data = build_tcp("10.0.0.6", SERVER, 40000, 1723, 1000, msg(MT.OUTGOING_CALL_REQUEST,

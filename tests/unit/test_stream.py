@@ -24,6 +24,7 @@ from natedit import (
     ProtocolError,
     ProtocolViolation,
 )
+from natedit.core.errors import Malformed
 from natedit.core.stream import EDIT_BACKLOG, EDIT_WINDOW, SEQ_MOD, Stream, frame
 from natedit.core.wire import TCP_ACK, TCP_SYN
 from tests.pptp_flows import (
@@ -328,7 +329,7 @@ def test_malformed_drop_keeps_state() -> None:
     bad = msg(MT.ECHO_REQUEST, cookie=0)
     v = conv.send(OUT, ocrq + bad)
     assert (v.action, v.reason) == (Action.DROP, "bad_cookie")
-    assert v.events == (ProtocolViolation("bad_cookie", "magic cookie 0x00000000"),)
+    assert v.events == (ProtocolViolation(Malformed.BAD_COOKIE, "magic cookie 0x00000000"),)
     assert conv.tr.calls() == []  # nothing of the dropped segment was applied
     v = conv.send(OUT, msg(MT.ECHO_REQUEST, length=17))
     assert (v.action, v.reason) == (Action.DROP, "bad_length")

@@ -33,6 +33,7 @@ from natedit import (
     Policy,
     Verdict,
 )
+from natedit.core.errors import Refusal
 from natedit.core.table import Call, CallState, CallTable, ConnKey, ControlConnection
 from natedit.core.wire import build_ipv4
 from tests.pptp_flows import (
@@ -333,7 +334,7 @@ def test_timers_are_a_lazy_heap() -> None:
 def refused(v: Verdict, reason: str, client: str = "10.0.0.5") -> None:
     assert (v.action, v.reason) == (Action.DROP, f"refused:{reason}")
     assert [e for e in v.events if isinstance(e, CallRefused)] == [CallRefused(
-        ipaddress.IPv4Address(client), None, ipaddress.IPv4Address(SERVER), reason)]
+        ipaddress.IPv4Address(client), None, ipaddress.IPv4Address(SERVER), Refusal(reason))]
 
 
 def test_pool_exhausted_then_freed() -> None:

@@ -30,6 +30,7 @@ from natedit import (
     Verdict,
 )
 from natedit.core.checksum import internet_checksum
+from natedit.core.errors import DropReason
 from natedit.core.translator import Translator
 from natedit.core.wire import (
     TCP_ACK,
@@ -335,6 +336,20 @@ def test_request_timeout() -> None:
     assert released(events) == [(0x1234, "request_timeout")]
     assert tr.calls() == []
     assert tr.next_deadline() == 300.0  # the control connection's idle timer remains
+
+
+def test_clear_request_without_disconnect_notify_times_out_as_clear_timeout() -> None:
+    """A CLOSING call (Call-Clear-Request sent, no Call-Disconnect-Notify) waits
+    request_timeout from the request, and says so: clear_timeout, not request_timeout."""
+    tr = make_translator(request_timeout=30.0)
+    conv = opened(tr)
+    establish(conv, 0x1234, 0x80)
+    conv.now = 5.0
+    forward(conv, OUT, msg(MT.CALL_CLEAR_REQUEST, call_id=0x1234))
+    assert [c.state for c in tr.calls()] == ["closing"]
+    assert run_timers(tr, 34.9) == []
+    assert released(run_timers(tr, 35.0)) == [(0x1234, "clear_timeout")]
+    assert tr.stats.calls_released == {"clear_timeout": 1}
 
 
 def test_idle_call_timeout_in_virtual_time() -> None:
@@ -655,7 +670,7 @@ def test_translator_needs_a_public_address() -> None:
 
 def test_verdict_shapes() -> None:
     assert Verdict(Action.ACCEPT) == ACCEPT and ACCEPT.accepted
-    assert not Verdict(Action.DROP, reason="gap").accepted
+    assert not Verdict(Action.DROP, reason=DropReason.GAP).accepted
 
 
 def test_split_peer_call_id_of_no_call_is_untouched() -> None:

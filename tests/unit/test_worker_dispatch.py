@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from natedit import cli
+from natedit.core.errors import DropReason, Malformed, Refusal, ReleaseReason
 from natedit.core.events import (
     ACCEPT,
     Action,
@@ -103,7 +104,7 @@ def test_accept_with_new_bytes(dispatcher: Dispatcher, standin: StandIn) -> None
 
 
 def test_drop(dispatcher: Dispatcher, standin: StandIn) -> None:
-    standin.verdicts[b"bad"] = Verdict(Action.DROP, reason="no_call")
+    standin.verdicts[b"bad"] = Verdict(Action.DROP, reason=DropReason.NO_CALL)
     packet = FakePacket(b"bad")
     dispatcher.packets.packet(packet, Direction.INBOUND)
     assert packet.calls == ["get_payload", "drop"]
@@ -152,19 +153,20 @@ def test_events_are_logged_one_line_each(
 ) -> None:
     caplog.set_level(logging.INFO, logger="natedit")
     standin.verdicts[b"x"] = Verdict(
-        Action.ACCEPT, b"y", events=(CallMapped(CALL), CallReleased(CALL, "clear"))
+        Action.ACCEPT, b"y", events=(CallMapped(CALL), CallReleased(CALL, ReleaseReason.DISCONNECT))
     )
     dispatcher.packets.packet(FakePacket(b"x"), Direction.OUTBOUND)
     assert [r.getMessage() for r in caplog.records] == [
         format_event(CallMapped(CALL)),
-        format_event(CallReleased(CALL, "clear")),
+        format_event(CallReleased(CALL, ReleaseReason.DISCONNECT)),
     ]
 
 
 def test_protocol_violations_are_throttled_per_reason(
     dispatcher: Dispatcher, standin: StandIn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    v = Verdict(Action.DROP, reason="bad_cookie", events=(ProtocolViolation("bad_cookie", "x"),))
+    v = Verdict(Action.DROP, reason=Malformed.BAD_COOKIE,
+                events=(ProtocolViolation(Malformed.BAD_COOKIE, "x"),))
     standin.verdicts[b"v"] = v
     for _ in range(5):
         dispatcher.packets.packet(FakePacket(b"v"), Direction.INBOUND)
@@ -177,13 +179,15 @@ def test_format_event() -> None:
         "server_address=198.51.100.2 server_call_id=- public_address=198.51.100.1 "
         "public_call_id=0xc822 state=requested"
     )
-    assert format_event(CallReleased(CALL, "idle")).endswith(" state=requested reason=idle")
-    refused = CallRefused(IPv4Address("10.0.0.2"), None, IPv4Address("198.51.100.2"), "table_full")
+    assert format_event(CallReleased(CALL, ReleaseReason.IDLE)).endswith(
+        " state=requested reason=idle")
+    refused = CallRefused(IPv4Address("10.0.0.2"), None, IPv4Address("198.51.100.2"),
+                          Refusal.TABLE_FULL)
     assert format_event(refused) == (
         "event=call_refused client_address=10.0.0.2 client_call_id=- "
         "server_address=198.51.100.2 reason=table_full"
     )
-    violation = ProtocolViolation("bad_length", 'Length 3 < 12 "header"')
+    violation = ProtocolViolation(Malformed.BAD_LENGTH, 'Length 3 < 12 "header"')
     assert format_event(violation) == (
         'event=protocol_violation reason=bad_length detail="Length 3 < 12 \\"header\\""'
     )
@@ -195,7 +199,7 @@ def test_timers_run_when_due(dispatcher: Dispatcher, standin: StandIn, clock: Cl
     assert dispatcher.run_timers() == 150.0
     assert standin.timer_calls == []
     clock.now = 150.0
-    standin.timer_events = [CallReleased(CALL, "idle")]
+    standin.timer_events = [CallReleased(CALL, ReleaseReason.IDLE)]
     assert dispatcher.run_timers() is None
     assert standin.timer_calls == [150.0]
 
