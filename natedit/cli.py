@@ -1,5 +1,5 @@
-"""The ``natedit`` command: run, reload, check-policy, rules, cleanup, replay, calls, events,
-lab.
+"""The ``natedit`` command: run, reload, promote, demote, check-policy, rules, cleanup, replay,
+calls, events, lab.
 
 Errors natedit expects (a bad policy, not root, a queue in use, a command
 that failed) print one line ``natedit: error: ...`` and exit 1; usage
@@ -10,6 +10,7 @@ problem of a policy on a line of its own instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -43,11 +44,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         logs.setup(args.log_level or new.log_level, new.log_format)
 
     status = PolicyStatus(source=args.policy, loaded_at=time.time())
-    return worker.run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,
-                      policy_status=status, policy_path=args.policy,
-                      pid_file=args.pid_file or None, on_reload=on_reload,
-                      state_path=args.state or None,
-                      events_socket=args.events_socket or None)
+    run = worker.run
+    if args.follow or args.state.startswith(("redis://", "rediss://", "unix://")):  # a pair
+        from . import pair
+
+        run = functools.partial(pair.run, follow=args.follow)
+    return run(policy, flavour=rules.Flavour(args.flavour), ready_file=args.ready_file,
+               policy_status=status, policy_path=args.policy,
+               pid_file=args.pid_file or None, on_reload=on_reload,
+               state_path=args.state or None,
+               events_socket=args.events_socket or None)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from . import pair
+
+    return pair.ask(args.pid_file, args.ready_file, promote=args.command == "promote",
+                    wait=args.wait)
 
 
 def _cmd_check_policy(args: argparse.Namespace) -> int:
@@ -221,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--state", metavar="FILE", default=state.DEFAULT_STATE_FILE,
         help="keep the call table here across restarts (SQLite; default "
-             f"{state.DEFAULT_STATE_FILE}; '' for none)",
+             f"{state.DEFAULT_STATE_FILE}; '' for none), or in Redis: redis://HOST:PORT/DB "
+             "(a gateway pair, natedit.pair)",
     )  # fmt: skip
+    run.add_argument("--follow", action="store_true",
+                     help="start as the standby of a pair: follow the table in --state "
+                          "redis://..., translate nothing until natedit promote")
     run.add_argument(
         "--events-socket", metavar="NAME", default=events_default,
         help=f"serve the call events here (natedit events; default {events_default}, "
@@ -249,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--wait", type=float, default=RELOAD_WAIT, metavar="SECONDS",
                      help=f"how long to wait for the outcome (default {RELOAD_WAIT:g})")
     rel.set_defaults(func=_cmd_reload)
+
+    for verb, what in (("promote", "make a following worker take the table and translate"),
+                       ("demote", "make an active worker of a pair stop and follow again")):
+        role = sub.add_parser(verb, help=what)
+        role.add_argument(
+            "--pid-file", metavar="PATH", default=reload.DEFAULT_PID_FILE,
+            help=f"the worker's PID file (default {reload.DEFAULT_PID_FILE})",
+        )  # fmt: skip
+        role.add_argument("--ready-file", metavar="PATH",
+                          help="the worker's --ready-file: find it there, wait for the outcome")
+        role.add_argument("--wait", type=float, default=RELOAD_WAIT, metavar="SECONDS",
+                          help=f"how long to wait for the outcome (default {RELOAD_WAIT:g})")
+        role.set_defaults(func=_cmd_promote)
 
     show = sub.add_parser("rules", help="print the firewall rules for a policy")
     show.add_argument("--policy", metavar="FILE", help="policy YAML (default: built-in)")

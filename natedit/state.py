@@ -438,6 +438,18 @@ def _move_aside(path: Path, now: float) -> str | None:
 # -- the worker's side -----------------------------------------------------------------
 
 
+class Store(Protocol):
+    """Where a :class:`Journal` writes: :class:`StateStore` (SQLite) or
+    :class:`natedit.redisstate.RedisStore`; a failed write raises OSError or sqlite3.Error."""
+
+    @property
+    def path(self) -> object: ...
+    def write(self, upserts: Iterable[CallRecord], deletes: Iterable[Key],
+              alive_at: float | None) -> None: ...
+    def replace_all(self, records: Iterable[CallRecord], alive_at: float) -> None: ...
+    def close(self) -> None: ...
+
+
 class Journal:
     """Writes the calls that events name, once per turn of the worker's loop.
 
@@ -445,7 +457,7 @@ class Journal:
     holding a public Call ID, or None once it is gone.
     """
 
-    def __init__(self, store: StateStore, lookup: Callable[[CallInfo], CallRecord | None],
+    def __init__(self, store: Store, lookup: Callable[[CallInfo], CallRecord | None],
                  counts: MutableMapping[str, int] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
@@ -570,9 +582,13 @@ class RestoringTranslator(Protocol):
 
 
 @contextlib.contextmanager
-def journal(translator: object, path: str | None,
-            counts: MutableMapping[str, int]) -> Iterator[Journal | None]:
-    """The worker's persistence for its lifetime: restored at entry, flushed at exit."""
+def journal(translator: object, path: str | None, counts: MutableMapping[str, int],
+            followed: list[CallRecord] | None = None) -> Iterator[Journal | None]:
+    """The worker's persistence for its lifetime: restored at entry, flushed at exit.
+
+    ``path`` is a file (SQLite) or a ``redis://`` URL (:mod:`natedit.redisstate`);
+    ``followed``: with Redis, the table a follower kept (:mod:`natedit.pair`), restored
+    instead of reading it again."""
     if not path:
         yield None
         return
@@ -580,7 +596,13 @@ def journal(translator: object, path: str | None,
         log.warning("this translator cannot persist its calls; no state kept")
         yield None
         return
-    j = restore_into(translator, path, counts)
+    j: Journal | None
+    if path.startswith(("redis://", "rediss://", "unix://")):
+        from . import redisstate
+
+        j = redisstate.restore_into(translator, path, counts, followed)
+    else:
+        j = restore_into(translator, path, counts)
     try:
         yield j
     finally:

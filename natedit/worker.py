@@ -60,6 +60,7 @@ from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
 from . import eventstream, fastpath, host, metrics, nfqueue, reload, rules, state
+from . import pair as pair_mod
 from .core.errors import NateditError
 from .core.events import Event, ProtocolViolation
 from .core.policy import Datapath, Policy
@@ -189,6 +190,13 @@ class Dispatcher:
             log.exception("%s: %s%s", kind, what, held_back(suppressed))
 
 
+def _pair_signals(session: pair_mod.Session | None) -> frozenset[int]:
+    """What an active worker ignores: promote; and demote too when not one of a pair."""
+    if session is None:
+        return frozenset({pair_mod.PROMOTE_SIGNAL, pair_mod.DEMOTE_SIGNAL})
+    return frozenset({pair_mod.PROMOTE_SIGNAL})
+
+
 def _earliest(deadline: float | None, fast: fastpath.KernelDatapath | None) -> float | None:
     if fast is None:
         return deadline
@@ -210,6 +218,7 @@ def run(
     on_reload: Callable[[Policy], None] | None = None,
     state_path: str | None = None,
     events_socket: str | None = None,
+    pair: pair_mod.Session | None = None,
 ) -> int:
     """``natedit run``: serve until SIGTERM or SIGINT; 0 after a clean stop.
 
@@ -217,7 +226,10 @@ def run(
     SIGHUP reads again; ``on_reload`` gets each policy a reload put in force.
     ``state_path``: the state file the call table is restored from and kept in
     (:mod:`natedit.state`; None: none). ``events_socket``: where ``natedit events``
-    reads the call events (:mod:`natedit.eventstream`; None: nowhere).
+    reads the call events (:mod:`natedit.eventstream`; None: nowhere). ``pair``: one
+    gateway of a pair (:mod:`natedit.pair`): the followed table is restored, and
+    ``natedit demote`` stops the worker leaving its rules (None: promote and demote
+    are ignored).
 
     Raises :class:`natedit.NateditError` when it cannot start (no public
     address, the kernel PPTP helper attached, a queue in use, rules refused).
@@ -259,22 +271,27 @@ def run(
     reloader = reload.Reloader(policy_path, configured, apply, status)
     hub = eventstream.EventHub()
     collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
-                                         queue_maxlen=nfqueue.QUEUE_MAXLEN, extra=(hub,))
+                                         queue_maxlen=nfqueue.QUEUE_MAXLEN,
+                                         extra=(hub,) if pair is None else (hub, pair))
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     with (
-        state.journal(translator, state_path, dispatcher.counts) as journal,
-        _signals() as wakeup,
+        state.journal(translator, state_path, dispatcher.counts,
+                      pair.followed if pair is not None else None) as journal,
+        _signals(ignore=_pair_signals(pair)) as wakeup,
         nfqueue.bound({number: dispatcher.packets.callback(direction)
                        for number, direction in queues.items()}) as bound,
         metrics.serving(policy.metrics_listen, collector),  # /metrics and /calls
         _serving_events(events_socket, hub),
     ):
         dispatcher.journal = journal
+        if pair is not None and isinstance(translator, Translator):
+            pair.snapshot = translator.snapshot
         dispatcher.events = hub if events_socket is not None else None
         installation = rules.install(ruleset, flavour)
         try:
             set_datapath(policy.datapath)
-            info = _announce_ready(policy, flavour, ready_file, status)
+            info = _announce_ready(policy, flavour, ready_file, status,
+                                   {} if pair is None else {"role": "active"})
             if pid_file is not None:
                 try:
                     reload.write_pid_file(pid_file)
@@ -291,7 +308,9 @@ def run(
             if dispatcher.fastpath is not None:  # (the kernel deletes it anyway at exit)
                 dispatcher.fastpath.stop()
                 dispatcher.fastpath = None
-            if wakeup.stop != RESTART_SIGNAL.name:
+            if pair is not None:
+                pair.stopped_by = wakeup.stop
+            if wakeup.stop not in (RESTART_SIGNAL.name, pair_mod.DEMOTE):
                 rules.remove(installation)
             if pid_file is not None:
                 reload.remove_pid_file(pid_file)
@@ -339,17 +358,20 @@ def _serving_events(name: str | None, hub: eventstream.EventHub) -> Iterator[Non
 class _Wakeup:
     """The self-pipe signals write to, so that a signal ends ``select`` at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, ignore: frozenset[int] = frozenset()) -> None:
         self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ignore = ignore
         self.stop: str | None = None
         self.hangup = False
         """SIGHUP came: the loop reloads the policy."""
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum in self.ignore:
+            return
         if signum == signal.SIGHUP:
             self.hangup = True
         else:
-            self.stop = signal.Signals(signum).name
+            self.stop = pair_mod.signal_name(signum)
 
     def drain(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -362,9 +384,10 @@ class _Wakeup:
 
 
 @contextlib.contextmanager
-def _signals() -> Iterator[_Wakeup]:
-    wakeup = _Wakeup()
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, RESTART_SIGNAL)
+def _signals(ignore: frozenset[int] = frozenset()) -> Iterator[_Wakeup]:
+    wakeup = _Wakeup(ignore)
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, RESTART_SIGNAL,
+               pair_mod.PROMOTE_SIGNAL, pair_mod.DEMOTE_SIGNAL)
     old_fd = signal.set_wakeup_fd(wakeup._write_fd, warn_on_full_buffer=False)
     old = {signum: signal.signal(signum, wakeup.on_signal) for signum in handled}
     try:
@@ -377,7 +400,7 @@ def _signals() -> Iterator[_Wakeup]:
 
 
 def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | None,
-                    status: PolicyStatus) -> dict[str, Any]:
+                    status: PolicyStatus, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tell a harness, an operator and systemd that the rules are in and queues bound.
 
     Returns what the ready line says; the ready file has that and the policy status.
@@ -389,6 +412,7 @@ def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | No
         "queue_inbound": policy.queue_inbound,
         "flavour": flavour.value,
         "datapath": policy.datapath.value,
+        **(extra or {}),
     }
     if ready_file is not None:
         _write_ready_file(ready_file, {**info, "policy": reload.status_dict(status)})
