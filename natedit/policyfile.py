@@ -212,6 +212,8 @@ SCHEMA: tuple[Field, ...] = (
     Field("call_ids.first", "call_id_first", _integer(0, 65535)),
     Field("call_ids.last", "call_id_last", _integer(0, 65535)),
     Field("call_ids.allocation", "allocation", _choice(Allocation)),
+    Field("call_ids.node", "call_id_node", _integer(1, 16)),
+    Field("call_ids.nodes", "call_id_nodes", _integer(1, 16)),
     Field("limits.max_calls_per_client", "max_calls_per_client", _integer(1)),
     Field("limits.max_calls", "max_calls", _integer(1)),
     Field("limits.max_control_connections", "max_control_connections", _integer(1)),
@@ -449,6 +451,10 @@ def _cross_checks(w: _Walker, p: Policy) -> None:
         else:
             w.problem("call_ids.last", f"expected at least call_ids.first ({p.call_id_first}), "
                                        f"found {p.call_id_last} (an empty range)")
+    if valid("call_id_node", "call_id_nodes") and p.call_id_node > p.call_id_nodes:
+        w.problem("call_ids.node",
+                  f"expected call_ids.node from 1 to call_ids.nodes ({p.call_id_nodes}), "
+                  f"found node {p.call_id_node}")
     if not valid("public_address", "public_interface", "inside_networks"):
         pass
     elif p.public_address is not None and p.public_interface is not None:

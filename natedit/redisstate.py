@@ -152,7 +152,8 @@ class RedisStore:
         """The whole table, for a write that must rewrite it (see :attr:`synced`)."""
         self.synced = False
         """Whether Redis holds what this store wrote (False until a ``replace_all`` went
-        through: a write then rewrites the whole table from :attr:`resync`)."""
+        through, and after any failure: a write then rewrites the whole table from
+        :attr:`resync`, a ``reset`` in the feed)."""
 
     @classmethod
     def open(cls, url: str, *, wall: Callable[[], float] = time.time) -> tuple[RedisStore, Loaded]:
@@ -181,6 +182,7 @@ class RedisStore:
             pipe.execute()
         except redis.RedisError as exc:
             self._failed_at = self.clock()
+            self.synced = False  # Redis may have lost what it had: rewrite it all next time
             raise RedisUnavailable(f"{self.path}: {exc}") from exc
         self._failed_at = None
 

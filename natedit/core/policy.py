@@ -85,6 +85,12 @@ class Policy:
     """Last public Call ID the allocator may hand out."""
     allocation: Allocation = Allocation.RANDOM
     """random (default: a live ID is hard to guess) or sequential."""
+    call_id_node: int = 1
+    """This gateway's share of the range in a pair: it allocates only IDs with
+    ``id % call_id_nodes == call_id_node - 1`` (node 1 of 2: even IDs), so two
+    actives (split brain) never give one public Call ID twice."""
+    call_id_nodes: int = 1
+    """Gateways sharing the range (1: all of it is this one's)."""
     max_calls_per_client: int = 256
     """Live calls one private address may hold; more are refused."""
     max_calls: int = 65535
@@ -126,6 +132,15 @@ class Policy:
 
     def with_public_address(self, address: IPv4Address) -> Policy:
         return dataclasses.replace(self, public_address=address)
+
+    def owns_call_id(self, call_id: int) -> bool:
+        """Whether ``call_id`` is in this gateway's share (``call_id_node``)."""
+        return self.call_id_nodes <= 1 or call_id % self.call_id_nodes == self.call_id_node - 1
+
+    def share_size(self, first: int, last: int) -> int:
+        """How many IDs of ``first..last`` are in this gateway's share."""
+        m, r = max(1, self.call_id_nodes), (self.call_id_node - 1) % max(1, self.call_id_nodes)
+        return max(0, (last - r) // m - (first - 1 - r) // m)
 
     def is_inside(self, address: IPv4Address) -> bool:
         return any(address in net for net in self.inside_networks)

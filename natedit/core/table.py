@@ -254,9 +254,9 @@ class CallTable:
         if len(self.by_public) + n > p.max_calls:
             return Refusal.TABLE_FULL
         used = self.used.get((public_ip, conn.server_ip), set())
-        size = p.call_id_last - p.call_id_first + 1
-        if len(used) + n > size and sum(
-                p.call_id_first <= cid <= p.call_id_last for cid in used) + n > size:
+        size = p.share_size(p.call_id_first, p.call_id_last)
+        if len(used) + n > size and sum(p.call_id_first <= cid <= p.call_id_last
+                                        and p.owns_call_id(cid) for cid in used) + n > size:
             return Refusal.POOL_EXHAUSTED  # (live IDs outside a range changed by a reload are free)
         for hi in client_his:
             if not self._has_room(conn, hi, used):
@@ -265,15 +265,17 @@ class CallTable:
 
     def _has_room(self, conn: ControlConnection, client_hi: int, used: set[int]) -> bool:
         """Whether a free public ID keeps the high bytes of ``conn`` one-to-one."""
-        first, last = self.policy.call_id_first, self.policy.call_id_last
+        p = self.policy
+        first, last, mine = p.call_id_first, p.call_id_last, p.owns_call_id
         want_hi = conn.public_hi_for_client_hi(client_hi)
         if want_hi is not None:
             lo, hi = max(first, want_hi << 8), min(last, want_hi << 8 | 0xFF)
-            return any(cid not in used for cid in range(lo, hi + 1))
+            return any(cid not in used and mine(cid) for cid in range(lo, hi + 1))
         avoid = {c.public_call_id >> 8 for c in conn.calls}
-        if (last - first + 1) - len(used) > 256 * len(avoid):
+        if p.share_size(first, last) - len(used) > 256 * len(avoid):
             return True  # more free IDs than the avoided blocks can hold
-        return any(cid not in used and cid >> 8 not in avoid for cid in range(first, last + 1))
+        return any(cid not in used and cid >> 8 not in avoid and mine(cid)
+                   for cid in range(first, last + 1))
 
     def allocate(self, conn: ControlConnection, client_call_hi: int, public_ip: bytes,
                  now: float) -> Call | None:
@@ -289,15 +291,17 @@ class CallTable:
         want_hi = conn.public_hi_for_client_hi(client_call_hi)
         avoid_hi = {c.public_call_id >> 8 for c in conn.calls}
 
+        mine = self.policy.owns_call_id
+
         def ok(cid: int) -> bool:
-            if cid in used:
+            if cid in used or not mine(cid):
                 return False
             hi = cid >> 8
             return hi == want_hi if want_hi is not None else hi not in avoid_hi
 
         cid = self._pick(pool_key, used, ok, want_hi)
         if cid is None:
-            cid = self._pick(pool_key, used, lambda c: c not in used, None)
+            cid = self._pick(pool_key, used, lambda c: c not in used and mine(c), None)
             if cid is None:
                 return None
             self.relaxed += 1

@@ -82,6 +82,8 @@ call_ids:
   first: 40000
   last: 40999
   allocation: sequential
+  node: 2
+  nodes: 2
 limits:
   max_calls_per_client: 3
   max_calls: 500
@@ -120,6 +122,8 @@ EVERY_FIELD_POLICY = Policy(
     call_id_first=40000,
     call_id_last=40999,
     allocation=Allocation.SEQUENTIAL,
+    call_id_node=2,
+    call_id_nodes=2,
     max_calls_per_client=3,
     max_calls=500,
     max_control_connections=99,
@@ -305,6 +309,9 @@ ERRORS: list[tuple[str, str, list[str]]] = [
     ("refuse: reply", "refuse: reply\n",
      ["p.yaml:1: refuse: expected drop, found 'reply' (refusing with an "
       "Outgoing-Call-Reply is not supported, see the README)"]),
+    ("node", "call_ids: {node: 3, nodes: 2}\n",
+     ["p.yaml:1: call_ids.node: expected call_ids.node from 1 to call_ids.nodes (2), "
+      "found node 3"]),
     ("enum", "call_ids: {allocation: randm}\n",
      ["p.yaml:1: call_ids.allocation: expected one of random, sequential, found 'randm'"]),
     ("enum bool", "malformed: yes\n",
