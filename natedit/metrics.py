@@ -74,8 +74,8 @@ from .core.errors import (
 from .core.events import CallInfo
 from .core.policy import MalformedAction, Policy
 from .core.table import CallState
-from .core.translator import _FIELDS, Translator
-from .core.wire import Direction, MessageType
+from .core.translator import Translator
+from .core.wire import CALL_ID_FIELDS, Direction, MessageType
 from .status import PolicyStatus
 
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
@@ -416,7 +416,7 @@ class NateditCollector:
             "natedit_call_id_rewrites", "Call ID fields rewritten, by message type and field.",
             labels=["message_type", "field"])
         seen = _copy(lambda: dict(st.rewrites))
-        known = {(m.name, f.value) for (_, m), (_, f) in _FIELDS.items()}
+        known = {(m.name, f.kind.value) for (_, m), f in CALL_ID_FIELDS.items() if f.rewritten}
         for name, kind in sorted(known | seen.keys()):
             rewrites.add_metric([name.lower(), kind], seen.get((name, kind), 0))
         yield rewrites

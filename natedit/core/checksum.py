@@ -32,6 +32,14 @@ def address_delta(old: bytes, new: bytes) -> int:
     )
 
 
+def address_deltas(a: bytes, b: bytes) -> tuple[int, int]:
+    """(``address_delta(a, b)``, ``address_delta(b, a)``) in one go."""
+    x, y = int.from_bytes(a, "big"), int.from_bytes(b, "big")
+    xh, xl, yh, yl = x >> 16, x & 0xFFFF, y >> 16, y & 0xFFFF
+    return ((xh ^ 0xFFFF) + yh + (xl ^ 0xFFFF) + yl,
+            (yh ^ 0xFFFF) + xh + (yl ^ 0xFFFF) + xl)
+
+
 def apply_delta(checksum: int, delta: int) -> int:
     """RFC 1624 eqn. 3: the checksum after changes whose summed delta is ``delta``."""
     total = (~checksum & 0xFFFF) + delta

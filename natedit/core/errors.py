@@ -98,6 +98,10 @@ class PassReason(enum.StrEnum):
     NOT_PPTP_GRE = "not_pptp_gre"
     UNKNOWN_CALL_ID = "unknown_call_id"
     SPLIT_CALL_ID_UNDECIDED = "split_call_id_undecided"
+    UNEXPECTED_MESSAGE = "unexpected_message"
+    """(Counted per message.) A control message naming a call in a state with no step
+    for it (:data:`natedit.core.calls.TRANSITIONS`): a second reply, an
+    Incoming-Call-Connected for a call not waiting for one; the call is unchanged."""
 
 
 Reason = Malformed | DropReason | PassReason

@@ -33,92 +33,28 @@ client high byte exactly when they share a public high byte.
 
 from __future__ import annotations
 
-import enum
-import heapq
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 
-from .checksum import address_delta
-from .errors import DropReason, Refusal, RestoreOutcome
-from .events import CallInfo, CallRecord
+from .calls import TIMEOUTS, TRANSITIONS, Call, CallState, Outcome
+from .errors import DropReason, Refusal, ReleaseReason, RestoreOutcome
+from .events import CallEstablished, CallMapped, CallRecord, CallReleased
 from .policy import Allocation, Policy
+from .stats import Outbox, Stats
 from .stream import Stream
+from .timers import TIMER_FLOOR, TIMER_SLACK, Timers
+from .wire import Direction, MessageType
 
-TIMER_SLACK = 2
-TIMER_FLOOR = 256
-"""The timer heap is rebuilt once it holds more than TIMER_SLACK entries per live
-call and connection, plus TIMER_FLOOR: memory stays proportional to what is live,
-at an amortised constant cost per schedule."""
+__all__ = ["TIMER_FLOOR", "TIMER_SLACK", "Call", "CallState", "CallTable", "ConnKey",
+           "ControlConnection"]
 CONNECTION_SLACK = 16
 """Control connections a client may hold beyond ``max_calls_per_client``: ones being
 opened or closed, or not yet forgotten after their calls ended (the idle timeout)."""
 
 ConnKey = tuple[bytes, int, bytes, int]
 """(client address, client port, server address, server port), addresses packed."""
-
-
-class CallState(enum.Enum):
-    REQUESTED = "requested"
-    """Outgoing-Call-Request seen, waiting for the reply."""
-    INCOMING = "incoming"
-    """Incoming-Call-Reply seen, waiting for Incoming-Call-Connected."""
-    ESTABLISHED = "established"
-    CLOSING = "closing"
-    """Call-Clear-Request seen, waiting for Call-Disconnect-Notify."""
-
-
-class Call:
-    """One mapping. Mutable, owned by the table; others get :class:`CallInfo`."""
-
-    __slots__ = (
-        "client_call_hi", "client_call_id", "client_ip", "conn", "gre_bytes", "gre_packets",
-        "in_csum_delta", "last_seen", "out_csum_delta", "public_call_id", "public_ip",
-        "released", "server_call_id", "server_ip", "since", "state",
-    )
-
-    def __init__(self, conn: ControlConnection, client_call_hi: int, public_ip: bytes,
-                 public_call_id: int, now: float) -> None:
-        self.conn = conn
-        self.client_ip = conn.client_ip
-        self.server_ip = conn.server_ip
-        self.public_ip = public_ip
-        self.client_call_hi = client_call_hi
-        self.client_call_id: int | None = None
-        self.public_call_id = public_call_id
-        self.server_call_id: int | None = None
-        self.state = CallState.REQUESTED
-        self.since = now
-        self.last_seen = now
-        self.released = False
-        self.gre_packets = [0, 0]
-        """GRE packets by Direction (outbound, inbound)."""
-        self.gre_bytes = [0, 0]
-        # The IP header checksum deltas of the address rewrites are the same for
-        # every GRE packet of the call: compute them once (RFC 1624).
-        self.in_csum_delta = address_delta(public_ip, self.client_ip)
-        self.out_csum_delta = address_delta(self.client_ip, public_ip)
-
-    def info(self) -> CallInfo:
-        return CallInfo(
-            IPv4Address(self.client_ip), self.client_call_id, IPv4Address(self.server_ip),
-            self.server_call_id, IPv4Address(self.public_ip), self.public_call_id,
-            self.state.value,
-        )
-
-    def record(self) -> CallRecord:
-        conn = self.conn
-        return CallRecord(
-            IPv4Address(self.client_ip), conn.client_port, IPv4Address(self.server_ip),
-            conn.server_port, IPv4Address(self.public_ip), self.public_call_id,
-            self.client_call_hi, self.client_call_id, self.server_call_id, self.state.value,
-        )
-
-    def expires(self, policy: Policy) -> float:
-        if self.state is CallState.ESTABLISHED:
-            return self.last_seen + policy.call_idle_timeout
-        return self.since + policy.request_timeout
 
 
 class ControlConnection:
@@ -179,9 +115,13 @@ class ControlConnection:
 class CallTable:
     """Calls and control connections, their indexes, the allocator and timers."""
 
-    def __init__(self, policy: Policy, rng: random.Random) -> None:
+    def __init__(self, policy: Policy, rng: random.Random,
+                 outbox: Outbox | None = None) -> None:
         self.policy = policy
         self.rng = rng
+        self.outbox = outbox if outbox is not None else Outbox(Stats())
+        """Where the table counts (``outbox.stats``) and tells (``outbox.events``) what it
+        did to calls: the translator's."""
         self.connections: dict[ConnKey, ControlConnection] = {}
         self.by_public: dict[tuple[bytes, bytes, int], Call] = {}
         self.by_server: dict[tuple[bytes, bytes, int], Call] = {}
@@ -192,8 +132,28 @@ class CallTable:
         self._cursor: dict[tuple[bytes, bytes], int] = {}
         self.relaxed = 0
         """Calls mapped without the high-byte rule (see :meth:`allocate`)."""
-        self._timers: list[tuple[float, int, Call | ControlConnection]] = []
-        self._timer_seq = 0
+        self._public_addresses: dict[bytes, IPv4Address] = {}
+        """One IPv4Address per public address, shared by its calls' listings."""
+        self.timers = Timers(policy, self._live, self._live_count)
+        self.schedule = self.timers.schedule
+        self.next_deadline = self.timers.next_deadline
+        self.expired = self.timers.expired
+
+    def set_policy(self, policy: Policy) -> None:
+        """Limits and timeouts from now on; timers re-armed when a timeout got shorter."""
+        old, self.policy = self.policy, policy
+        self.timers.policy = policy
+        if (policy.request_timeout < old.request_timeout
+                or policy.call_idle_timeout < old.call_idle_timeout
+                or policy.control_idle_timeout < old.control_idle_timeout):
+            self.timers.rebuild()
+
+    def _live_count(self) -> int:
+        return len(self.connections) + len(self.by_public)
+
+    def _live(self) -> Iterator[Call | ControlConnection]:
+        yield from self.connections.values()
+        yield from self.by_public.values()
 
     # -- listing ------------------------------------------------------------------
 
@@ -305,7 +265,13 @@ class CallTable:
             if cid is None:
                 return None
             self.relaxed += 1
-        return self._register(Call(conn, client_call_hi, public_ip, cid, now))
+        return self._register(Call(conn, client_call_hi, self._public(public_ip), cid, now))
+
+    def _public(self, public_ip: bytes) -> IPv4Address:
+        address = self._public_addresses.get(public_ip)
+        if address is None:
+            address = self._public_addresses[public_ip] = IPv4Address(public_ip)
+        return address
 
     def _register(self, call: Call) -> Call:
         """Enter a new call in every index (the one place; :meth:`release` undoes it)."""
@@ -390,7 +356,7 @@ class CallTable:
         conn = self.connection(key, now, create=True)
         if conn is None:
             return RestoreOutcome.TOO_MANY_CONNECTIONS
-        call = Call(conn, hi, public_ip, rec.public_call_id, now)
+        call = Call(conn, hi, self._public(public_ip), rec.public_call_id, now)
         call.client_call_id = cid
         call.state = state
         call.server_call_id = rec.server_call_id
@@ -405,15 +371,53 @@ class CallTable:
         call.server_call_id = server_call_id
         self.by_server[(call.client_ip, call.server_ip, server_call_id)] = call
 
-    def set_state(self, call: Call, state: CallState, now: float) -> None:
+    # -- the lifecycle (calls.TRANSITIONS, the only way a call changes state) -----------
+
+    def apply(self, call: Call, d: Direction, mt: MessageType, outcome: Outcome, now: float,
+              server_call_id: int | None = None, new: bool = False) -> bool:
+        """Apply the complete message ``mt`` that names ``call`` (made it: ``new``);
+        False when its state has no step for it (nothing changes).
+
+        A reply's ``server_call_id`` is learnt first. A new call is told
+        (:class:`CallMapped`) as mapped: after a step into a state without an event of
+        its own, before one that establishes or ends it.
+        """
+        step = TRANSITIONS.get((call.state, d, mt, outcome))
+        if step is None:
+            return False
+        if server_call_id is not None:
+            self.set_server_call_id(call, server_call_id)
+        state = step.state
+        if new:
+            self.outbox.stats.calls_mapped += 1
+            call.last_seen = now
+            if state is not None and state is not CallState.ESTABLISHED:
+                self._enter(call, state, now)
+                self.outbox.events.append(CallMapped(call.info()))
+                return True
+            self.outbox.events.append(CallMapped(call.info()))
+        if step.release is not None:
+            self.release(call, step.release)
+        else:
+            assert state is not None
+            self._enter(call, state, now, step.again)
+        return True
+
+    def _enter(self, call: Call, state: CallState, now: float, again: bool = False) -> None:
+        call.last_seen = now
+        if state is call.state and not again:
+            return  # touched: its idle timer restarts
         call.state = state
         call.since = now
-        call.last_seen = now
         self.schedule(call, call.expires(self.policy))
+        if state is CallState.ESTABLISHED:
+            self.outbox.events.append(CallEstablished(call.info()))
 
-    def release(self, call: Call) -> None:
+    def release(self, call: Call, reason: ReleaseReason) -> None:
+        """End a call: out of every index, counted and told (:class:`CallReleased`)."""
         if call.released:
             return
+        info = call.info()
         call.released = True
         del self.by_public[(call.public_ip, call.server_ip, call.public_call_id)]
         self.used[(call.public_ip, call.server_ip)].discard(call.public_call_id)
@@ -425,44 +429,25 @@ class CallTable:
         if not self.per_client[call.client_ip]:
             del self.per_client[call.client_ip]
         call.conn.calls.remove(call)
+        self.outbox.stats.calls_released[reason] += 1
+        self.outbox.events.append(CallReleased(info, reason))
 
-    # -- timers (lazy heap: an entry is a lower bound of the object's expiry) ------------
+    def end_calls(self, conn: ControlConnection, reason: ReleaseReason) -> None:
+        for call in list(conn.calls):
+            self.release(call, reason)
 
-    def schedule(self, obj: Call | ControlConnection, when: float) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, obj))
-        live = len(self.connections) + len(self.by_public)
-        if len(self._timers) > TIMER_SLACK * live + TIMER_FLOOR:
-            # Entries of released objects (and superseded ones) would otherwise stay
-            # until their time comes, holding released calls and connections for up to
-            # a timeout under churn: rebuild, one entry per live object.
-            self.reschedule()
+    def close_connection(self, conn: ControlConnection, reason: ReleaseReason) -> None:
+        self.end_calls(conn, reason)
+        self.forget_connection(conn)
 
-    def reschedule(self) -> None:
-        """Re-arm every timer from the policy in force (its timeouts got shorter)."""
-        self._timers = []
-        for conn in self.connections.values():
-            self.schedule(conn, conn.expires(self.policy))
-        for call in self.by_public.values():
-            self.schedule(call, call.expires(self.policy))
-
-    def next_deadline(self) -> float | None:
-        timers = self._timers
-        while timers and timers[0][2].released:
-            heapq.heappop(timers)
-        return timers[0][0] if timers else None
-
-    def expired(self, now: float) -> Iterator[Call | ControlConnection]:
-        """Yield each object whose expiry has passed; re-arm the others."""
-        while self._timers and self._timers[0][0] <= now:  # (schedule may rebuild the heap)
-            _, _, obj = heapq.heappop(self._timers)
-            if obj.released:
-                continue
-            due = obj.expires(self.policy)
-            if due <= now:
-                yield obj
+    def expire(self, now: float) -> None:
+        """Release the calls and forget the connections whose timers ran out by ``now``."""
+        for obj in self.expired(now):
+            if isinstance(obj, Call):
+                self.release(obj, TIMEOUTS[obj.state].release)
             else:
-                self.schedule(obj, due)
+                assert isinstance(obj, ControlConnection)
+                self.close_connection(obj, ReleaseReason.CONTROL_IDLE)
 
 
 def _u16(value: int) -> bool:

@@ -52,6 +52,8 @@ split_call_id_undecided  accept  (counted only) a Call ID cut after its first by
                    high byte no rule could decide: the field is left as it came
 unknown_call_id    accept  (counted only, per message) a Call ID field naming no call of
                            its control connection: the field is left as it came
+unexpected_message accept  (counted only, per message) a message naming a call in a state
+                           with no step for it (``calls.TRANSITIONS``): the call is unchanged
 =================  ======  =========================================================
 (*) the reason is the ProtocolError's: bad_length, bad_cookie, ...
 
@@ -94,7 +96,6 @@ their public Call IDs, so GRE flows again at once after a worker restart.
 
 from __future__ import annotations
 
-import enum
 import random
 import struct
 from collections import Counter
@@ -102,6 +103,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 
 from .admission import Admission
+from .calls import Call, CallState, Outcome
 from .checksum import apply_delta
 from .errors import (
     DropReason,
@@ -116,31 +118,32 @@ from .errors import (
 from .events import (
     ACCEPT,
     Action,
-    CallEstablished,
     CallInfo,
-    CallMapped,
     CallRecord,
     CallRefused,
-    CallReleased,
     ConnectionRefused,
     Event,
     GreRoute,
-    ProtocolViolation,
     Verdict,
 )
 from .policy import DisconnectRule, MalformedAction, Policy
+from .stats import Outbox, Stats
 from .stream import SEQ_MOD, Piece, Stream, frame
-from .table import Call, CallState, CallTable, ControlConnection
+from .table import CallTable, ControlConnection
 from .wire import (
+    CALL_ID_FIELDS,
     IPPROTO_GRE,
     IPPROTO_TCP,
     PPTP_PORT,
+    RESULT_CODE_OFFSET,
     RESULT_CONNECTED,
     TCP_ACK,
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
+    CallIdField,
     Direction,
+    FieldKind,
     MessageType,
     is_pptp_gre,
     parse_control_header,
@@ -159,69 +162,16 @@ _FAST_GRE = frozenset(bytes((f0, f1, 0x88, 0x0B)) for f0 in (0x20, 0x30) for f1 
 """The first four bytes of the enhanced GRE the shortcuts take (key; sequence number
 or not; acknowledgement or not; protocol PPP); other valid ones go to handle_packet."""
 _TCP = struct.Struct("!HHI")
-
-
-class Field(enum.Enum):
-    NEW = "new"
-    """Outbound: the client's Call ID of a call this message creates."""
-    OWN = "own"
-    """Outbound: the client's Call ID of an existing call."""
-    PEER = "peer"
-    """Inbound: the client's Call ID, as the Peer's Call ID."""
-    DISCONNECT = "disconnect"
-    """Inbound Call-Disconnect-Notify Call ID (see _decide_disconnect)."""
-
-
-_FIELDS: dict[tuple[Direction, MessageType], tuple[int, Field]] = {
-    (OUT, MT.OUTGOING_CALL_REQUEST): (12, Field.NEW),
-    (OUT, MT.INCOMING_CALL_REPLY): (12, Field.NEW),
-    (OUT, MT.OUTGOING_CALL_REPLY): (12, Field.NEW),  # the client is a PAC
-    (OUT, MT.INCOMING_CALL_REQUEST): (12, Field.NEW),  # the client is a PAC
-    (OUT, MT.CALL_CLEAR_REQUEST): (12, Field.OWN),
-    (OUT, MT.CALL_DISCONNECT_NOTIFY): (12, Field.OWN),  # the client is a PAC
-    (IN, MT.OUTGOING_CALL_REPLY): (14, Field.PEER),
-    (IN, MT.INCOMING_CALL_REPLY): (14, Field.PEER),  # the client is a PAC
-    (IN, MT.INCOMING_CALL_CONNECTED): (12, Field.PEER),
-    (IN, MT.WAN_ERROR_NOTIFY): (12, Field.PEER),
-    (IN, MT.SET_LINK_INFO): (12, Field.PEER),
-    (IN, MT.CALL_DISCONNECT_NOTIFY): (12, Field.DISCONNECT),
-}
-"""The one field each (direction, message type) rewrites: offset and kind."""
-
-
-TIMEOUT_REASON = {
-    CallState.REQUESTED: ReleaseReason.REQUEST_TIMEOUT,
-    CallState.INCOMING: ReleaseReason.REQUEST_TIMEOUT,
-    CallState.ESTABLISHED: ReleaseReason.IDLE,
-    CallState.CLOSING: ReleaseReason.CLEAR_TIMEOUT,
-}
-"""Why a call whose timer ran out in each state is released."""
-
-
-class Stats:
-    """Counters of everything the translator decided; metrics read them live."""
-
-    def __init__(self) -> None:
-        self.verdicts: Counter[tuple[str, str]] = Counter()
-        """(action, reason) of every drop and deliberate pass-through.
-
-        The keys of these counters are reason enum members (:mod:`.errors`), read by
-        their strings alike (``StrEnum``)."""
-        self.messages: Counter[tuple[str, str]] = Counter()
-        """(direction, message type name) of every complete control message."""
-        self.rewrites: Counter[tuple[str, str]] = Counter()
-        """(message type name, field kind) of every Call ID field rewritten."""
-        self.gre_packets = [0, 0]
-        """Translated GRE packets by Direction."""
-        self.gre_bytes = [0, 0]
-        self.calls_mapped = 0
-        self.calls_released: Counter[str] = Counter()
-        self.calls_refused: Counter[str] = Counter()
-        """Requests for new calls refused, by reason (not counting retransmissions)."""
-        self.connections_refused: Counter[str] = Counter()
-        """Client SYNs of control connections the ACL denied, by reason."""
-        self.calls_restored = 0
-        """Calls put back from a previous run's records (:meth:`Translator.restore`)."""
+_NEW, _OWN, _PEER, _SERVER = FieldKind.NEW, FieldKind.OWN, FieldKind.PEER, FieldKind.SERVER
+_NAMED = -1
+"""The key of ``Stream.partial`` (the stream's scratch for the message in progress,
+cleared when it completes or the stream resynchronises) under which the call the
+message's Call ID field named is kept, with the message's first sequence number:
+the message's call is found once, when its field is read, and used when it completes."""
+_START_REQUEST = MT.START_CONTROL_CONNECTION_REQUEST
+_STOPS = (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY)
+_DIRECTION_NAMES = tuple(d.name.lower() for d in Direction)
+_MT_NAMES = {mt: mt.name for mt in MessageType}
 
 
 class Translator:
@@ -233,10 +183,10 @@ class Translator:
         self.policy = policy
         self.public_ip = policy.public_address.packed
         self.rng = rng if rng is not None else random.SystemRandom()
-        self.table = CallTable(policy, self.rng)
-        self.admission = Admission(policy)
         self.stats = Stats()
-        self._events: list[Event] = []
+        self.outbox = Outbox(self.stats)
+        self.table = CallTable(policy, self.rng, self.outbox)
+        self.admission = Admission(policy)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -266,12 +216,8 @@ class Translator:
 
     def handle_timer(self, now: float) -> list[Event]:
         """Expire requests, idle calls and idle control connections due by ``now``."""
-        for obj in self.table.expired(now):
-            if isinstance(obj, Call):
-                self._release(obj, TIMEOUT_REASON[obj.state])
-            else:
-                self._close_connection(obj, ReleaseReason.CONTROL_IDLE)
-        return self._take_events()
+        self.table.expire(now)
+        return self.outbox.take()
 
     def calls(self) -> list[CallInfo]:
         """The live call table, one snapshot per call."""
@@ -382,30 +328,15 @@ class Translator:
             raise ValueError("the core needs policy.public_address resolved")
         if policy.public_address.packed != self.public_ip:
             raise ValueError("the public address cannot change while calls may be live")
-        old, self.policy = self.policy, policy
-        self.table.policy = policy
+        self.policy = policy
+        self.table.set_policy(policy)
         self.admission.set_policy(policy)
-        if (policy.request_timeout < old.request_timeout
-                or policy.call_idle_timeout < old.call_idle_timeout
-                or policy.control_idle_timeout < old.control_idle_timeout):
-            self.table.reschedule()
 
     # -- verdict helpers ----------------------------------------------------------------
 
     def _verdict(self, action: Action, reason: Reason | None, data: bytes | None = None,
                  violation: ProtocolError | None = None) -> Verdict:
-        if reason is not None:
-            self.stats.verdicts[(action.value, reason)] += 1
-        if violation is not None:
-            self._events.append(ProtocolViolation(violation.reason, violation.detail))
-        events = self._take_events()
-        if data is None and reason is None and not events:
-            return ACCEPT
-        return Verdict(action, data, reason, tuple(events))
-
-    def _take_events(self) -> list[Event]:
-        events, self._events = self._events, []
-        return events
+        return self.outbox.verdict(action, reason, data, violation)
 
     # -- GRE ------------------------------------------------------------------------------
 
@@ -545,7 +476,7 @@ class Translator:
         if flags & TCP_SYN:
             stream_seq = (seq + 1) % SEQ_MOD
             if conn is not None and conn.streams[d].next_seq not in (None, stream_seq):
-                self._close_connection(conn, ReleaseReason.RESET)  # the 4-tuple is reused
+                table.close_connection(conn, ReleaseReason.RESET)  # the 4-tuple is reused
                 conn = None
         if conn is None:
             if not (flags & TCP_SYN or payload) or flags & TCP_RST:
@@ -554,7 +485,7 @@ class Translator:
             if denied is not None:
                 if d is OUT and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
                     self.stats.connections_refused[denied] += 1
-                    self._events.append(ConnectionRefused(
+                    self.outbox.events.append(ConnectionRefused(
                         IPv4Address(key[0]), IPv4Address(key[2]), denied))
                 return self._verdict(Action.DROP, denied.drop)
             # seen from its SYN: calls wait for Start-Control-Connection (_check_new_calls)
@@ -573,10 +504,10 @@ class Translator:
                 return verdict_or_data
             new_data = verdict_or_data
         if flags & TCP_RST:
-            self._close_connection(conn, ReleaseReason.RESET)
+            table.close_connection(conn, ReleaseReason.RESET)
         elif flags & TCP_FIN:
             conn.fin[d] = True
-            self._end_calls(conn, ReleaseReason.FIN)
+            table.end_calls(conn, ReleaseReason.FIN)
             if all(conn.fin):
                 table.forget_connection(conn)
         return self._verdict(Action.ACCEPT, None, new_data)
@@ -605,37 +536,43 @@ class Translator:
                 stream.resync(None)
                 return self._verdict(Action.ACCEPT, exc.reason, violation=exc)
             return self._verdict(Action.DROP, exc.reason, violation=exc)
-        if d is OUT and self._names_a_foreign_call(conn, pieces):
+        # each piece's Call ID field, looked up once for every use below
+        fields = [CALL_ID_FIELDS.get((d, piece.header.message_type)) for piece in pieces]
+        if d is OUT and self._names_a_foreign_call(conn, pieces, fields):
             return self._verdict(Action.DROP, DropReason.FOREIGN_CALL_ID)
-        refused = self._check_new_calls(conn, d, pieces, (seq + behind) % SEQ_MOD, now)
+        refused = self._check_new_calls(conn, d, pieces, fields, (seq + behind) % SEQ_MOD, now)
         if refused is not None:
             return self._verdict(Action.DROP, refused.drop)
         base = behind  # payload offset of the first new byte
         new_seq = (seq + behind) % SEQ_MOD
-        for piece in pieces:
-            for off, value in self._rewrite(conn, stream, d, piece, now):
-                pos = base + piece.at + off - piece.start
-                if payload[pos] != value:
-                    writes.append((pos, value))
-                    stream.record((new_seq + piece.at + off - piece.start) % SEQ_MOD, value)
+        for piece, field in zip(pieces, fields, strict=True):
+            if field is not None:
+                for off, value in self._rewrite(conn, stream, d, piece, field,
+                                                (new_seq + piece.at - piece.start) % SEQ_MOD,
+                                                now):
+                    pos = base + piece.at + off - piece.start
+                    if payload[pos] != value:
+                        writes.append((pos, value))
+                        stream.record((new_seq + piece.at + off - piece.start) % SEQ_MOD, value)
             if piece.complete:
-                self._complete(conn, stream, d, piece.header.message_type, piece.message, now)
+                self._complete(conn, stream, d, piece, field,
+                               (new_seq + piece.at - piece.start) % SEQ_MOD, now)
         stream.pending, stream.header = pending, header
         stream.next_seq = (seq + len(payload)) % SEQ_MOD
         return _apply(data, start, writes) if writes else None
 
     def _check_new_calls(self, conn: ControlConnection, d: Direction, pieces: list[Piece],
-                         seq: int, now: float) -> Refusal | None:
+                         fields: list[CallIdField | None], seq: int,
+                         now: float) -> Refusal | None:
         """Why the new calls of a segment whose new bytes start at ``seq`` are refused."""
         client_his = []
         started = conn.started
-        for piece in pieces:
-            mt = piece.header.message_type
-            if mt is MT.START_CONTROL_CONNECTION_REQUEST and piece.complete:
+        for piece, field in zip(pieces, fields, strict=True):
+            if (piece.header.message_type is _START_REQUEST and piece.complete):
                 started = True  # (a client may send its first call in the same segment)
-            spec = _FIELDS.get((d, mt))
-            if spec is not None and spec[1] is Field.NEW and piece.start <= spec[0] < piece.end:
-                client_his.append(piece.message[spec[0]])
+            if (field is not None and field.kind is _NEW
+                    and piece.start <= field.offset < piece.end):
+                client_his.append(piece.message[field.offset])
         if not client_his:
             return None
         n = len(client_his)
@@ -650,26 +587,26 @@ class Translator:
         if conn.refused_at[d] != seq:  # not a retransmission of a request refused already
             conn.refused_at[d] = seq
             self.stats.calls_refused[reason] += 1
-            self._events.append(CallRefused(
+            self.outbox.events.append(CallRefused(
                 IPv4Address(conn.client_ip), None, IPv4Address(conn.server_ip), reason))
         return reason
 
-    def _names_a_foreign_call(self, conn: ControlConnection, pieces: list[Piece]) -> bool:
+    def _names_a_foreign_call(self, conn: ControlConnection, pieces: list[Piece],
+                              fields: list[CallIdField | None]) -> bool:
         """Whether an outbound message names, as its own, a Call ID that is no call of
         ``conn`` but the live public Call ID of another connection's call to the same
         server (client A's Call-Clear-Request for a Call ID the server knows as client
         B's). Passing it untouched would let the server match it to B's call; only a
         field whose two bytes are both in this segment can be checked."""
         new_ids: set[int] = set()
-        for piece in pieces:
-            spec = _FIELDS.get((OUT, piece.header.message_type))
-            if spec is None or not piece.start <= spec[0] < spec[0] + 1 < piece.end:
+        for piece, field in zip(pieces, fields, strict=True):
+            if field is None or not piece.start <= field.offset < field.offset + 1 < piece.end:
                 continue
-            f, kind = spec
+            f, kind = field.offset, field.kind
             value = piece.message[f] << 8 | piece.message[f + 1]
-            if kind is Field.NEW:
+            if kind is _NEW:
                 new_ids.add(value)
-            elif (kind is Field.OWN and value not in new_ids
+            elif (kind is _OWN and value not in new_ids
                   and conn.call_by_client_id(value) is None):
                 other = self.table.by_public.get((self.public_ip, conn.server_ip, value))
                 if other is not None and other.conn is not conn:
@@ -679,12 +616,11 @@ class Translator:
     # -- Call ID fields ----------------------------------------------------------------------
 
     def _rewrite(self, conn: ControlConnection, stream: Stream, d: Direction, piece: Piece,
-                 now: float) -> list[tuple[int, int]]:
-        """(message offset, byte) pairs to write for the field this piece carries."""
-        spec = _FIELDS.get((d, piece.header.message_type))
-        if spec is None:
-            return []
-        f, kind = spec
+                 field: CallIdField, message_seq: int, now: float) -> list[tuple[int, int]]:
+        """(message offset, byte) pairs to write for the field this piece carries; the
+        call the field names is found here, once, for :meth:`_complete` (the message is
+        known by the sequence number of its first byte, ``message_seq``)."""
+        f, kind = field.offset, field.kind
         has_hi = piece.start <= f < piece.end
         has_lo = piece.start <= f + 1 < piece.end
         if not (has_hi or has_lo):
@@ -693,7 +629,7 @@ class Translator:
         hi = msg[f]
         full = (hi << 8 | msg[f + 1]) if f + 1 < piece.end else None
         out: list[tuple[int, int]] = []
-        if kind is Field.NEW:
+        if kind is _NEW:
             call = stream.partial.pop(f, None) if not has_hi else self._new_call(conn, hi, now)
             if not isinstance(call, Call):
                 return []
@@ -705,27 +641,30 @@ class Translator:
                 out.append((f + 1, call.public_call_id & 0xFF))
             else:
                 stream.partial[f] = call
+        elif full is None:  # only the high byte is here: the one-to-one rule decides it
+            if kind is _SERVER:
+                return []
+            new_hi = self._decide_hi(conn, kind, hi)
+            stream.partial[f] = hi if new_hi is None else new_hi  # the byte that went out
+            if new_hi is not None:
+                out.append((f, new_hi))
         else:
-            if full is None:  # only the high byte is here: the one-to-one rule decides it
-                new_hi = self._decide_hi(conn, kind, hi)
-                stream.partial[f] = hi if new_hi is None else new_hi  # the byte that went out
-                if new_hi is not None:
-                    out.append((f, new_hi))
-            else:
-                sent_hi = stream.partial.pop(f, None)
-                matched, value = self._decide(conn, kind, full)
-                if not matched:  # names no call of this connection: goes out as it came
+            sent_hi = stream.partial.pop(f, None)
+            named, value = self._decide(conn, kind, full)
+            stream.partial[_NAMED] = (message_seq, named)
+            if named is None:  # names no call of this connection: goes out as it came
+                if kind is not _SERVER:
                     self.stats.verdicts[("accept", PassReason.UNKNOWN_CALL_ID)] += 1
-                elif value is not None:
-                    if has_hi:
-                        out.append((f, value >> 8))
-                        out.append((f + 1, value & 0xFF))
-                    elif value >> 8 == sent_hi:
-                        out.append((f + 1, value & 0xFF))
-                    else:  # the high byte could not be decided alone: leave the field be
-                        self.stats.verdicts[("accept", PassReason.SPLIT_CALL_ID_UNDECIDED)] += 1
+            elif value is not None:
+                if has_hi:
+                    out.append((f, value >> 8))
+                    out.append((f + 1, value & 0xFF))
+                elif value >> 8 == sent_hi:
+                    out.append((f + 1, value & 0xFF))
+                else:  # the high byte could not be decided alone: leave the field be
+                    self.stats.verdicts[("accept", PassReason.SPLIT_CALL_ID_UNDECIDED)] += 1
         if out:
-            self.stats.rewrites[(piece.header.message_type.name, kind.value)] += 1
+            self.stats.rewrites[(_MT_NAMES[piece.header.message_type], kind.value)] += 1
         return out
 
     def _new_call(self, conn: ControlConnection, client_hi: int, now: float) -> Call | None:
@@ -734,28 +673,29 @@ class Translator:
     def _set_client_call_id(self, conn: ControlConnection, call: Call, call_id: int) -> None:
         old = conn.call_by_client_id(call_id)
         if old is not None and old is not call:
-            self._release(old, ReleaseReason.REPLACED)  # the client reused a live Call ID
+            self.table.release(old, ReleaseReason.REPLACED)  # the client reused a live Call ID
         call.client_call_id = call_id
 
-    def _decide(self, conn: ControlConnection, kind: Field,
-                value: int) -> tuple[bool, int | None]:
-        """(whether ``value`` names a call of ``conn``, the value to write or None).
+    def _decide(self, conn: ControlConnection, kind: FieldKind,
+                value: int) -> tuple[Call | None, int | None]:
+        """(the call of ``conn`` that ``value`` names or None, the value to write or None).
 
         Every lookup is within the one control connection: a message can name
         only its own connection's calls, never another client's.
         """
-        if kind is Field.OWN:
+        if kind is _OWN:
             call = conn.call_by_client_id(value)
-            return call is not None, None if call is None else call.public_call_id
-        if kind is Field.PEER:
+            return call, None if call is None else call.public_call_id
+        if kind is _PEER:
             call = conn.call_by_public_id(value)
-            return call is not None, None if call is None else call.client_call_id
-        if conn.call_by_server_id(value) is None and conn.call_by_public_id(value) is None:
-            return False, None
-        return True, self._decide_disconnect(conn, value)
+            return call, None if call is None else call.client_call_id
+        if kind is _SERVER:
+            return conn.call_by_server_id(value), None
+        return self._decide_disconnect(conn, value)
 
-    def _decide_disconnect(self, conn: ControlConnection, value: int) -> int | None:
-        """The Call ID to write into an inbound Call-Disconnect-Notify.
+    def _decide_disconnect(self, conn: ControlConnection,
+                           value: int) -> tuple[Call | None, int | None]:
+        """The call an inbound Call-Disconnect-Notify names, and the Call ID to write.
 
         RFC 2637 puts the PAC's own Call ID there; some PACs put the PNS's
         (that is, our public) Call ID; and the PNS we know best (pptp-linux)
@@ -769,15 +709,15 @@ class Translator:
         call = conn.call_by_server_id(value)
         if call is not None:
             if self.policy.disconnect_rule is DisconnectRule.RFC:
-                return None
-            return call.client_call_id
+                return call, None
+            return call, call.client_call_id
         call = conn.call_by_public_id(value)
-        return None if call is None else call.client_call_id
+        return call, None if call is None else call.client_call_id
 
-    def _decide_hi(self, conn: ControlConnection, kind: Field, hi: int) -> int | None:
-        if kind is Field.OWN:
+    def _decide_hi(self, conn: ControlConnection, kind: FieldKind, hi: int) -> int | None:
+        if kind is _OWN:
             return conn.public_hi_for_client_hi(hi)
-        if kind is Field.PEER:
+        if kind is _PEER:
             return conn.client_hi_for_public_hi(hi)
         # Disconnect: the value may be a server or a public Call ID. Each candidate
         # call says what the high byte becomes; write it only when they all agree.
@@ -789,93 +729,41 @@ class Translator:
 
     # -- message semantics ------------------------------------------------------------------
 
-    def _complete(self, conn: ControlConnection, stream: Stream, d: Direction,
-                  mt: MessageType, msg: bytes, now: float) -> None:
-        """Apply a whole message (original bytes) to the table."""
-        self.stats.messages[(d.name.lower(), mt.name)] += 1
+    def _complete(self, conn: ControlConnection, stream: Stream, d: Direction, piece: Piece,
+                  field: CallIdField | None, message_seq: int, now: float) -> None:
+        """Apply a whole message (original bytes) to the call it names, through the
+        lifecycle table (:data:`natedit.core.calls.TRANSITIONS`)."""
+        mt = piece.header.message_type
+        self.stats.messages[(_DIRECTION_NAMES[d], _MT_NAMES[mt])] += 1
         new_call = stream.new_call
         stream.new_call = None
+        named = stream.partial.get(_NAMED)
         stream.partial.clear()
-        if mt in (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY):
-            self._end_calls(conn, ReleaseReason.STOP)
-            return
-        if mt is MT.START_CONTROL_CONNECTION_REQUEST:
+        if mt is _START_REQUEST:
             conn.started = True
             return
-        u16 = _U16.unpack_from
-        if isinstance(new_call, Call):  # an outbound message created a call
-            if new_call.released:
-                return
-            new_call.last_seen = now
-            self.stats.calls_mapped += 1
-            if mt is MT.OUTGOING_CALL_REQUEST or mt is MT.INCOMING_CALL_REQUEST:
-                self._events.append(CallMapped(new_call.info()))
-                return  # REQUESTED until the peer answers
-            self.table.set_server_call_id(new_call, u16(msg, 14)[0])
-            if msg[16] == RESULT_CONNECTED and mt is MT.INCOMING_CALL_REPLY:
-                self.table.set_state(new_call, CallState.INCOMING, now)
-            self._events.append(CallMapped(new_call.info()))
-            if msg[16] != RESULT_CONNECTED:
-                self._release(new_call, ReleaseReason.REFUSED_BY_CLIENT)
-            elif mt is not MT.INCOMING_CALL_REPLY:
-                self._establish(new_call, now)
+        if mt in _STOPS:
+            for each in list(conn.calls):
+                self.table.apply(each, d, mt, Outcome.ANY, now)
             return
+        new = isinstance(new_call, Call)
         call: Call | None
-        if d is IN:
-            if mt is MT.OUTGOING_CALL_REPLY or mt is MT.INCOMING_CALL_REPLY:
-                call = conn.call_by_public_id(u16(msg, 14)[0])
-                if call is not None:
-                    self.table.set_server_call_id(call, u16(msg, 12)[0])
-                    if msg[16] == RESULT_CONNECTED:
-                        self._establish(call, now)
-                    else:
-                        self._release(call, ReleaseReason.REFUSED_BY_SERVER)
-            elif mt is MT.INCOMING_CALL_CONNECTED:
-                call = conn.call_by_public_id(u16(msg, 12)[0])
-                if call is not None:
-                    self._establish(call, now)
-            elif mt is MT.CALL_DISCONNECT_NOTIFY:
-                value = u16(msg, 12)[0]
-                call = conn.call_by_server_id(value) or conn.call_by_public_id(value)
-                if call is not None:
-                    self._release(call, ReleaseReason.DISCONNECT)
-            elif mt is MT.CALL_CLEAR_REQUEST:  # the client is a PAC
-                call = conn.call_by_server_id(u16(msg, 12)[0])
-                if call is not None:
-                    self.table.set_state(call, CallState.CLOSING, now)
-            elif mt is MT.WAN_ERROR_NOTIFY or mt is MT.SET_LINK_INFO:
-                call = conn.call_by_public_id(u16(msg, 12)[0])
-                if call is not None:
-                    call.last_seen = now
+        if isinstance(new_call, Call):
+            call = new_call
+        elif isinstance(named, tuple) and named[0] == message_seq:
+            call = named[1]
         else:
-            if mt is MT.CALL_CLEAR_REQUEST:
-                call = conn.call_by_client_id(u16(msg, 12)[0])
-                if call is not None:
-                    self.table.set_state(call, CallState.CLOSING, now)
-            elif mt is MT.CALL_DISCONNECT_NOTIFY:  # the client is a PAC
-                call = conn.call_by_client_id(u16(msg, 12)[0])
-                if call is not None:
-                    self._release(call, ReleaseReason.DISCONNECT)
-
-    def _establish(self, call: Call, now: float) -> None:
-        self.table.set_state(call, CallState.ESTABLISHED, now)
-        self._events.append(CallEstablished(call.info()))
-
-    def _release(self, call: Call, reason: ReleaseReason) -> None:
-        if call.released:
             return
-        info = call.info()
-        self.table.release(call)
-        self.stats.calls_released[reason] += 1
-        self._events.append(CallReleased(info, reason))
-
-    def _end_calls(self, conn: ControlConnection, reason: ReleaseReason) -> None:
-        for call in list(conn.calls):
-            self._release(call, reason)
-
-    def _close_connection(self, conn: ControlConnection, reason: ReleaseReason) -> None:
-        self._end_calls(conn, reason)
-        self.table.forget_connection(conn)
+        if call is None or call.released or field is None:
+            return
+        msg = piece.message
+        at = RESULT_CODE_OFFSET.get(mt)
+        outcome = (Outcome.ANY if at is None
+                   else Outcome.CONNECTED if msg[at] == RESULT_CONNECTED else Outcome.REFUSED)
+        server_at = field.server_call_id_at
+        server_call_id = None if server_at is None else msg[server_at] << 8 | msg[server_at + 1]
+        if not self.table.apply(call, d, mt, outcome, now, server_call_id, new):
+            self.stats.verdicts[("accept", PassReason.UNEXPECTED_MESSAGE)] += 1
 
 
 def _apply(data: bytes, start: int, writes: list[tuple[int, int]]) -> bytes:

@@ -102,6 +102,73 @@ PEER_CALL_ID_OFFSET: dict[int, int] = {
 }
 """Where a message carries the *receiver's* Call ID (the Peer's Call ID)."""
 
+class FieldKind(enum.Enum):
+    """What a Call ID field natedit reads in a control message is to it."""
+
+    NEW = "new"
+    """Outbound: the client's Call ID of a call this message creates."""
+    OWN = "own"
+    """Outbound: the client's Call ID of an existing call."""
+    PEER = "peer"
+    """Inbound: the client's Call ID, as the Peer's Call ID (natedit's public one)."""
+    DISCONNECT = "disconnect"
+    """Inbound Call-Disconnect-Notify: the server's, or the public, Call ID (see
+    :mod:`natedit.core.control`)."""
+    SERVER = "server"
+    """Inbound: the server's own Call ID; read to find the call, never rewritten."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallIdField:
+    """The one Call ID field of a (direction, message type) natedit reads."""
+
+    offset: int
+    kind: FieldKind
+    server_call_id_at: int | None = None
+    """Where a reply carries the server's Call ID (the call learns it), else None."""
+
+    @property
+    def rewritten(self) -> bool:
+        return self.kind is not FieldKind.SERVER
+
+
+_OUT = Direction.OUTBOUND
+_IN = Direction.INBOUND
+_NEW, _OWN, _PEER = FieldKind.NEW, FieldKind.OWN, FieldKind.PEER
+
+CALL_ID_FIELDS: dict[tuple[Direction, MessageType], CallIdField] = {
+    # outbound: the client's own Call ID, private -> public
+    (_OUT, MT.OUTGOING_CALL_REQUEST): CallIdField(OWN_CALL_ID_OFFSET[MT.OUTGOING_CALL_REQUEST],
+                                                  _NEW),
+    (_OUT, MT.INCOMING_CALL_REPLY): CallIdField(OWN_CALL_ID_OFFSET[MT.INCOMING_CALL_REPLY],
+                                                _NEW, PEER_CALL_ID_OFFSET[MT.INCOMING_CALL_REPLY]),
+    (_OUT, MT.OUTGOING_CALL_REPLY): CallIdField(  # the client is a PAC
+        OWN_CALL_ID_OFFSET[MT.OUTGOING_CALL_REPLY], _NEW,
+        PEER_CALL_ID_OFFSET[MT.OUTGOING_CALL_REPLY]),
+    (_OUT, MT.INCOMING_CALL_REQUEST): CallIdField(  # the client is a PAC
+        OWN_CALL_ID_OFFSET[MT.INCOMING_CALL_REQUEST], _NEW),
+    (_OUT, MT.CALL_CLEAR_REQUEST): CallIdField(OWN_CALL_ID_OFFSET[MT.CALL_CLEAR_REQUEST], _OWN),
+    (_OUT, MT.CALL_DISCONNECT_NOTIFY): CallIdField(  # the client is a PAC
+        OWN_CALL_ID_OFFSET[MT.CALL_DISCONNECT_NOTIFY], _OWN),
+    # inbound: the client's Call ID as the Peer's, public -> private
+    (_IN, MT.OUTGOING_CALL_REPLY): CallIdField(PEER_CALL_ID_OFFSET[MT.OUTGOING_CALL_REPLY],
+                                               _PEER, OWN_CALL_ID_OFFSET[MT.OUTGOING_CALL_REPLY]),
+    (_IN, MT.INCOMING_CALL_REPLY): CallIdField(  # the client is a PAC
+        PEER_CALL_ID_OFFSET[MT.INCOMING_CALL_REPLY], _PEER,
+        OWN_CALL_ID_OFFSET[MT.INCOMING_CALL_REPLY]),
+    (_IN, MT.INCOMING_CALL_CONNECTED): CallIdField(
+        PEER_CALL_ID_OFFSET[MT.INCOMING_CALL_CONNECTED], _PEER),
+    (_IN, MT.WAN_ERROR_NOTIFY): CallIdField(PEER_CALL_ID_OFFSET[MT.WAN_ERROR_NOTIFY], _PEER),
+    (_IN, MT.SET_LINK_INFO): CallIdField(PEER_CALL_ID_OFFSET[MT.SET_LINK_INFO], _PEER),
+    (_IN, MT.CALL_DISCONNECT_NOTIFY): CallIdField(OWN_CALL_ID_OFFSET[MT.CALL_DISCONNECT_NOTIFY],
+                                                  FieldKind.DISCONNECT),
+    (_IN, MT.CALL_CLEAR_REQUEST): CallIdField(  # the client is a PAC: the server clears
+        OWN_CALL_ID_OFFSET[MT.CALL_CLEAR_REQUEST], FieldKind.SERVER),
+}
+"""The one Call ID field each (direction, message type) has for natedit: every one
+it rewrites, and the server's Call ID by which a server's Call-Clear-Request names
+its call. The message's call is found by this field (once per message)."""
+
 RESULT_CODE_OFFSET: dict[int, int] = {
     MT.OUTGOING_CALL_REPLY: 16,
     MT.INCOMING_CALL_REPLY: 16,
@@ -157,7 +224,12 @@ def parse_control_header(data: bytes | bytearray | memoryview, offset: int = 0) 
             Malformed.BAD_LENGTH,
             f"{MessageType(ctype).name} Length {length}, expected {expected}"
         )
-    return ControlHeader(length, pptp_type, cookie, MessageType(ctype))
+    return _HEADERS[ctype]
+
+
+_HEADERS = {int(mt): ControlHeader(n, PptpMessageType.CONTROL, MAGIC_COOKIE, mt)
+            for mt, n in ((MessageType(t), n) for t, n in MESSAGE_LENGTH.items())}
+"""A valid header is all in its type: one value per type, none made per message."""
 
 
 @dataclass(frozen=True, slots=True)

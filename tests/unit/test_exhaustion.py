@@ -169,7 +169,7 @@ def test_churn_leaves_nothing_behind() -> None:
         conv.send(OUT, b"", flags=TCP_FIN | TCP_ACK)
         conv.send(IN, b"", flags=TCP_FIN | TCP_ACK)
     assert len(tr.table) == 1 and len(tr.table.connections) == 1
-    assert len(tr.table._timers) <= TIMER_SLACK * 2 + TIMER_FLOOR
+    assert len(tr.table.timers) <= TIMER_SLACK * 2 + TIMER_FLOOR
     gc.collect()
     assert sum(isinstance(o, Call | ControlConnection) for o in gc.get_objects()) <= (
         2 + TIMER_FLOOR)

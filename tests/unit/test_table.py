@@ -29,11 +29,13 @@ from natedit import (
     CallMapped,
     CallRefused,
     CallReleased,
+    Direction,
     MessageType,
     Policy,
     Verdict,
 )
-from natedit.core.errors import Refusal
+from natedit.core.calls import Outcome
+from natedit.core.errors import Refusal, ReleaseReason
 from natedit.core.table import Call, CallState, CallTable, ConnKey, ControlConnection
 from natedit.core.wire import build_ipv4
 from tests.pptp_flows import (
@@ -136,7 +138,7 @@ class TableMachine(RuleBasedStateMachine):
         assert p.call_id_first <= call.public_call_id <= p.call_id_last
         assert call.state is CallState.REQUESTED
         if old is not None:  # the translator releases a reused client Call ID
-            self.t.release(old)
+            self.t.release(old, ReleaseReason.DISCONNECT)
         call.client_call_id = client_call_id
 
     @rule(which=st.integers(0, 100), his=st.lists(st.integers(0, 0xFF), min_size=2,
@@ -171,8 +173,8 @@ class TableMachine(RuleBasedStateMachine):
         if not calls:
             return
         call = calls[which % len(calls)]
-        self.t.release(call)
-        self.t.release(call)  # twice is harmless
+        self.t.release(call, ReleaseReason.DISCONNECT)
+        self.t.release(call, ReleaseReason.DISCONNECT)  # twice is harmless
         assert call.released
 
     @rule(which=st.integers(0, 100))
@@ -182,7 +184,7 @@ class TableMachine(RuleBasedStateMachine):
         key = self.keys.pop(which % len(self.keys))
         conn = self.t.connections[key]
         for call in list(conn.calls):
-            self.t.release(call)
+            self.t.release(call, ReleaseReason.DISCONNECT)
         self.t.forget_connection(conn)
         assert key not in self.t.connections
 
@@ -228,7 +230,7 @@ def test_released_ids_are_reused() -> None:
     assert [c.public_call_id for c in calls if c] == [1, 2, 3]
     middle = calls[1]
     assert middle is not None
-    t.release(middle)
+    t.release(middle, ReleaseReason.DISCONNECT)
     assert why(t, CLIENTS[0]) is None
     again = new_call(t, conn_of(t, port=9), 7)
     assert again is not None and again.public_call_id == 2
@@ -238,7 +240,7 @@ def test_sequential_cursor_continues_after_release() -> None:
     t = table(allocation=Allocation.SEQUENTIAL, call_id_first=1, call_id_last=10)
     first = new_call(t, conn_of(t, port=0), 7)
     assert first is not None and first.public_call_id == 1
-    t.release(first)
+    t.release(first, ReleaseReason.DISCONNECT)
     nxt = new_call(t, conn_of(t, port=1), 7)
     assert nxt is not None and nxt.public_call_id == 2  # not 1 again at once
 
@@ -314,14 +316,17 @@ def test_timers_are_a_lazy_heap() -> None:
     call = new_call(t, conn, 1)
     assert call is not None
     assert t.next_deadline() == 10.0
-    t.set_state(call, CallState.ESTABLISHED, 5.0)
+    # the server's reply, through the lifecycle table: ESTABLISHED at 5, idle timer 50
+    assert t.apply(call, Direction.INBOUND, MessageType.OUTGOING_CALL_REPLY,
+                   Outcome.CONNECTED, 5.0, server_call_id=0x80)
+    assert call.state is CallState.ESTABLISHED
     assert list(t.expired(10.0)) == []  # re-armed at 55
     assert t.next_deadline() == 55.0
     call.last_seen = 30.0  # GRE kept it alive; the heap entry is only a lower bound
     assert list(t.expired(55.0)) == []
     assert t.next_deadline() == 80.0
     assert set(t.expired(80.0)) == {call}  # (stale duplicates may yield it twice)
-    t.release(call)
+    t.release(call, ReleaseReason.DISCONNECT)
     assert t.next_deadline() == 100.0
     assert list(t.expired(100.0)) == [conn]
     t.forget_connection(conn)
