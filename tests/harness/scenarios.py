@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from natedit.lab.netns import Topology
 from natedit.lab.peers import (
     PptpClient,
     PptpServer,
@@ -340,7 +341,8 @@ class Session:
 
 @contextmanager
 def session(
-    gateway: Gateway, n_clients: int, prefix: str | None = None, server: ServerKind = "pptpd"
+    gateway: Gateway, n_clients: int, prefix: str | None = None, server: ServerKind = "pptpd",
+    extra: Topology | None = None,
 ) -> Iterator[Session]:
     """Lab + gateway setup + outside capture + server; everything removed on exit.
 
@@ -348,7 +350,8 @@ def session(
     Python PAC of tests/harness/pac.py: every Outgoing-Call-Request gets its own call).
     """
     started = time.monotonic()
-    with Lab(n_clients, prefix=prefix) as lab:
+    with Lab(n_clients, prefix=prefix,
+             **({} if extra is None else {"extra": extra})) as lab:
         gateway.setup(lab)
         capture = Capture(lab).start()
         running: PptpServer | PacServer
