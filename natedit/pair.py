@@ -219,10 +219,11 @@ class Follower:
 
     def _check(self) -> None:
         info = self.client.info("replication")
-        if info.get("role") == "master":
-            self.link_up = None
-        else:
-            self.link_up = info.get("master_link_status") == "up"
+        link = None if info.get("role") == "master" else info.get("master_link_status") == "up"
+        if link != self.link_up:
+            log.info("event=replica_link state=%s redis=%s",
+                     {None: "master", True: "up", False: "down"}[link], self.url)
+        self.link_up = link
         self.head = redisstate.read_seq(self.client)
 
     def catch_up(self) -> None:

@@ -72,8 +72,10 @@ BACKUP|FAULT|STOP)
     lift_drop
     $NATEDIT demote --ready-file "$NATEDIT_READY" --wait "$PROMOTE_WAIT" \
         || say "natedit demote failed"
-    $REDIS_CLI REPLICAOF "$PEER_REDIS_HOST" "$PEER_REDIS_PORT" >/dev/null \
-        || say "redis REPLICAOF failed"
+    if ! $REDIS_CLI INFO replication | tr -d '\r' | grep -qx "master_host:$PEER_REDIS_HOST"; then
+        $REDIS_CLI REPLICAOF "$PEER_REDIS_HOST" "$PEER_REDIS_PORT" >/dev/null \
+            || say "redis REPLICAOF failed"
+    fi  # (again when it is already its replica would start a full resync)
     if [ -n "$CONNTRACKD" ]; then
         if [ "$STATE" = BACKUP ]; then
             $CONNTRACKD -n || true

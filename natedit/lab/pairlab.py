@@ -131,6 +131,9 @@ class PairGateway:
         """Rules, Redis, conntrackd, natedit (following), keepalived."""
         self.dir.mkdir(parents=True, exist_ok=True)
         s = self.side
+        # conntrackd does not carry TCP window tracking: the committed entries must not
+        # make the peer's segments INVALID (then not NATed, and answered with a RST)
+        self.lab.sysctl(self.ns, "net.netfilter.nf_conntrack_tcp_be_liberal", "1")
         self.exec("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "out0", "-j", "SNAT",
                   "--to-source", PUBLIC_VIP)
         replicaof = None if self.master_first else (s.peer_sync, REDIS_PORT)
