@@ -56,7 +56,8 @@ def start(procs: Processes, directory: Path, *, name: str = "redis", bind: str |
     argv = [*prefix, binary, "--port", str(port or 0), "--unixsocket", str(sock),
             "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
             "--dir", str(directory), "--daemonize", "no", "--protected-mode", "no",
-            "--repl-timeout", "5", "--repl-ping-replica-period", "1"]
+            "--repl-timeout", "5", "--repl-ping-replica-period", "1",
+            "--repl-diskless-sync-delay", "0"]  # (default 5 s before a replica's first sync)
     bind = bind or "127.0.0.1"
     argv += ["--bind", bind]
     if replicaof is not None:

@@ -350,8 +350,7 @@ def session(
     Python PAC of tests/harness/pac.py: every Outgoing-Call-Request gets its own call).
     """
     started = time.monotonic()
-    with Lab(n_clients, prefix=prefix,
-             **({} if extra is None else {"extra": extra})) as lab:
+    with Lab(n_clients, prefix=prefix, extra=extra or Topology(nodes=())) as lab:
         gateway.setup(lab)
         capture = Capture(lab).start()
         running: PptpServer | PacServer

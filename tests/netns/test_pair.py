@@ -106,7 +106,14 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
         connected = s.wait_connected(keys)
         before = s.phase("before", keys, 20)
         mapped_a = events(a.log("natedit"), "call_mapped")
-        followed = wait(lambda: metric(b.metrics(), "natedit_pair_calls_followed") == n_calls, 5)
+        def b_follows() -> bool:
+            m = b.metrics()
+            return (metric(m, "natedit_pair_calls_followed") == n_calls
+                    and metric(m, "natedit_pair_role", 'role="following"') == 1)
+
+        t_follow = time.monotonic()
+        followed = wait(b_follows, 10)
+        t_follow = time.monotonic() - t_follow
         b_metrics_before = b.metrics()
         diag = {"b_replication": str(b.redis.client().info("replication")) if b.redis else "",
                 "b_metrics_before": "\n".join(
@@ -159,7 +166,14 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
         assert b.redis is not None
         lab.stop_process(b.redis.proc, signal.SIGKILL)
         redis_down = s.phase("redis_down", keys[1:], 10)
-        time.sleep(0.5)
+        s.calls[1].close_ppp()  # a call event: its write fails, is counted, B goes on
+
+        def state_errors() -> float:
+            found = metric(b.metrics(), "natedit_worker_errors_total", 'kind="state_error"')
+            return found or 0.0
+
+        wait(lambda: state_errors() >= 1, 5)
+        redis_down_after = s.phase("redis_down_after", keys[2:], 10)
         b_metrics_redis_down = b.metrics()
         r = s.finish("pair_failover", {})
 
@@ -192,6 +206,7 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
         "echo_messages_after_failover": len(echoes_after),
         "call_clear_after_failover": len(ccrq),
         "promote": events(b_log, "promoted"),
+        "b_following_after_calls_seconds": round(t_follow, 3),
     }
     FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
     info = (f"{json.dumps(figures)}\n" + "".join(f"{k}:\n{v}\n" for k, v in diag.items())
@@ -209,7 +224,7 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
     assert ccrq and {m.call_id for m in ccrq} <= set(publics) and cleared, info
     assert metric(b_metrics_before, "natedit_pair_role", 'role="following"') == 1, info
     assert metric(b_metrics_after, "natedit_pair_role", 'role="active"') == 1, info
-    assert redis_down, info  # B translates on without its Redis ...
+    assert redis_down and redis_down_after, info  # B translates on without its Redis ...
     errors = metric(b_metrics_redis_down, "natedit_worker_errors_total", 'kind="state_error"')
     assert errors is not None and errors >= 1, info  # ... and counts it
     assert r.total_foreign == 0, info
