@@ -1,7 +1,26 @@
-"""natedit: a PPTP NAT editor. Public names of the sans-I/O core (:mod:`natedit.core`)."""
+"""natedit: a PPTP NAT editor. The public API of the sans-I/O core (:mod:`natedit.core`).
 
-from .core import errors, events
-from .core.errors import NateditError, PolicyError, ProtocolError
+The edges (worker, metrics, state, rules, CLI, ...) import the core through these
+names only (``tests/unit/test_imports.py`` holds them to it); the call table's
+public listing is :class:`natedit.core.table.CallTable`'s read methods
+(``calls``, ``connection_count``, ``client_count``, ``ids_in_use``).
+"""
+
+from .core import errors, events, wire
+from .core.calls import CallState
+from .core.errors import (
+    ACL_REFUSALS,
+    DropReason,
+    Malformed,
+    NateditError,
+    PassReason,
+    PolicyError,
+    ProtocolError,
+    Reason,
+    Refusal,
+    ReleaseReason,
+    RestoreOutcome,
+)
 from .core.events import (
     ACCEPT,
     Action,
@@ -17,13 +36,26 @@ from .core.events import (
     ProtocolViolation,
     Verdict,
 )
-from .core.policy import Allocation, DisconnectRule, MalformedAction, Policy
+from .core.policy import (
+    LOG_LEVELS,
+    Allocation,
+    Datapath,
+    DisconnectRule,
+    LogFormat,
+    MalformedAction,
+    Policy,
+)
+from .core.stats import Stats
 from .core.translator import Translator
-from .core.wire import Direction, MessageType
+from .core.wire import IPPROTO_GRE, PPTP_PORT, Direction, MessageType
 from .policyfile import load_policy
 
 __all__ = [
     "ACCEPT",
+    "ACL_REFUSALS",
+    "IPPROTO_GRE",
+    "LOG_LEVELS",
+    "PPTP_PORT",
     "Action",
     "Allocation",
     "CallEstablished",
@@ -32,21 +64,33 @@ __all__ = [
     "CallRecord",
     "CallRefused",
     "CallReleased",
+    "CallState",
     "ConnectionRefused",
+    "Datapath",
     "Direction",
     "DisconnectRule",
+    "DropReason",
     "Event",
     "GreRoute",
+    "LogFormat",
+    "Malformed",
     "MalformedAction",
     "MessageType",
     "NateditError",
+    "PassReason",
     "Policy",
     "PolicyError",
     "ProtocolError",
     "ProtocolViolation",
+    "Reason",
+    "Refusal",
+    "ReleaseReason",
+    "RestoreOutcome",
+    "Stats",
     "Translator",
     "Verdict",
     "errors",
     "events",
     "load_policy",
+    "wire",
 ]

@@ -18,9 +18,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
-from . import host, logs, reload, rules, state
-from .core.errors import NateditError, PolicyError
-from .core.policy import LOG_LEVELS, Policy
+from . import LOG_LEVELS, NateditError, Policy, PolicyError, host, logs, reload, rules, state
 from .eventstream import DEFAULT_SOCKET, Filter
 from .policyfile import dump_policy, load_policy, read_policy
 from .status import PolicyStatus
@@ -173,7 +171,7 @@ def _filter(args: argparse.Namespace) -> Filter:
 
 def _filter_options(parser: argparse.ArgumentParser, what: str) -> None:
     """--client, --server, --public, --state: like conntrack's -s, -d, --state."""
-    from .core.table import CallState
+    from . import CallState
 
     for flag, whose in (("--client", "private address"), ("--server", "server's address"),
                         ("--public", "public address")):

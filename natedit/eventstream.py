@@ -46,8 +46,7 @@ from typing import Any, TextIO
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .core.errors import NateditError
-from .core.events import Event
+from . import Event, NateditError
 from .logs import event_fields, format_fields, timestamp
 
 log = logging.getLogger("natedit")

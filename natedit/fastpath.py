@@ -69,10 +69,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from .core.errors import NateditError
-from .core.events import CallEstablished, CallMapped, CallReleased, Event
-from .core.translator import Translator
-from .core.wire import Direction
+from . import (
+    CallEstablished,
+    CallMapped,
+    CallReleased,
+    Direction,
+    Event,
+    NateditError,
+    Translator,
+    wire,
+)
 
 log = logging.getLogger("natedit")
 
@@ -96,8 +102,11 @@ control conversation is never held up for long. The resolution of idle timeouts 
 then that interval (at 65,000 calls, about 45 s of 300)."""
 REBUILD_BACKOFF = 5.0
 """Seconds before trying again after the table could not be rebuilt."""
-ENHANCED_GRE = "@th,0,32 & 0xe007ffff == 0x2001880b"
-"""C=0 R=0 K=1, version 1, protocol PPP: what ``core.wire.is_pptp_gre`` accepts."""
+ENHANCED_GRE = f"@th,0,32 & {wire.ENHANCED_GRE_MASK:#x} == {wire.ENHANCED_GRE_VALUE:#x}"
+"""C=0 R=0 K=1, version 1, protocol PPP: what ``core.wire.is_pptp_gre`` accepts (the
+same two numbers)."""
+CALL_ID = f"@th,{wire.GRE_CALL_ID_AT * 8},16"
+"""The GRE Call ID field, as nftables reads it (``core.wire.GRE_CALL_ID_AT``)."""
 UNFRAGMENTED = "ip frag-off & 0x3fff == 0"
 NFT_CTX_OUTPUT_HANDLE = 1 << 3
 NFT_CTX_OUTPUT_JSON = 1 << 4
@@ -205,26 +214,26 @@ def render_table(public_ip: bytes) -> str:
 delete table ip {t}
 table ip {t} {{
 \tmap in_daddr {{
-\t\ttypeof ip saddr . @th,48,16 : ip daddr
+\t\ttypeof ip saddr . {CALL_ID} : ip daddr
 \t\tcounter
 \t}}
 \tmap in_cid {{
-\t\ttypeof ip saddr . @th,48,16 : @th,48,16
+\t\ttypeof ip saddr . {CALL_ID} : {CALL_ID}
 \t}}
 \tmap out_saddr {{
-\t\ttypeof ip saddr . ip daddr . @th,48,16 : ip saddr
+\t\ttypeof ip saddr . ip daddr . {CALL_ID} : ip saddr
 \t\tcounter
 \t}}
 \tchain gre_in {{
 \t\ttype filter hook prerouting priority {PRIORITY_IN}; policy accept;
 \t\tip daddr {public} ip protocol gre {UNFRAGMENTED} {ENHANCED_GRE} \
-ip daddr set ip saddr . @th,48,16 map @in_daddr \
-@th,48,16 set ip saddr . @th,48,16 map @in_cid notrack
+ip daddr set ip saddr . {CALL_ID} map @in_daddr \
+{CALL_ID} set ip saddr . {CALL_ID} map @in_cid notrack
 \t}}
 \tchain gre_out {{
 \t\ttype filter hook forward priority {PRIORITY_OUT}; policy accept;
 \t\tip protocol gre {UNFRAGMENTED} {ENHANCED_GRE} \
-ip saddr set ip saddr . ip daddr . @th,48,16 map @out_saddr
+ip saddr set ip saddr . ip daddr . {CALL_ID} map @out_saddr
 \t}}
 }}
 """

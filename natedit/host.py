@@ -17,8 +17,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from .core.errors import NateditError
-from .core.policy import Policy
+from . import NateditError, Policy
 
 
 class HostError(NateditError):

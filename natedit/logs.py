@@ -23,8 +23,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
-from .core.events import CallInfo, Event
-from .core.policy import LogFormat
+from . import CallInfo, Event, LogFormat
 
 CALL_ID_FIELDS = frozenset({"client_call_id", "server_call_id", "public_call_id"})
 """Event fields that hold a Call ID (printed by :func:`call_id` in text)."""

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Nothing here is on the per-packet path. The translator already counts what
-it decides (:class:`natedit.core.translator.Stats`, per call GRE counters) and
+it decides (:class:`natedit.Stats`, per call GRE counters) and
 the call table is the single source of truth of calls; the worker counts its
 own trouble (``Dispatcher.counts``); the kernel counts its queues in
 ``/proc/net/netfilter/nfnetlink_queue``. :class:`NateditCollector` is a
@@ -62,20 +62,22 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from .core.errors import (
+from . import (
     ACL_REFUSALS,
+    CallInfo,
+    CallState,
+    Direction,
     DropReason,
     Malformed,
+    MalformedAction,
+    MessageType,
     NateditError,
     PassReason,
+    Policy,
     Refusal,
     ReleaseReason,
+    Translator,
 )
-from .core.events import CallInfo
-from .core.policy import MalformedAction, Policy
-from .core.table import CallState
-from .core.translator import Translator
-from .core.wire import CALL_ID_FIELDS, Direction, MessageType
 from .status import PolicyStatus
 
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
@@ -335,7 +337,7 @@ class NateditCollector:
 
     def _table(self, tr: Translator, policy: Policy) -> Iterator[Metric]:
         table = tr.table
-        calls = _copy(lambda: list(table.by_public.values()))
+        calls = _copy(lambda: list(table.calls()))
         cap = policy.metrics_call_series
         info = GaugeMetricFamily(
             "natedit_call_info",
@@ -364,15 +366,15 @@ class NateditCollector:
         yield live
         yield GaugeMetricFamily(
             "natedit_control_connections", "Tracked control connections (TCP 1723).",
-            value=len(table.connections))
+            value=table.connection_count())
         yield GaugeMetricFamily(
             "natedit_clients", "Private addresses with at least one live call.",
-            value=len(table.per_client))
+            value=table.client_count())
         in_use = GaugeMetricFamily(
             "natedit_call_ids_in_use", "Public Call IDs in use per (public address, server).",
             labels=["public_address", "server_address"])
-        for (public, server), ids in _copy(lambda: list(table.used.items())):
-            in_use.add_metric([ntoa(public), ntoa(server)], len(ids))
+        for public, server, n in _copy(table.ids_in_use):
+            in_use.add_metric([ntoa(public), ntoa(server)], n)
         yield in_use
         yield GaugeMetricFamily(
             "natedit_call_id_pool_size",
@@ -416,7 +418,7 @@ class NateditCollector:
             "natedit_call_id_rewrites", "Call ID fields rewritten, by message type and field.",
             labels=["message_type", "field"])
         seen = _copy(lambda: dict(st.rewrites))
-        known = {(m.name, f.kind.value) for (_, m), f in CALL_ID_FIELDS.items() if f.rewritten}
+        known = set(st.known_rewrites)
         for name, kind in sorted(known | seen.keys()):
             rewrites.add_metric([name.lower(), kind], seen.get((name, kind), 0))
         yield rewrites
@@ -466,7 +468,7 @@ class NateditCollector:
         tr = self.translator
         if tr is None:
             return []
-        calls = _copy(lambda: list(tr.table.by_public.values()))
+        calls = _copy(lambda: list(tr.table.calls()))
         now = self.clock()
         ntoa = socket.inet_ntoa
         return [

@@ -34,9 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from . import host
-from .core.events import Action, Event, Verdict
-from .core.wire import Direction
+from . import Action, Direction, Event, Verdict, host
 
 log = logging.getLogger("natedit")
 

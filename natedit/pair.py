@@ -51,9 +51,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from . import redisstate
-from .core.errors import NateditError
-from .core.events import CallRecord
+from . import CallRecord, NateditError, redisstate
 from .logs import Throttle, call_id
 
 log = logging.getLogger("natedit")

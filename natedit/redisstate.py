@@ -49,7 +49,7 @@ from typing import Any
 
 import redis
 
-from .core.events import CallRecord
+from . import CallRecord
 from .state import Journal, Key, Loaded, RestoringTranslator, _restore, record_row, row_record
 
 log = logging.getLogger("natedit")

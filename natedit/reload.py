@@ -24,8 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .core.errors import NateditError, PolicyError
-from .core.policy import Policy
+from . import NateditError, Policy, PolicyError
 from .policyfile import FIELDS, LoadedPolicy, changes, read_policy, yaml_value
 from .status import PolicyStatus
 

@@ -21,10 +21,7 @@ from typing import TextIO
 
 from scapy.utils import RawPcapReader, RawPcapWriter
 
-from .core.errors import NateditError
-from .core.policy import Policy
-from .core.translator import Translator
-from .core.wire import IPPROTO_GRE, Direction
+from . import IPPROTO_GRE, Direction, NateditError, Policy, Translator
 from .policyfile import load_policy
 from .view import format_calls
 

@@ -63,10 +63,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from . import host
-from .core.errors import NateditError
-from .core.policy import Policy
-from .core.wire import PPTP_PORT
+from . import PPTP_PORT, NateditError, Policy, host
 
 CHAIN_PREFIX = "NATEDIT-"
 """Every iptables chain natedit creates starts with this; any chain so named is natedit's."""

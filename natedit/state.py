@@ -69,7 +69,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .core.events import CallEstablished, CallInfo, CallMapped, CallRecord, CallReleased, Event
+from . import CallEstablished, CallInfo, CallMapped, CallRecord, CallReleased, Event
 
 log = logging.getLogger("natedit")
 

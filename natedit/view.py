@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .core.events import CallInfo
+from . import CallInfo
 from .logs import call_id
 
 HEADER = ("CLIENT", "CLIENT-ID", "SERVER", "SERVER-ID", "PUBLIC", "PUBLIC-ID", "STATE")

@@ -59,13 +59,24 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from . import eventstream, fastpath, host, metrics, nfqueue, reload, rules, state
+from . import (
+    Datapath,
+    Direction,
+    Event,
+    NateditError,
+    Policy,
+    ProtocolViolation,
+    Translator,
+    eventstream,
+    fastpath,
+    host,
+    metrics,
+    nfqueue,
+    reload,
+    rules,
+    state,
+)
 from . import pair as pair_mod
-from .core.errors import NateditError
-from .core.events import Event, ProtocolViolation
-from .core.policy import Datapath, Policy
-from .core.translator import Translator
-from .core.wire import Direction
 from .logs import Throttle, event_fields, format_event, held_back
 from .status import PolicyStatus
 

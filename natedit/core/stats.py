@@ -13,6 +13,7 @@ from collections import Counter
 
 from .errors import ProtocolError, Reason
 from .events import ACCEPT, Action, Event, ProtocolViolation, Verdict
+from .wire import CALL_ID_FIELDS
 
 
 class Stats:
@@ -21,6 +22,10 @@ class Stats:
     The keys of the reason counters are reason enum members (:mod:`.errors`), read by
     their strings alike (``StrEnum``).
     """
+
+    known_rewrites = tuple(sorted({(mt.name, f.kind.value)
+                                   for (_, mt), f in CALL_ID_FIELDS.items() if f.rewritten}))
+    """The (message type name, field kind) keys ``rewrites`` can have."""
 
     def __init__(self) -> None:
         self.verdicts: Counter[tuple[str, str]] = Counter()

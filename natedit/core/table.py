@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from ipaddress import IPv4Address
 
+from .allocator import Allocator
 from .calls import TIMEOUTS, TRANSITIONS, Call, CallState, Outcome
 from .errors import DropReason, Refusal, ReleaseReason, RestoreOutcome
 from .events import CallEstablished, CallMapped, CallRecord, CallReleased
-from .policy import Allocation, Policy
+from .policy import Policy
 from .stats import Outbox, Stats
 from .stream import Stream
 from .timers import TIMER_FLOOR, TIMER_SLACK, Timers
@@ -127,11 +128,9 @@ class CallTable:
         self.by_server: dict[tuple[bytes, bytes, int], Call] = {}
         self.per_client: Counter[bytes] = Counter()
         self.connections_per_client: Counter[bytes] = Counter()
-        self.used: dict[tuple[bytes, bytes], set[int]] = {}
+        self.allocator = Allocator(policy, rng)
+        self.used = self.allocator.used
         """Public Call IDs in use per (public address, server address)."""
-        self._cursor: dict[tuple[bytes, bytes], int] = {}
-        self.relaxed = 0
-        """Calls mapped without the high-byte rule (see :meth:`allocate`)."""
         self._public_addresses: dict[bytes, IPv4Address] = {}
         """One IPv4Address per public address, shared by its calls' listings."""
         self.timers = Timers(policy, self._live, self._live_count)
@@ -139,10 +138,15 @@ class CallTable:
         self.next_deadline = self.timers.next_deadline
         self.expired = self.timers.expired
 
+    @property
+    def relaxed(self) -> int:
+        """Calls mapped without the high-byte rule (see :meth:`Allocator.pick`)."""
+        return self.allocator.relaxed
+
     def set_policy(self, policy: Policy) -> None:
         """Limits and timeouts from now on; timers re-armed when a timeout got shorter."""
         old, self.policy = self.policy, policy
-        self.timers.policy = policy
+        self.timers.policy = self.allocator.policy = policy
         if (policy.request_timeout < old.request_timeout
                 or policy.call_idle_timeout < old.call_idle_timeout
                 or policy.control_idle_timeout < old.control_idle_timeout):
@@ -161,7 +165,20 @@ class CallTable:
         return len(self.by_public)
 
     def calls(self) -> Iterator[Call]:
+        """Every live call (a copy of the listing: the table may change meanwhile)."""
         return iter(list(self.by_public.values()))
+
+    def connection_count(self) -> int:
+        """Tracked control connections."""
+        return len(self.connections)
+
+    def client_count(self) -> int:
+        """Private addresses with at least one live call."""
+        return len(self.per_client)
+
+    def ids_in_use(self) -> list[tuple[bytes, bytes, int]]:
+        """(public address, server, public Call IDs in use) per pool that has been used."""
+        return [(public, server, len(ids)) for (public, server), ids in list(self.used.items())]
 
     # -- control connections -----------------------------------------------------------
 
@@ -213,58 +230,17 @@ class CallTable:
             return Refusal.CLIENT_LIMIT
         if len(self.by_public) + n > p.max_calls:
             return Refusal.TABLE_FULL
-        used = self.used.get((public_ip, conn.server_ip), set())
-        size = p.share_size(p.call_id_first, p.call_id_last)
-        if len(used) + n > size and sum(p.call_id_first <= cid <= p.call_id_last
-                                        and p.owns_call_id(cid) for cid in used) + n > size:
-            return Refusal.POOL_EXHAUSTED  # (live IDs outside a range changed by a reload are free)
-        for hi in client_his:
-            if not self._has_room(conn, hi, used):
-                return Refusal.POOL_EXHAUSTED
+        if not self.allocator.has_room(conn, public_ip, client_his):
+            return Refusal.POOL_EXHAUSTED
         return None
-
-    def _has_room(self, conn: ControlConnection, client_hi: int, used: set[int]) -> bool:
-        """Whether a free public ID keeps the high bytes of ``conn`` one-to-one."""
-        p = self.policy
-        first, last, mine = p.call_id_first, p.call_id_last, p.owns_call_id
-        want_hi = conn.public_hi_for_client_hi(client_hi)
-        if want_hi is not None:
-            lo, hi = max(first, want_hi << 8), min(last, want_hi << 8 | 0xFF)
-            return any(cid not in used and mine(cid) for cid in range(lo, hi + 1))
-        avoid = {c.public_call_id >> 8 for c in conn.calls}
-        if p.share_size(first, last) - len(used) > 256 * len(avoid):
-            return True  # more free IDs than the avoided blocks can hold
-        return any(cid not in used and cid >> 8 not in avoid and mine(cid)
-                   for cid in range(first, last + 1))
 
     def allocate(self, conn: ControlConnection, client_call_hi: int, public_ip: bytes,
                  now: float) -> Call | None:
         """Map a new call of ``conn``; the caller has checked :meth:`refusal`.
-
-        Should several new calls in one segment together leave no ID that keeps
-        the high-byte rule (module docstring), the rule is relaxed for the last
-        one rather than let its private Call ID out (``relaxed`` counts it).
-        Returns None only when the pool is full.
-        """
-        pool_key = (public_ip, conn.server_ip)
-        used = self.used.setdefault(pool_key, set())
-        want_hi = conn.public_hi_for_client_hi(client_call_hi)
-        avoid_hi = {c.public_call_id >> 8 for c in conn.calls}
-
-        mine = self.policy.owns_call_id
-
-        def ok(cid: int) -> bool:
-            if cid in used or not mine(cid):
-                return False
-            hi = cid >> 8
-            return hi == want_hi if want_hi is not None else hi not in avoid_hi
-
-        cid = self._pick(pool_key, used, ok, want_hi)
+        Returns None only when the pool is full (see :meth:`Allocator.pick`)."""
+        cid = self.allocator.pick(conn, client_call_hi, public_ip)
         if cid is None:
-            cid = self._pick(pool_key, used, lambda c: c not in used and mine(c), None)
-            if cid is None:
-                return None
-            self.relaxed += 1
+            return None
         return self._register(Call(conn, client_call_hi, self._public(public_ip), cid, now))
 
     def _public(self, public_ip: bytes) -> IPv4Address:
@@ -283,34 +259,6 @@ class CallTable:
             self.by_server[(call.client_ip, call.server_ip, call.server_call_id)] = call
         self.schedule(call, call.expires(self.policy))
         return call
-
-    def _pick(self, pool_key: tuple[bytes, bytes], used: set[int], ok: Callable[[int], bool],
-              want_hi: int | None) -> int | None:
-        first, last = self.policy.call_id_first, self.policy.call_id_last
-        if want_hi is not None:  # only 256 candidates: scan them from a random start
-            lo, hi = max(first, want_hi << 8), min(last, (want_hi << 8) | 0xFF)
-            candidates = list(range(lo, hi + 1)) if lo <= hi else []
-            start = self.rng.randrange(len(candidates)) if candidates else 0
-            for i in range(len(candidates)):
-                cid = candidates[(start + i) % len(candidates)]
-                if ok(cid):
-                    return cid
-            return None
-        size = last - first + 1
-        if self.policy.allocation is Allocation.RANDOM:
-            for _ in range(32):
-                cid = first + self.rng.randrange(size)
-                if ok(cid):
-                    return cid
-            start = self.rng.randrange(size)
-        else:
-            start = self._cursor.get(pool_key, 0)
-        for i in range(size):
-            off = (start + i) % size
-            if ok(first + off):
-                self._cursor[pool_key] = (off + 1) % size
-                return first + off
-        return None
 
     def restore(self, rec: CallRecord, now: float) -> RestoreOutcome | None:
         """Put back a call a previous run mapped; why it was not (None: it was).

@@ -321,16 +321,26 @@ class IPv4Header:
         return bool(self.flags_fragment & 0x3FFF)
 
 
-def parse_ipv4(data: bytes | bytearray | memoryview) -> IPv4Header:
-    if len(data) < 20:
-        raise ProtocolError(Malformed.SHORT_IP, f"{len(data)} bytes")
-    vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(data, 0)
+def ipv4_lengths(data: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(header length, total length) of the IPv4 packet ``data``, validated: the one
+    IPv4 check (at least 20 bytes, version 4, IHL of 5 or more, a total length that
+    holds the header and is no longer than the bytes)."""
+    n = len(data)
+    if n < 20:
+        raise ProtocolError(Malformed.SHORT_IP, f"{n} bytes")
+    vihl = data[0]
     if vihl >> 4 != 4:
         raise ProtocolError(Malformed.NOT_IPV4, f"IP version {vihl >> 4}")
     ihl = (vihl & 0x0F) * 4
-    if ihl < 20 or ihl > len(data) or total < ihl or total > len(data):
-        raise ProtocolError(Malformed.BAD_IP_HEADER,
-                            f"IHL {ihl}, total length {total}, {len(data)} bytes")
+    total = data[2] << 8 | data[3]
+    if ihl < 20 or total < ihl or total > n:
+        raise ProtocolError(Malformed.BAD_IP_HEADER, f"IHL {ihl}, total length {total}, {n} bytes")
+    return ihl, total
+
+
+def parse_ipv4(data: bytes | bytearray | memoryview) -> IPv4Header:
+    ihl, total = ipv4_lengths(data)
+    _vihl, _tos, _total, _ident, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(data, 0)
     return IPv4Header(ihl, total, frag, proto, src, dst)
 
 
@@ -379,9 +389,23 @@ def build_gre(src: str, dst: str, call_id: int, payload: bytes = b"", *, seq: in
     return build_ipv4(src, dst, IPPROTO_GRE, gre + payload, options=ip_options)
 
 
+ENHANCED_GRE_MASK = 0xE007FFFF
+ENHANCED_GRE_VALUE = 0x20010000 | GRE_PROTO_PPP
+"""Enhanced GRE (RFC 2637 4.1) is the GRE whose first 32 bits, masked, are this: C=0,
+R=0, K=1, version 1, protocol PPP. The one test (:func:`is_pptp_gre`); the kernel
+datapath's nftables match is written from these two numbers."""
+GRE_SEQ_BIT = 0x10000000
+GRE_ACK_BIT = 0x00800000
+"""S (a sequence number follows) and A (an acknowledgement number follows)."""
+GRE_CALL_ID_AT = 6
+"""Offset of the Call ID in the enhanced GRE header (after flags, protocol, length)."""
+GRE_HEADER_LEN = 8
+"""The enhanced GRE header up to and with the Call ID (sequence and ack. follow)."""
+
+
 def is_pptp_gre(flags0: int, flags1: int, protocol: int) -> bool:
     """Enhanced GRE: C=0, R=0, K=1, version 1, protocol PPP (RFC 2637 4.1)."""
-    return flags0 & 0xE0 == 0x20 and flags1 & 0x07 == 1 and protocol == GRE_PROTO_PPP
+    return (flags0 << 24 | flags1 << 16 | protocol) & ENHANCED_GRE_MASK == ENHANCED_GRE_VALUE
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from natedit import CallEstablished, CallReleased, MessageType
-from natedit.core import translator as translator_module
+from natedit.core import control as control_module
 from natedit.core.calls import TIMEOUTS, TRANSITIONS, CallState, Outcome, Step
 from natedit.core.errors import PassReason, ReleaseReason
 from natedit.core.table import CallTable, ControlConnection
@@ -173,7 +173,7 @@ def test_an_outgoing_call_reply_finds_its_call_once(monkeypatch: pytest.MonkeyPa
             reads.append(key)
             return super().get(key, default)
 
-    monkeypatch.setattr(translator_module, "CALL_ID_FIELDS", CountingFields(CALL_ID_FIELDS))
+    monkeypatch.setattr(control_module, "CALL_ID_FIELDS", CountingFields(CALL_ID_FIELDS))
     reply = msg(MT.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=call.public_call_id)
     parts = [reply] if cut is None else [reply[:cut], reply[cut:]]
     for part in parts:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natedit.core.checksum import address_delta, apply_delta, internet_checksum, word_delta
-from natedit.core.translator import _apply
+from natedit.core.control import _apply
 from natedit.core.wire import build_ipv4, tcp_checksum
 from tests.pptp_flows import ip_checksum_ok, tcp_checksum_ok
 

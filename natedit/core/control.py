@@ -1,0 +1,313 @@
+"""TCP 1723: control connections, their segments, and the messages they carry.
+
+Theory of operation
+-------------------
+Every rewrite keeps the length, so TCP sequence numbers never move; the TCP
+checksum is adjusted incrementally (RFC 1624). Control messages are framed
+by their Length field across segments (:mod:`natedit.core.stream`); a segment
+is first framed without side effects, then, if it is let through, its Call ID
+fields are rewritten (:mod:`natedit.core.fields`) and each message that
+completes is applied to the call it names through the lifecycle table
+(:data:`natedit.core.calls.TRANSITIONS`, by :meth:`CallTable.apply`).
+
+Hostile and confused control traffic. Headers are validated before any
+read (``wire.parse_control_header``: at least 12 bytes, PPTP message type 1,
+magic cookie, control type 1..15, then Length equal to that type's exact
+size), so Length 0, below 12, below or above the type's size and huge all
+end as ``bad_length`` before a byte of the body is trusted; a Length beyond
+the bytes that came is a message that continues in the next segment. A
+Call-Clear-Request, a reply or a Call-Disconnect-Notify for a call that does
+not exist or is another client's changes nothing in the table and goes out
+as it came (``unknown_call_id``), unless letting it out would name another
+client's call to the server (``foreign_call_id``). A second
+Outgoing-Call-Request reusing a live Call ID of the same connection replaces
+that call (released as ``replaced``). A connection natedit saw from its SYN
+may set up calls only after a Start-Control-Connection-Request
+(``refused:not_started``); one picked up mid-stream or restored after a
+restart is taken as started.
+
+Refusals. Only where something new starts, never per GRE packet. A control
+connection natedit has not seen yet is dropped (``refused:client_denied``,
+``refused:server_denied``) when the policy's ACL denies its client or its
+server: it is never tracked, so each of its packets is decided again. A
+segment carrying new calls (``_check_new_calls``) is dropped whole, with no
+change to the stream or the table, when the ACL denies them (an existing
+connection after a reload), a limit is reached (``client_limit``,
+``table_full``, ``pool_exhausted``) or the client's new-call rate is spent
+(``rate_limited``); TCP retransmits it and it is decided again, so it goes
+through once the reason is gone. ``Stats.calls_refused`` counts a refused
+request once, not its retransmissions.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address
+
+from .admission import Admission
+from .calls import Call, Outcome
+from .checksum import apply_delta
+from .errors import DropReason, Malformed, PassReason, ProtocolError, Refusal, ReleaseReason
+from .events import ACCEPT, Action, CallRefused, ConnectionRefused, Verdict
+from .fields import NAMED, CallIdFields
+from .policy import MalformedAction
+from .stats import Outbox
+from .stream import SEQ_MOD, Piece, Stream, frame
+from .table import CallTable, ControlConnection
+from .wire import (
+    CALL_ID_FIELDS,
+    PPTP_PORT,
+    RESULT_CODE_OFFSET,
+    RESULT_CONNECTED,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    CallIdField,
+    Direction,
+    FieldKind,
+    MessageType,
+    parse_control_header,
+)
+
+MT = MessageType
+OUT = Direction.OUTBOUND
+_U16 = struct.Struct("!H")
+_TCP = struct.Struct("!HHI")
+_NEW, _OWN = FieldKind.NEW, FieldKind.OWN
+_START_REQUEST = MT.START_CONTROL_CONNECTION_REQUEST
+_STOPS = (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY)
+_DIRECTION_NAMES = tuple(d.name.lower() for d in Direction)
+_MT_NAMES = {mt: mt.name for mt in MessageType}
+
+
+class Control:
+    """The TCP 1723 conversations of the calls in ``table``."""
+
+    def __init__(self, table: CallTable, admission: Admission, outbox: Outbox,
+                 public_ip: bytes) -> None:
+        self.table = table
+        self.admission = admission
+        self.outbox = outbox
+        self.stats = outbox.stats
+        self.public_ip = public_ip
+        self.fields = CallIdFields(table, outbox.stats, public_ip)
+
+    def handle(self, data: bytes, ihl: int, total: int, d: Direction, now: float) -> Verdict:
+        if total < ihl + 20:
+            raise ProtocolError(Malformed.SHORT_TCP, f"{total - ihl} bytes after the IP header")
+        sport, dport, seq = _TCP.unpack_from(data, ihl)
+        doff = (data[ihl + 12] >> 4) * 4
+        flags = data[ihl + 13]
+        if doff < 20 or ihl + doff > total:
+            raise ProtocolError(Malformed.BAD_TCP_HEADER, f"data offset {doff}")
+        if d is OUT:
+            if dport != PPTP_PORT:
+                return ACCEPT
+            key = (data[12:16], sport, data[16:20], dport)
+        else:
+            if sport != PPTP_PORT:
+                return ACCEPT
+            key = (data[16:20], dport, data[12:16], sport)
+        start = ihl + doff
+        payload = data[start:total]
+        table = self.table
+        conn = table.connections.get(key)
+        if flags & TCP_SYN:
+            stream_seq = (seq + 1) % SEQ_MOD
+            if conn is not None and conn.streams[d].next_seq not in (None, stream_seq):
+                table.close_connection(conn, ReleaseReason.RESET)  # the 4-tuple is reused
+                conn = None
+        if conn is None:
+            if not (flags & TCP_SYN or payload) or flags & TCP_RST:
+                return ACCEPT  # nothing to follow: a bare ACK/FIN/RST of no known connection
+            denied = self.admission.connection_refusal(key[0], key[2])
+            if denied is not None:
+                if d is OUT and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
+                    self.stats.connections_refused[denied] += 1
+                    self.outbox.events.append(ConnectionRefused(
+                        IPv4Address(key[0]), IPv4Address(key[2]), denied))
+                return self.outbox.verdict(Action.DROP, denied.drop)
+            # seen from its SYN: calls wait for Start-Control-Connection (_check_new_calls)
+            conn = table.connection(key, now, create=True, started=not flags & TCP_SYN)
+            if conn is None:
+                return self.outbox.verdict(Action.DROP, table.connection_refusal(key[0])
+                                     or DropReason.TOO_MANY_CONNECTIONS)
+        conn.last_seen = now
+        stream = conn.streams[d]
+        if flags & TCP_SYN:
+            stream.resync((seq + 1) % SEQ_MOD)
+        new_data: bytes | None = None
+        if payload:
+            verdict_or_data = self._segment(conn, stream, d, data, start, seq, payload, now)
+            if isinstance(verdict_or_data, Verdict):
+                return verdict_or_data
+            new_data = verdict_or_data
+        if flags & TCP_RST:
+            table.close_connection(conn, ReleaseReason.RESET)
+        elif flags & TCP_FIN:
+            conn.fin[d] = True
+            table.end_calls(conn, ReleaseReason.FIN)
+            if all(conn.fin):
+                table.forget_connection(conn)
+        return self.outbox.verdict(Action.ACCEPT, None, new_data)
+
+    def _segment(self, conn: ControlConnection, stream: Stream, d: Direction, data: bytes,
+                 start: int, seq: int, payload: bytes, now: float) -> Verdict | bytes | None:
+        """Returns the packet's new bytes (None: unchanged), or a Verdict to return at once."""
+        if stream.next_seq is None:
+            try:
+                parse_control_header(payload)
+            except ProtocolError:
+                return self.outbox.verdict(Action.ACCEPT, PassReason.UNSYNCED)
+            stream.resync(seq)
+        assert stream.next_seq is not None
+        behind = (stream.next_seq - seq) % SEQ_MOD
+        if behind >= SEQ_MOD // 2:
+            return self.outbox.verdict(Action.DROP, DropReason.GAP)
+        writes = stream.replay(seq, min(behind, len(payload)))
+        if behind >= len(payload):  # all of it is a retransmission
+            return _apply(data, start, writes) if writes else None
+        new = payload[behind:]
+        try:
+            pieces, pending, header = frame(stream, new)
+        except ProtocolError as exc:
+            if self.table.policy.malformed is MalformedAction.PASS:
+                stream.resync(None)
+                return self.outbox.verdict(Action.ACCEPT, exc.reason, violation=exc)
+            return self.outbox.verdict(Action.DROP, exc.reason, violation=exc)
+        # each piece's Call ID field, looked up once for every use below
+        fields = [CALL_ID_FIELDS.get((d, piece.header.message_type)) for piece in pieces]
+        if d is OUT and self._names_a_foreign_call(conn, pieces, fields):
+            return self.outbox.verdict(Action.DROP, DropReason.FOREIGN_CALL_ID)
+        refused = self._check_new_calls(conn, d, pieces, fields, (seq + behind) % SEQ_MOD, now)
+        if refused is not None:
+            return self.outbox.verdict(Action.DROP, refused.drop)
+        base = behind  # payload offset of the first new byte
+        new_seq = (seq + behind) % SEQ_MOD
+        for piece, field in zip(pieces, fields, strict=True):
+            if field is not None:
+                for off, value in self.fields.rewrite(conn, stream, d, piece, field,
+                                                (new_seq + piece.at - piece.start) % SEQ_MOD,
+                                                now):
+                    pos = base + piece.at + off - piece.start
+                    if payload[pos] != value:
+                        writes.append((pos, value))
+                        stream.record((new_seq + piece.at + off - piece.start) % SEQ_MOD, value)
+            if piece.complete:
+                self._complete(conn, stream, d, piece, field,
+                               (new_seq + piece.at - piece.start) % SEQ_MOD, now)
+        stream.pending, stream.header = pending, header
+        stream.next_seq = (seq + len(payload)) % SEQ_MOD
+        return _apply(data, start, writes) if writes else None
+
+    def _check_new_calls(self, conn: ControlConnection, d: Direction, pieces: list[Piece],
+                         fields: list[CallIdField | None], seq: int,
+                         now: float) -> Refusal | None:
+        """Why the new calls of a segment whose new bytes start at ``seq`` are refused."""
+        client_his = []
+        started = conn.started
+        for piece, field in zip(pieces, fields, strict=True):
+            if (piece.header.message_type is _START_REQUEST and piece.complete):
+                started = True  # (a client may send its first call in the same segment)
+            if (field is not None and field.kind is _NEW
+                    and piece.start <= field.offset < piece.end):
+                client_his.append(piece.message[field.offset])
+        if not client_his:
+            return None
+        n = len(client_his)
+        admission = self.admission
+        reason = ((None if started else Refusal.NOT_STARTED)
+                  or admission.acl_refusal(conn.client_ip, conn.server_ip)
+                  or self.table.refusal(conn, self.public_ip, client_his)
+                  or admission.rate_refusal(conn.client_ip, n, now))
+        if reason is None:
+            admission.admit(conn.client_ip, n, now)
+            return None
+        if conn.refused_at[d] != seq:  # not a retransmission of a request refused already
+            conn.refused_at[d] = seq
+            self.stats.calls_refused[reason] += 1
+            self.outbox.events.append(CallRefused(
+                IPv4Address(conn.client_ip), None, IPv4Address(conn.server_ip), reason))
+        return reason
+
+    def _names_a_foreign_call(self, conn: ControlConnection, pieces: list[Piece],
+                              fields: list[CallIdField | None]) -> bool:
+        """Whether an outbound message names, as its own, a Call ID that is no call of
+        ``conn`` but the live public Call ID of another connection's call to the same
+        server (client A's Call-Clear-Request for a Call ID the server knows as client
+        B's). Passing it untouched would let the server match it to B's call; only a
+        field whose two bytes are both in this segment can be checked."""
+        new_ids: set[int] = set()
+        for piece, field in zip(pieces, fields, strict=True):
+            if field is None or not piece.start <= field.offset < field.offset + 1 < piece.end:
+                continue
+            f, kind = field.offset, field.kind
+            value = piece.message[f] << 8 | piece.message[f + 1]
+            if kind is _NEW:
+                new_ids.add(value)
+            elif (kind is _OWN and value not in new_ids
+                  and conn.call_by_client_id(value) is None):
+                other = self.table.by_public.get((self.public_ip, conn.server_ip, value))
+                if other is not None and other.conn is not conn:
+                    return True
+        return False
+
+    # -- message semantics ------------------------------------------------------------------
+
+    def _complete(self, conn: ControlConnection, stream: Stream, d: Direction, piece: Piece,
+                  field: CallIdField | None, message_seq: int, now: float) -> None:
+        """Apply a whole message (original bytes) to the call it names, through the
+        lifecycle table (:data:`natedit.core.calls.TRANSITIONS`)."""
+        mt = piece.header.message_type
+        self.stats.messages[(_DIRECTION_NAMES[d], _MT_NAMES[mt])] += 1
+        new_call = stream.new_call
+        stream.new_call = None
+        named = stream.partial.get(NAMED)
+        stream.partial.clear()
+        if mt is _START_REQUEST:
+            conn.started = True
+            return
+        if mt in _STOPS:
+            for each in list(conn.calls):
+                self.table.apply(each, d, mt, Outcome.ANY, now)
+            return
+        new = isinstance(new_call, Call)
+        call: Call | None
+        if isinstance(new_call, Call):
+            call = new_call
+        elif isinstance(named, tuple) and named[0] == message_seq:
+            call = named[1]
+        else:
+            return
+        if call is None or call.released or field is None:
+            return
+        msg = piece.message
+        at = RESULT_CODE_OFFSET.get(mt)
+        outcome = (Outcome.ANY if at is None
+                   else Outcome.CONNECTED if msg[at] == RESULT_CONNECTED else Outcome.REFUSED)
+        server_at = field.server_call_id_at
+        server_call_id = None if server_at is None else msg[server_at] << 8 | msg[server_at + 1]
+        if not self.table.apply(call, d, mt, outcome, now, server_call_id, new):
+            self.stats.verdicts[("accept", PassReason.UNEXPECTED_MESSAGE)] += 1
+
+
+def _apply(data: bytes, start: int, writes: list[tuple[int, int]]) -> bytes:
+    """``data`` with payload bytes replaced, TCP checksum updated per RFC 1624."""
+    buf = bytearray(data)
+    ihl = (buf[0] & 0x0F) * 4
+    delta = 0
+    for pos, value in writes:
+        old = buf[start + pos]
+        if old == value:
+            continue
+        buf[start + pos] = value
+        # Payload starts on an even offset of the checksummed data (the TCP header
+        # is a multiple of 4 bytes), so even payload offsets are high bytes.
+        if pos % 2 == 0:
+            delta += (~(old << 8) & 0xFFFF) + (value << 8)
+        else:
+            delta += (~old & 0xFFFF) + value
+    at = ihl + 16
+    _U16.pack_into(buf, at, apply_delta((buf[at] << 8) | buf[at + 1], delta))
+    return bytes(buf)
