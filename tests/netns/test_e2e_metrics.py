@@ -51,7 +51,8 @@ FLOOD = 6000  # GRE packets that no call owns, more than a queue holds (QUEUE_MA
 # a test of seconds; firing would do too), and those that must not.
 ACTIVE = {"NateditCallIdPoolNearlyExhausted", "NateditDropsRising", "NateditQueueDrops",
           "NateditPolicyReloadFailed"}
-INACTIVE = {"NateditWorkerDown", "NateditWorkerErrors"}
+INACTIVE = {"NateditWorkerDown", "NateditWorkerErrors", "NateditPairStandbyNotFollowing",
+            "NateditPairTwoActives"}  # (a single worker: no natedit_pair_role)
 
 
 def write_policy(lab: Lab) -> Path:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -162,6 +163,17 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
                     b_conntrackd=(b.dir / "conntrackd.log").read_text(errors="replace")[-3000:],
                     b_keepalived=b.log("keepalived")[-3000:])
 
+        # natedit demote and promote on B by hand: following its own Redis, then active
+        # again with the same table
+        def natedit(*argv: str) -> int:
+            return lab.exec(b.ns, [sys.executable, "-m", "natedit", *argv, "--ready-file",
+                                   str(b.ready_file), "--wait", "10"], check=False).returncode
+
+        demote_rc = natedit("demote")
+        role_demoted = b.role
+        promote_rc = natedit("promote")
+        repromoted = s.phase("after_repromote", keys[1:], 10)
+
         # B alone: its Redis gone, it keeps translating and counts it
         assert b.redis is not None
         lab.stop_process(b.redis.proc, signal.SIGKILL)
@@ -224,6 +236,8 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
     assert ccrq and {m.call_id for m in ccrq} <= set(publics) and cleared, info
     assert metric(b_metrics_before, "natedit_pair_role", 'role="following"') == 1, info
     assert metric(b_metrics_after, "natedit_pair_role", 'role="active"') == 1, info
+    assert (demote_rc, role_demoted, promote_rc) == (0, "following", 0), info
+    assert repromoted, info  # the calls flow again through B, re-promoted
     assert redis_down and redis_down_after, info  # B translates on without its Redis ...
     errors = metric(b_metrics_redis_down, "natedit_worker_errors_total", 'kind="state_error"')
     assert errors is not None and errors >= 1, info  # ... and counts it

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from natedit.pair import Session
 from tests.conftest import require_tool
 from tests.unit.test_metrics import FAMILIES
 
@@ -36,6 +37,9 @@ GRAFANA_VARIABLES = {
 }
 """Grafana's built-in variables as a query would see them (the e2e test picks its own)."""
 OTHER_METRICS = {"up", "process_cpu_seconds_total", "process_resident_memory_bytes"}
+PAIR_FAMILIES = {m.name + ("_total" if m.type == "counter" else "")
+                 for m in Session("redis://x").collect()}
+"""What a worker of a gateway pair adds (natedit.pair)."""
 
 
 def dashboard() -> dict[str, Any]:
@@ -118,7 +122,7 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 
 
 def test_dashboard_names_what_natedit_exports() -> None:
-    known = FAMILIES | OTHER_METRICS
+    known = FAMILIES | OTHER_METRICS | PAIR_FAMILIES
     for title, expr in panel_queries():
         names = set(re.findall(r"\b((?:natedit|process)_\w+|up)\b(?=\s*[{\[(]|\s*$|\s)", expr))
         assert names, (title, expr)

@@ -94,6 +94,14 @@ EXERCISED: dict[str, tuple[str, ...]] = {
     "journalctl -u natedit -f": (
         "tests/unit/test_logging.py::test_each_call_event_is_one_structured_line",
         "tests/unit/test_logging.py::test_each_reload_is_one_structured_line"),
+    # Running a pair
+    "natedit run --follow --state redis://HOST:PORT/DB [--policy FILE]": (
+        "tests/netns/test_pair.py::test_failover_keeps_every_call",
+        "tests/unit/test_redisstate.py::test_a_follower_on_a_replica_keeps_a_warm_copy"),
+    "natedit promote [--ready-file PATH]": (
+        "tests/netns/test_pair.py::test_failover_keeps_every_call",),
+    "natedit demote [--ready-file PATH]": (
+        "tests/netns/test_pair.py::test_failover_keeps_every_call",),
 }
 """README command -> the tests that run it (what journald shows is natedit's stderr)."""
 
