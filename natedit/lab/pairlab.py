@@ -246,8 +246,9 @@ LOG={self.dir}/notify.log
 }}
 """)
         conf = self.dir / "keepalived.conf"
+        version = "\n    vrrp_version 3" if self.advert_int < 1 else ""  # sub-second: VRRPv3
         conf.write_text(f"""global_defs {{
-    router_id natedit-{s.node}
+    router_id natedit-{s.node}{version}
     script_user root
     vrrp_garp_master_repeat 3
     vrrp_garp_master_delay 1

@@ -39,12 +39,13 @@ pytestmark = pytest.mark.netns
 FORCED = 0x1234
 TICK = 0.02
 """Seconds between two rounds of frames (one per call)."""
-ADVERT_INT = 1.0
+ADVERT_INT = float(os.environ.get("NATEDIT_PAIR_ADVERT_INT", "1"))
+"""VRRP's advert_int (sub-second: VRRPv3); the master is declared down after about 3 x."""
 IDLE_WAIT = 10
 """pptp-linux's --idle-wait: an Echo-Request every this many idle seconds; one still
 unanswered at the next makes it close the connection, so it must exceed the gap plus
 TCP's retransmission backoff (the Echo-Request lost in the gap comes again ~6 s later)."""
-FIGURES = Path("/tmp/natedit-pair-figures.json")
+FIGURES = Path(f"/tmp/natedit-pair-figures-{ADVERT_INT:g}.json")
 ECHO_REQUEST = 5
 
 
