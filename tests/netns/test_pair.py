@@ -74,9 +74,8 @@ def events(text: str, name: str) -> list[dict[str, str]]:
             if f"event={name}" in line]
 
 
-def test_failover_keeps_every_call(n_calls: int = 3) -> None:
-    require_pair()
-    gws: dict[str, PairGateway] = {}
+def pair_setup(gws: dict[str, PairGateway]) -> scenarios.Gateway:
+    """A master, then B following it (and a capture of B's TCP 1723)."""
 
     def setup(lab: Lab) -> None:
         pairlab.make_switch(lab)
@@ -92,20 +91,32 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
         lab.popen(lab.node("gb"), ["tcpdump", "-i", "any", "-U", "-n", "-w", str(pcap),
                                    "tcp port 1723"], name="tcpdump-gb")
 
-    with scenarios.session(scenarios.Gateway("natedit-pair", setup), n_calls,
-                           extra=pairlab.PAIR) as s:
+    return scenarios.Gateway("natedit-pair", setup)
+
+
+def start_calls(s: scenarios.Session, keys: list[int]) -> bool:
+    """One call per client, all forced onto one Call ID; whether all connected."""
+    b = s.lab
+    assert wait(lambda: "BACKUP" in (b.tmpdir / "gb" / "notify.log").read_text()
+                if (b.tmpdir / "gb" / "notify.log").exists() else False, 10)
+    for i in keys:
+        call = start_pptp_client(s.lab, i, forced_call_id=FORCED,
+                                 extra_args=["--idle-wait", str(IDLE_WAIT),
+                                             "--max-echo-wait", "30"])
+        s.calls[call.key] = call
+        s.pump.add(call.key, call.sock)
+    return s.wait_connected(keys)
+
+
+def test_failover_keeps_every_call(n_calls: int = 3) -> None:
+    require_pair()
+    gws: dict[str, PairGateway] = {}
+    with scenarios.session(pair_setup(gws), n_calls, extra=pairlab.PAIR) as s:
         t0 = time.monotonic()
         lab, pump = s.lab, s.pump
         a, b = gws["ga"], gws["gb"]
-        assert wait(lambda: "BACKUP" in b.notify_log(), 10), b.log("keepalived")[-3000:]
         keys = list(range(n_calls))
-        for i in keys:
-            call = start_pptp_client(lab, i, forced_call_id=FORCED,
-                                     extra_args=["--idle-wait", str(IDLE_WAIT),
-                                                 "--max-echo-wait", "30"])
-            s.calls[call.key] = call
-            pump.add(call.key, call.sock)
-        connected = s.wait_connected(keys)
+        connected = start_calls(s, keys)
         before = s.phase("before", keys, 20)
         mapped_a = events(a.log("natedit"), "call_mapped")
         def b_follows() -> bool:
@@ -243,3 +254,37 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
     errors = metric(b_metrics_redis_down, "natedit_worker_errors_total", 'kind="state_error"')
     assert errors is not None and errors >= 1, info  # ... and counts it
     assert r.total_foreign == 0, info
+
+
+def test_standby_killed_changes_nothing(n_calls: int = 2) -> None:
+    require_pair()
+    gws: dict[str, PairGateway] = {}
+    with scenarios.session(pair_setup(gws), n_calls, extra=pairlab.PAIR) as s:
+        a, b = gws["ga"], gws["gb"]
+        keys = list(range(n_calls))
+        connected = start_calls(s, keys)
+        before = s.phase("before", keys, 10)
+        notify_before = a.notify_log()
+        sent: dict[int, list[int]] = {k: [] for k in keys}
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end:
+            for k, seqs in s.pump.send_round(keys, 1, gap=TICK).items():
+                sent[k] += seqs
+        b.kill()
+        t_end = time.monotonic() + 4 * ADVERT_INT + 1.0  # past B's VRRP timeout
+        while time.monotonic() < t_end:
+            for k, seqs in s.pump.send_round(keys, 1, gap=TICK).items():
+                sent[k] += seqs
+        s.pump.wait_returned(keys, 3.0)
+        after = s.phase("after", keys, 10)
+        a_metrics = a.metrics()
+        role, notify_after = a.role, a.notify_log()
+        r = s.finish("pair_standby_killed", {})
+    lost = {k: sorted(set(sent[k]) - s.pump.stats[k].returned) for k in keys}
+    info = f"lost={lost}\nA notify:\n{notify_after}\n{r.describe()}"
+    assert connected and before and after, info
+    assert all(not v for v in lost.values()), info  # not one frame lost
+    assert role == "active" and notify_after == notify_before, info  # A did not even notice
+    assert metric(a_metrics, "natedit_pair_role", 'role="active"') == 1, info
+    assert metric(a_metrics, "natedit_worker_errors_total", 'kind="state_error"') in (None, 0), info
+    assert all(r.calls[k].clean for k in keys), info
