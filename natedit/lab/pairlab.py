@@ -281,6 +281,12 @@ vrrp_sync_group natedit {{
         self.lab.net.ip(self.side.node, "link", "set", "sync0", "down")
         return t
 
+    def links_up(self) -> None:
+        """Undo the links of :meth:`kill` (the gateway comes back)."""
+        for port in ("pa", "qa") if self.side.node == "ga" else ("pb", "qb"):
+            self.lab.net.ip("gw", "link", "set", port, "up")
+        self.lab.net.ip(self.side.node, "link", "set", "sync0", "up")
+
     def log(self, name: str) -> str:
         return self.lab.procs.log(self.procs[name])
 

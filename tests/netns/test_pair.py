@@ -9,8 +9,10 @@ through A; A is killed (every process SIGKILL, links down); B becomes master,
 its notify script promotes its Redis and natedit. What must hold: every call
 keeps flowing with the same public Call IDs (the server's GRE), the control
 connections survive (an Echo-Request and a Call-Clear-Request after the
-failover, answered by the server), frames are lost only in the gap. Then B,
-alone, has its Redis stopped: it keeps translating (state_error counted).
+failover, answered by the server), frames are lost only in the gap. Then B is
+demoted and promoted by hand; A comes back as backup, follows B, and B is killed:
+the calls go on through A. Then A's Redis is killed: A keeps translating
+(state_error counted). A second test kills B while it is standby: nothing changes.
 What is measured: the gap (kill -> VRRP master on B, -> natedit active, -> first
 frame back), in FIGURES.
 """
@@ -186,7 +188,41 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
         promote_rc = natedit("promote")
         repromoted = s.phase("after_repromote", keys[1:], 10)
 
-        # B alone: its Redis gone, it keeps translating and counts it
+        # A comes back as backup (a fresh start: Redis a replica of B's, natedit following),
+        # follows B, then B is killed: the second failover, back to A
+        live = keys[1:]
+        a2 = PairGateway(lab, pairlab.SIDES["ga"], lab.tmpdir / "ga2", ADVERT_INT,
+                         master_first=False)
+        a.links_up()
+        a2.start()
+
+        def a2_follows() -> bool:
+            m = a2.metrics()
+            return (metric(m, "natedit_pair_calls_followed") == len(live)
+                    and metric(m, "natedit_pair_role", 'role="following"') == 1)
+
+        a2_followed = wait(a2_follows, 15)
+        back_before = s.phase("a_back", live, 10)
+        sent2: dict[tuple[int, int], float] = {}
+        t_end = time.monotonic() + 0.5
+        while time.monotonic() < t_end:
+            for key, seqs in pump.send_round(live, 1, gap=TICK).items():
+                sent2.update({(key, q): time.monotonic() for q in seqs})
+        t_kill2 = b.kill()
+        t_active2 = None
+        while time.monotonic() < t_kill2 + 15:
+            for key, seqs in pump.send_round(live, 1, gap=TICK).items():
+                sent2.update({(key, q): time.monotonic() for q in seqs})
+            if t_active2 is None and a2.role == "active":
+                t_active2 = time.monotonic()
+            if t_active2 is not None and time.monotonic() > t_active2 + 1.0:
+                break
+        pump.wait_returned(live, 3.0)
+        second = s.phase("after_second_failover", live, 10)
+        lost2 = sorted(t for kq, t in sent2.items() if kq[1] not in pump.stats[kq[0]].returned)
+        b = a2  # the active gateway from here on
+
+        # the active alone: its Redis gone, it keeps translating and counts it
         assert b.redis is not None
         lab.stop_process(b.redis.proc, signal.SIGKILL)
         redis_down = s.phase("redis_down", keys[1:], 10)
@@ -231,6 +267,10 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
         "call_clear_after_failover": len(ccrq),
         "promote": events(b_log, "promoted"),
         "b_following_after_calls_seconds": round(t_follow, 3),
+        "second_failover_active_seconds": None if t_active2 is None else round(
+            t_active2 - t_kill2, 3),
+        "second_failover_gap_seconds": round(lost2[-1] - t_kill2, 3) if lost2 else None,
+        "second_failover_frames_lost": len(lost2),
     }
     FIGURES.write_text(json.dumps(figures, indent=1) + "\n")
     info = (f"{json.dumps(figures)}\n" + "".join(f"{k}:\n{v}\n" for k, v in diag.items())
@@ -250,6 +290,9 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
     assert metric(b_metrics_after, "natedit_pair_role", 'role="active"') == 1, info
     assert (demote_rc, role_demoted, promote_rc) == (0, "following", 0), info
     assert repromoted, info  # the calls flow again through B, re-promoted
+    # A came back as backup, followed B, took the calls over when B was killed
+    assert a2_followed and back_before and t_active2 is not None and second, info
+    assert all(t <= t_active2 + 0.5 for t in lost2), info
     assert redis_down and redis_down_after, info  # B translates on without its Redis ...
     errors = metric(b_metrics_redis_down, "natedit_worker_errors_total", 'kind="state_error"')
     assert errors is not None and errors >= 1, info  # ... and counts it
