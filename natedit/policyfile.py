@@ -7,7 +7,7 @@ what a valid value looks like. Validation works on the YAML node tree, so
 every problem carries the line it comes from, and all of them are reported
 together::
 
-    policy.yaml:7: limits.max_calls_per_client: expected an integer >= 1, found 'many'
+    policy.yaml:7: limits.max_calls_per_client: expected an integer from 1 to 65535, found 'many'
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import difflib
 import enum
 import ipaddress
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from yaml.constructor import SafeConstructor
 from .core.errors import PolicyError
 from .core.policy import (
     LOG_LEVELS,
+    MAX_CALLS,
+    MAX_CONTROL_CONNECTIONS,
     MAX_RATE,
     MAX_TIMEOUT,
     Allocation,
@@ -39,6 +43,22 @@ from .core.policy import (
     MalformedAction,
     Policy,
 )
+
+# -- the bounds of a policy file -------------------------------------------------------------
+
+MAX_BYTES = 256 * 1024
+"""Largest policy file read (a real one is a few KiB); a larger one is refused unread."""
+MAX_DEPTH = 16
+"""Deepest nesting of mappings and lists composed (the layout needs 4)."""
+MAX_NETWORKS = 1024
+"""Most networks in one list (the ACL is searched for every new call)."""
+MAX_NUMBER = 64
+"""Most characters of a YAML integer or float converted (every numeric field has an
+upper bound far below; a 5,000-digit integer is refused unconverted)."""
+MAX_PROBLEMS = 50
+"""Most problems listed (the rest is counted in one more line)."""
+MAX_SHOWN = 60
+"""Most characters of a value or key repeated in a message."""
 
 # -- the schema ------------------------------------------------------------------------------
 
@@ -73,13 +93,14 @@ class Field:
         return getattr(_DEFAULT, self.attr)
 
 
-def _integer(lo: int, hi: int | None = None) -> Callable[[Any], int]:
-    expected = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+def _integer(lo: int, hi: int) -> Callable[[Any], int]:
+    """An integer from ``lo`` to ``hi``: every numeric field has both bounds."""
+    expected = f"an integer from {lo} to {hi}"
 
     def convert(raw: Any) -> int:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise _Mismatch(expected)
-        if raw < lo or (hi is not None and raw > hi):
+        if not lo <= raw <= hi:
             raise _Mismatch(expected)
         return raw
 
@@ -157,10 +178,11 @@ def _network(raw: Any) -> IPv4Network:
 
 def _networks(non_empty: bool) -> Callable[[Any], tuple[IPv4Network, ...]]:
     """A list of networks; items are converted (and located) one by one by the walker."""
-    expected = "a non-empty list of IPv4 networks" if non_empty else "a list of IPv4 networks"
+    expected = (f"a non-empty list of at most {MAX_NETWORKS} IPv4 networks" if non_empty
+                else f"a list of at most {MAX_NETWORKS} IPv4 networks")
 
     def convert(raw: Any) -> tuple[IPv4Network, ...]:
-        if not isinstance(raw, list) or (non_empty and not raw):
+        if not isinstance(raw, list) or (non_empty and not raw) or len(raw) > MAX_NETWORKS:
             raise _Mismatch(expected)
         return tuple(_network(item) for item in raw)
 
@@ -214,13 +236,14 @@ SCHEMA: tuple[Field, ...] = (
     Field("call_ids.allocation", "allocation", _choice(Allocation)),
     Field("call_ids.node", "call_id_node", _integer(1, 16)),
     Field("call_ids.nodes", "call_id_nodes", _integer(1, 16)),
-    Field("limits.max_calls_per_client", "max_calls_per_client", _integer(1)),
-    Field("limits.max_calls", "max_calls", _integer(1)),
-    Field("limits.max_control_connections", "max_control_connections", _integer(1)),
+    Field("limits.max_calls_per_client", "max_calls_per_client", _integer(1, MAX_CALLS)),
+    Field("limits.max_calls", "max_calls", _integer(1, MAX_CALLS)),
+    Field("limits.max_control_connections", "max_control_connections",
+          _integer(1, MAX_CONTROL_CONNECTIONS)),
     Field("limits.new_calls_per_second", "new_calls_per_second",
           _number(f"a number from 0 to {MAX_RATE:.0f} (0: no limit)",
                   lambda v: 0 <= v <= MAX_RATE)),
-    Field("limits.new_calls_burst", "new_calls_burst", _integer(1)),
+    Field("limits.new_calls_burst", "new_calls_burst", _integer(1, MAX_CALLS)),
     Field("timeouts.request", "request_timeout",
           _number(f"seconds, more than 0 and at most {MAX_TIMEOUT:.0f}",
                   lambda v: 0 < v <= MAX_TIMEOUT)),
@@ -302,8 +325,13 @@ def _found(node: yaml.Node, value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return repr(value)
-    return str(value)
+        return repr(_clip(value))
+    return _clip(str(value))
+
+
+def _clip(text: str) -> str:
+    """``text``, cut to MAX_SHOWN characters for a message."""
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text)} characters)"
 
 
 class _Walker:
@@ -316,7 +344,7 @@ class _Walker:
         self._problems: list[tuple[int, str]] = []
         self.bad: set[str] = set()
         """Attributes whose value was rejected: the cross-field checks skip them."""
-        self._construct = SafeConstructor()
+        self._construct = _Constructor()
 
     def problem(self, path: str, message: str, line: int | None = None) -> None:
         if line is None:
@@ -327,8 +355,12 @@ class _Walker:
 
     @property
     def problems(self) -> list[str]:
-        """Every problem so far, in the order of the file."""
-        return [text for _, text in sorted(self._problems, key=lambda p: p[0])]
+        """Every problem so far, in the order of the file (the first MAX_PROBLEMS)."""
+        texts = [text for _, text in sorted(self._problems, key=lambda p: p[0])]
+        if len(texts) > MAX_PROBLEMS:
+            more = len(texts) - MAX_PROBLEMS
+            texts = [*texts[:MAX_PROBLEMS], f"{self.source}: and {more} more problems"]
+        return texts
 
     def mismatch(self, path: str, node: yaml.Node, value: Any, exc: _Mismatch) -> None:
         detail = f" ({exc.detail})" if exc.detail else ""
@@ -351,7 +383,7 @@ class _Walker:
         for key_node, value_node in node.value:
             line = key_node.start_mark.line + 1
             key = self._scalar(key_node)
-            name = key if isinstance(key, str) else str(key)
+            name = _clip(key if isinstance(key, str) else str(key))
             path = f"{prefix}.{name}" if prefix else name
             if name in seen:
                 self.problem(path, f"duplicate key (first at line {seen[name]})", line)
@@ -371,8 +403,9 @@ class _Walker:
         self.bad.add(f.attr)  # until it is converted
         try:
             raw = self.plain(node)
-        except yaml.YAMLError as exc:
-            self.problem(f.path, f"not a plain YAML value: {exc}", node.start_mark.line + 1)
+        except (yaml.YAMLError, ValueError) as exc:
+            self.problem(f.path, f"not a plain YAML value: {_yaml_problem(exc)}",
+                         node.start_mark.line + 1)
             return
         if f.networks and isinstance(node, yaml.SequenceNode):
             self.networks(f, node, raw)
@@ -385,6 +418,10 @@ class _Walker:
 
     def networks(self, f: Field, node: yaml.SequenceNode, raw: list[Any]) -> None:
         """A list of networks, each item located on its own line."""
+        if len(node.value) > MAX_NETWORKS:
+            self.problem(f.path, f"expected at most {MAX_NETWORKS} networks, found "
+                                 f"{len(node.value)}", node.start_mark.line + 1)
+            return
         items: list[IPv4Network] = []
         ok = True
         for i, (item_node, item) in enumerate(zip(node.value, raw, strict=True)):
@@ -410,7 +447,7 @@ class _Walker:
             return None
         try:
             return self.plain(node)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):
             return node.value
 
 
@@ -492,16 +529,77 @@ def _cross_checks(w: _Walker, p: Policy) -> None:
                           f"expected a network not also in acl.{side}.allow, found {found(net)}")
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with the nesting bounded where it recurses: in the composer.
+
+    (Its scanner and parser keep their state on a list; composing and constructing a
+    node recurse once per level, so MAX_DEPTH levels bound both.)
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class _LongNumber:
+    """What a number of more than MAX_NUMBER characters is read as: no field takes it."""
+
+    length: int
+
+    def __str__(self) -> str:
+        return f"a number of {self.length} characters"
+
+
+class _Constructor(SafeConstructor):
+    """Plain values; a number of more than MAX_NUMBER characters is not converted."""
+
+    _NUMBERS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        if node.tag in self._NUMBERS and len(node.value) > MAX_NUMBER:
+            return _LongNumber(len(node.value))
+        return super().construct_object(node, deep)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """The one-line gist of a YAML error (its str() spans lines, with a snippet)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc.problem or exc.context)
+    return " ".join(str(exc).split())
+
+
 def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
-    """Validate a YAML document into a policy; :class:`PolicyError` lists every problem."""
+    """Validate a YAML document into a policy; :class:`PolicyError` lists every problem.
+
+    Bounded: at most MAX_BYTES, MAX_DEPTH levels, numbers of MAX_NUMBER characters;
+    anything else in the text is a :class:`PolicyError`, never another exception.
+    """
+    if len(text) > MAX_BYTES:
+        raise PolicyError([f"{source}: not a policy: {len(text)} characters, more than "
+                           f"{MAX_BYTES}"])
+    loader = _Loader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark is not None else source
-        raise PolicyError([f"{where}: not valid YAML: {exc.problem or exc.context}"]) from exc
+        raise PolicyError([f"{where}: not valid YAML: {_yaml_problem(exc)}"]) from exc
     except yaml.YAMLError as exc:
-        raise PolicyError([f"{source}: not valid YAML: {exc}"]) from exc
+        raise PolicyError([f"{source}: not valid YAML: {_yaml_problem(exc)}"]) from exc
+    finally:
+        loader.dispose()
     w = _Walker(source)
     if root is not None:
         if isinstance(root, yaml.MappingNode):
@@ -517,14 +615,57 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
     return LoadedPolicy(policy, source, w.lines)
 
 
-def read_policy(path: str | Path) -> LoadedPolicy:
-    """The policy in the file ``path``, with the lines of its keys."""
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def _read_file(path: str | Path) -> bytes:
+    """The bytes of the regular file ``path`` (at most MAX_BYTES): never waits on a FIFO
+    or a device, never reads more than the bound."""
+
+    def refuse_unless_regular(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+            raise PolicyError([f"{path}: cannot read: {kind}, not a regular file"])
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PolicyError([f"{path}: cannot read: not UTF-8 text ({exc.reason})"]) from exc
+        refuse_unless_regular(os.stat(path).st_mode)  # a FIFO is not even opened
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)  # what was opened (it may have been replaced since)
+            refuse_unless_regular(info.st_mode)
+            if info.st_size > MAX_BYTES:
+                raise PolicyError([f"{path}: cannot read: {info.st_size} bytes, more than "
+                                   f"{MAX_BYTES} (a policy is a few KiB)"])
+            chunks, size = [], 0
+            while size <= MAX_BYTES:  # a file still growing stops at the bound too
+                chunk = os.read(fd, MAX_BYTES + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise PolicyError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    if size > MAX_BYTES:
+        raise PolicyError([f"{path}: cannot read: more than {MAX_BYTES} bytes "
+                           "(a policy is a few KiB)"])
+    return b"".join(chunks)
+
+
+def read_policy(path: str | Path) -> LoadedPolicy:
+    """The policy in the file ``path``, with the lines of its keys.
+
+    Every way this fails, from a FIFO at ``path`` to a 5,000-level list in it, is a
+    :class:`PolicyError` with one line per problem.
+    """
+    data = _read_file(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError([f"{path}: cannot read: not UTF-8 text ({exc.reason})"]) from exc
     return parse_policy(text, str(path))
 
 

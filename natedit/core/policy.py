@@ -27,6 +27,10 @@ MAX_TIMEOUT = 7 * 86400.0
 """Longest timeout accepted (a week): anything longer is a typo, or infinity."""
 MAX_RATE = 1_000_000.0
 """Highest new-calls-per-second limit accepted; 0 turns the limit off."""
+MAX_CALLS = 65535
+"""Highest call limit (and burst) accepted: there are no more public Call IDs."""
+MAX_CONTROL_CONNECTIONS = 1_000_000
+"""Highest control-connection limit accepted (each costs memory)."""
 
 
 class Allocation(enum.Enum):

@@ -133,7 +133,7 @@ def test_each_reload_is_one_structured_line(
         path.write_text("limits:\n  max_calls: lots\n")
         assert not reloader.reload()
     ok, rejected = lines(capsys)
-    problem = f"{path}:2: limits.max_calls: expected an integer >= 1, found 'lots'"
+    problem = f"{path}:2: limits.max_calls: expected an integer from 1 to 65535, found 'lots'"
     if log_format is LogFormat.TEXT:
         assert ok == f"natedit: policy reloaded from {path}: limits.max_calls 100 -> 50"
         assert rejected == ("natedit: error: policy reload rejected, the running policy "

@@ -226,15 +226,15 @@ ERRORS: list[tuple[str, str, list[str]]] = [
     ("duplicate key", "limits:\n  max_calls: 5\n  max_calls: 6\n",
      ["p.yaml:3: limits.max_calls: duplicate key (first at line 2)"]),
     ("a word for an integer", "\n\nlimits:\n  max_calls_per_client: many\n",
-     ["p.yaml:4: limits.max_calls_per_client: expected an integer >= 1, found 'many'"]),
+     ["p.yaml:4: limits.max_calls_per_client: expected an integer from 1 to 65535, found 'many'"]),
     ("a bool for an integer", "limits: {max_calls: true}\n",
-     ["p.yaml:1: limits.max_calls: expected an integer >= 1, found true"]),
+     ["p.yaml:1: limits.max_calls: expected an integer from 1 to 65535, found true"]),
     ("a float for an integer", "limits: {new_calls_burst: 1.5}\n",
-     ["p.yaml:1: limits.new_calls_burst: expected an integer >= 1, found 1.5"]),
+     ["p.yaml:1: limits.new_calls_burst: expected an integer from 1 to 65535, found 1.5"]),
     ("a quoted number", "queues: {outbound: '5'}\n",
      ["p.yaml:1: queues.outbound: expected an integer from 0 to 65535, found '5'"]),
     ("zero", "limits:\n  max_calls: 0\n",
-     ["p.yaml:2: limits.max_calls: expected an integer >= 1, found 0"]),
+     ["p.yaml:2: limits.max_calls: expected an integer from 1 to 65535, found 0"]),
     ("queue out of range", "queues:\n  inbound: 70000\n",
      ["p.yaml:2: queues.inbound: expected an integer from 0 to 65535, found 70000"]),
     ("negative Call ID", "call_ids:\n  first: -1\n",
@@ -286,9 +286,10 @@ ERRORS: list[tuple[str, str, list[str]]] = [
      ["p.yaml:2: inside_networks: expected networks that do not hold public_address "
       "(10.0.0.1), found 10.0.0.0/8"]),
     ("empty inside networks", "inside_networks: []\n",
-     ["p.yaml:1: inside_networks: expected a non-empty list of IPv4 networks, found a list"]),
+     ["p.yaml:1: inside_networks: expected a non-empty list of at most 1024 IPv4 networks, "
+      "found a list"]),
     ("networks not a list", "inside_networks: 10.0.0.0/8\n",
-     ["p.yaml:1: inside_networks: expected a non-empty list of IPv4 networks, "
+     ["p.yaml:1: inside_networks: expected a non-empty list of at most 1024 IPv4 networks, "
       "found '10.0.0.0/8'"]),
     ("unparsable network, on its own line", "acl:\n  clients:\n    deny:\n      - 10.0.0.0/8\n"
      "      - banana\n",
@@ -338,7 +339,7 @@ ERRORS: list[tuple[str, str, list[str]]] = [
     ("a scalar as a mapping", "malformed: {drop: 1}\n",
      ["p.yaml:1: malformed: expected one of drop, pass, found a mapping"]),
     ("null for a number", "limits:\n  max_calls:\n",
-     ["p.yaml:2: limits.max_calls: expected an integer >= 1, found null"]),
+     ["p.yaml:2: limits.max_calls: expected an integer from 1 to 65535, found null"]),
     ("the top is a list", "- a\n- b\n",
      ["p.yaml:1: expected a mapping of policy keys, found a list"]),
     ("the top is a word", "hello\n",
@@ -436,7 +437,7 @@ def test_check_policy_lists_every_problem(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f"{path}:2: limits.max_calls: expected an integer >= 1, found 0",
+        f"{path}:2: limits.max_calls: expected an integer from 1 to 65535, found 0",
         f"{path}:3: bogus: unknown key; expected one of: public_address, public_interface, "
         "inside_networks, queues, call_ids, limits, timeouts, acl, refuse, malformed, "
         "disconnect_rule, datapath, metrics, logging",
@@ -674,7 +675,8 @@ def test_reload_valid_then_invalid_then_valid(
     r.clock = lambda: 3000.0
     assert not r.reload()
     assert len(rec.applied) == 1 and r.running.max_calls_per_client == 1
-    problem = f"{path}:2: limits.max_calls_per_client: expected an integer >= 1, found 'many'"
+    problem = (f"{path}:2: limits.max_calls_per_client: expected an integer from 1 to 65535, "
+               "found 'many'")
     assert (status.reloads, status.loaded_at, status.last_error) == (
         Counter(ok=1, failed=1), 2000.0, problem)
     assert caplog.records[-1].levelno == logging.ERROR
