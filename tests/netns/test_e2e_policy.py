@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -182,6 +183,67 @@ def test_reloads_under_traffic_lose_no_call() -> None:
     assert not events(log, "call_released") or all(
         e["reason"] in ("fin", "stop", "reset", "disconnect")
         for e in events(log, "call_released")), info
+
+
+# -- hostile policy files on reload (issue 11, item 4) --------------------------------------
+
+HOSTILE = [
+    ("deep", "x: " + "[" * 5000 + "\n", ":1: not valid YAML: nested deeper than 16 levels"),
+    ("digits", "limits: {max_calls: " + "9" * 5000 + "}\n",
+     ":1: limits.max_calls: expected an integer from 1 to 65535, found a number of 5000 "
+     "characters"),
+    ("burst", "limits: {new_calls_burst: " + "9" * 400 + "}\n",
+     ":1: limits.new_calls_burst: expected an integer from 1 to 65535, found a number of "
+     "400 characters"),
+    ("fifo", None, ": cannot read: a FIFO, not a regular file"),
+]
+
+
+def test_hostile_reloads_leave_the_worker_running() -> None:
+    """A 5,000-[ policy (it once killed the worker: RecursionError, rules gone), a
+    5,000-digit and a 400-digit integer, a FIFO (it once blocked the reload for good):
+    each reload is rejected in well under its wait, the call flows on, and the next
+    valid reload still works."""
+    gateway = natedit_with_policy("natedit-hostile", POLICY_A)
+    outcomes: list[tuple[str, int, str, float]] = []
+    with scenarios.session(gateway, 1) as s:
+        lab = s.lab
+        s.start_call(0, forced_call_id=FORCED)
+        connected = s.wait_connected([0])
+        before = s.phase("before", [0], 20)
+        path, ready = lab.tmpdir / "policy.yaml", str(lab.tmpdir / "natedit.ready")
+        for name, text, _ in HOSTILE:
+            path.unlink()
+            if text is None:
+                os.mkfifo(path)
+            else:
+                path.write_text(text)
+            start = time.monotonic()
+            done = natedit_reload(lab, "--ready-file", ready, "--wait", "20")
+            outcomes.append((name, done.returncode, done.stderr, time.monotonic() - start))
+            between = s.phase(f"after_{name}", [0], 20)
+            assert between, f"{name}: the call stopped"
+        path.unlink()
+        path.write_text(POLICY_B)
+        valid = natedit_reload(lab, "--ready-file", ready)
+        after = s.phase("after", [0], 20)
+        metrics = fetch_metrics(lab)
+        log = worker_log(lab)
+        r = s.finish("hostile_reloads", {})
+    info = r.describe() + "\n" + "\n".join(map(str, outcomes))
+    assert connected and before and after, info
+    assert all(c.clean for c in r.calls.values()) and r.gateway_alive, info
+    for (name, rc, err, took), (_, _, problem) in zip(outcomes, HOSTILE, strict=True):
+        assert rc == 1, info
+        assert err.splitlines() == [f"{path}{problem}", "natedit: reload rejected by natedit "
+                                    f"(pid {err.split('(pid ')[1].split(')')[0]}); the "
+                                    "running policy stays"], info
+        assert took < 15, (name, info)  # answered, not waited out
+    assert valid.returncode == 0, info
+    assert sample(metrics, "natedit_policy_reloads_total", outcome="failed") == 4, info
+    assert sample(metrics, "natedit_policy_reloads_total", outcome="ok") == 1, info
+    assert "Traceback" not in log, info
+    assert len(re.findall(r"policy reload rejected, the running policy stays: ", log)) == 4
 
 
 # -- limits and ACLs with real peers ---------------------------------------------------------
