@@ -94,6 +94,8 @@ class Control:
         self.fields = CallIdFields(table, outbox.stats, public_ip)
 
     def handle(self, data: bytes, ihl: int, total: int, d: Direction, now: float) -> Verdict:
+        if data[6] & 0x3F or data[7]:  # MF or an offset: an IP fragment (RFC 791)
+            return self._fragment(data, ihl, total)
         if total < ihl + 20:
             raise ProtocolError(Malformed.SHORT_TCP, f"{total - ihl} bytes after the IP header")
         sport, dport, seq = _TCP.unpack_from(data, ihl)
@@ -115,9 +117,14 @@ class Control:
         conn = table.connections.get(key)
         if flags & TCP_SYN:
             stream_seq = (seq + 1) % SEQ_MOD
-            if conn is not None and conn.streams[d].next_seq not in (None, stream_seq):
-                table.close_connection(conn, ReleaseReason.RESET)  # the 4-tuple is reused
-                conn = None
+            if conn is not None:
+                if conn.streams[d].syn_seq == stream_seq:
+                    # the SYN (SYN-ACK) this stream began with, again: late or duplicated
+                    conn.last_seen = now
+                    return self.outbox.verdict(Action.ACCEPT, PassReason.DUPLICATE_SYN)
+                if conn.streams[d].next_seq not in (None, stream_seq):
+                    table.close_connection(conn, ReleaseReason.RESET)  # the 4-tuple is reused
+                    conn = None
         if conn is None:
             if not (flags & TCP_SYN or payload) or flags & TCP_RST:
                 return ACCEPT  # nothing to follow: a bare ACK/FIN/RST of no known connection
@@ -137,6 +144,7 @@ class Control:
         stream = conn.streams[d]
         if flags & TCP_SYN:
             stream.resync((seq + 1) % SEQ_MOD)
+            stream.syn_seq = stream.next_seq
         new_data: bytes | None = None
         if payload:
             verdict_or_data = self._segment(conn, stream, d, data, start, seq, payload, now)
@@ -151,6 +159,24 @@ class Control:
             if all(conn.fin):
                 table.forget_connection(conn)
         return self.outbox.verdict(Action.ACCEPT, None, new_data)
+
+    def _fragment(self, data: bytes, ihl: int, total: int) -> Verdict:
+        """An IP fragment of TCP. The kernel defragments before the queue (conntrack),
+        so a fragment reaches the core only without it (``natedit replay``, or no
+        defragmentation loaded): it is never read as a whole segment. The first
+        fragment names the ports: one of TCP 1723 is dropped (``fragment``), so its
+        datagram never reassembles and no control byte goes out uninspected; a later
+        fragment carries no ports, cannot be told to be PPTP and goes on as it came
+        (``not_ours``: without its first fragment it is nothing). No connection
+        changes: the next segment is decided as if the fragments never came."""
+        if data[6] & 0x1F or data[7]:  # an offset: not the first fragment
+            return self.outbox.verdict(Action.ACCEPT, PassReason.NOT_OURS)
+        if total < ihl + 4:
+            raise ProtocolError(Malformed.SHORT_TCP, f"{total - ihl} bytes after the IP header")
+        sport, dport = struct.unpack_from("!HH", data, ihl)
+        if PPTP_PORT not in (sport, dport):
+            return ACCEPT
+        return self.outbox.verdict(Action.DROP, DropReason.FRAGMENT)
 
     def _segment(self, conn: ControlConnection, stream: Stream, d: Direction, data: bytes,
                  start: int, seq: int, payload: bytes, now: float) -> Verdict | bytes | None:

@@ -94,6 +94,8 @@ class PassReason(enum.StrEnum):
     """Why a packet, or a Call ID field in it, went on as it came, on purpose."""
 
     UNSYNCED = "unsynced"
+    DUPLICATE_SYN = "duplicate_syn"
+    """A SYN (SYN-ACK) with the initial sequence number its stream began with."""
     NOT_OURS = "not_ours"
     NOT_PPTP_GRE = "not_pptp_gre"
     UNKNOWN_CALL_ID = "unknown_call_id"

@@ -37,11 +37,15 @@ _COMPACT_AT = EDIT_BACKLOG // 4
 
 
 class Stream:
-    __slots__ = ("_edits", "_head", "header", "new_call", "next_seq", "partial", "pending")
+    __slots__ = ("_edits", "_head", "header", "new_call", "next_seq", "partial", "pending",
+                 "syn_seq")
 
     def __init__(self) -> None:
         self.next_seq: int | None = None
         """Sequence number of the next byte in order; None until synchronised."""
+        self.syn_seq: int | None = None
+        """The sequence number after the SYN (SYN-ACK) this stream began with, if seen: a
+        SYN carrying it again is a duplicate, not a new connection on the 4-tuple."""
         self.pending = b""
         """The bytes of the current, incomplete message."""
         self.header: ControlHeader | None = None

@@ -36,14 +36,17 @@ reason             action  when
 =================  ======  =========================================================
 (none)             accept  translated, or not natedit's business at all
 not_pptp_gre       accept  GRE that is not enhanced GRE v1 carrying PPP
-not_ours           accept  GRE to an address natedit does not own
+not_ours           accept  GRE to an address natedit does not own; a TCP fragment after the
+                           first (no ports: its first fragment decides)
 unsynced           accept  control data of a connection whose start natedit missed
+duplicate_syn      accept  a SYN/SYN-ACK with its stream's initial sequence: nothing changes
 malformed (*)      drop    control message failing validation (policy: or accept)
 gap                drop    segment beyond the next expected byte (TCP resends it)
 no_call            drop    GRE that no live call owns (also a spoofed server address)
 foreign_call_id    drop    an outbound message naming as its own a Call ID that is no call
                            of its connection but another connection's live public Call ID
-fragment           drop    a GRE fragment (the kernel defragments before the queue)
+fragment           drop    a GRE fragment, or the first fragment of TCP 1723 (the kernel
+                           defragments before the queue)
 refused:<why>      drop    a new call over a limit or denied by the ACL (see below)
 too_many_connections drop  control connection table full
 client_connection_limit drop  the client holds max_calls_per_client + 16 connections

@@ -45,7 +45,8 @@ def test_values_are_the_exported_labels() -> None:
         "short_header", "bad_pptp_type", "bad_cookie", "bad_message_type", "bad_length",
         "length_mismatch"]
     assert [r.value for r in PassReason] == [
-        "unsynced", "not_ours", "not_pptp_gre", "unknown_call_id", "split_call_id_undecided",
+        "unsynced", "duplicate_syn", "not_ours", "not_pptp_gre", "unknown_call_id",
+        "split_call_id_undecided",
         "unexpected_message"]
     assert {r.value for r in DropReason} == {
         "gap", "no_call", "foreign_call_id", "fragment", "too_many_connections",
