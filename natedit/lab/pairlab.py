@@ -272,10 +272,13 @@ vrrp_sync_group natedit {{
 
     def kill(self) -> float:
         """SIGKILL every process of the gateway (by PID), then its links down; when."""
-        t = time.monotonic()
-        for pid in self.lab.pids_in(self.ns):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        pids = self.lab.pids_in(self.ns)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):  # stopped first: none reacts to the
+            for pid in pids:  # others' death (keepalived's VRRP child would send priority 0)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            if sig == signal.SIGSTOP:
+                t = time.monotonic()
         for port in ("pa", "qa") if self.side.node == "ga" else ("pb", "qb"):
             self.lab.net.ip("gw", "link", "set", port, "down")
         self.lab.net.ip(self.side.node, "link", "set", "sync0", "down")

@@ -47,7 +47,7 @@ IDLE_WAIT = 10
 """pptp-linux's --idle-wait: an Echo-Request every this many idle seconds; one still
 unanswered at the next makes it close the connection, so it must exceed the gap plus
 TCP's retransmission backoff (the Echo-Request lost in the gap comes again ~6 s later)."""
-FIGURES = Path(f"/tmp/natedit-pair-figures-{ADVERT_INT:g}.json")
+FIGURES = Path(f"/tmp/natedit-pair-figures-{ADVERT_INT:g}-{os.getpid()}.json")
 ECHO_REQUEST = 5
 
 
