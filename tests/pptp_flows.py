@@ -233,6 +233,13 @@ def assert_table_consistent(table: CallTable, *, one_to_one: bool = True) -> Non
     for key, call in table.by_server.items():
         assert key == (call.client_ip, call.server_ip, call.server_call_id)
         assert not call.released
+    for key, waiting in table._shadowed.items():  # live calls sharing a held key
+        assert waiting and key in table.by_server
+        for call in waiting:
+            assert key == (call.client_ip, call.server_ip, call.server_call_id)
+            assert not call.released and call is not table.by_server[key]
+    with_key = [c for c in live if c.server_call_id is not None]
+    assert len(with_key) == len(table.by_server) + sum(map(len, table._shadowed.values()))
     for conn in table.connections.values() if one_to_one else ():
         pairs = {(c.client_call_hi, c.public_call_id >> 8) for c in conn.calls}
         assert len({hi for hi, _ in pairs}) == len(pairs) == len({p for _, p in pairs}), (

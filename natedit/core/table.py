@@ -126,6 +126,13 @@ class CallTable:
         self.connections: dict[ConnKey, ControlConnection] = {}
         self.by_public: dict[tuple[bytes, bytes, int], Call] = {}
         self.by_server: dict[tuple[bytes, bytes, int], Call] = {}
+        self._shadowed: dict[tuple[bytes, bytes, int], list[Call]] = {}
+        """Live calls whose ``by_server`` key a later call of the same client took (a
+        server that hands out a live call's Call ID again, as pptpd does when its IDs
+        wrap): each gets the key back when the holder ends, so no live call is ever left
+        without its outbound GRE. Outbound GRE carries only the server's Call ID, so
+        while two calls share it the server cannot tell them apart either, and the
+        rewrite (the client's address to its public one) is the same for both."""
         self.per_client: Counter[bytes] = Counter()
         self.connections_per_client: Counter[bytes] = Counter()
         self.allocator = Allocator(policy, rng)
@@ -256,9 +263,31 @@ class CallTable:
         self.per_client[call.client_ip] += 1
         call.conn.calls.append(call)
         if call.server_call_id is not None:
-            self.by_server[(call.client_ip, call.server_ip, call.server_call_id)] = call
+            self._take_server_key(call, call.server_call_id)
         self.schedule(call, call.expires(self.policy))
         return call
+
+    def _take_server_key(self, call: Call, server_call_id: int) -> None:
+        key = (call.client_ip, call.server_ip, server_call_id)
+        holder = self.by_server.get(key)
+        if holder is not None and holder is not call:
+            self._shadowed.setdefault(key, []).append(holder)
+        self.by_server[key] = call
+
+    def _leave_server_key(self, call: Call) -> None:
+        if call.server_call_id is None:
+            return
+        key = (call.client_ip, call.server_ip, call.server_call_id)
+        waiting = self._shadowed.get(key)
+        if self.by_server.get(key) is call:
+            if waiting:
+                self.by_server[key] = waiting.pop()  # the latest before it
+            else:
+                del self.by_server[key]
+        elif waiting and call in waiting:
+            waiting.remove(call)
+        if waiting is not None and not waiting:
+            del self._shadowed[key]
 
     def restore(self, rec: CallRecord, now: float) -> RestoreOutcome | None:
         """Put back a call a previous run mapped; why it was not (None: it was).
@@ -286,9 +315,6 @@ class CallTable:
         used = self.used.setdefault((public_ip, server_ip), set())
         if rec.public_call_id in used:
             return RestoreOutcome.DUPLICATE
-        if (rec.server_call_id is not None
-                and (client_ip, server_ip, rec.server_call_id) in self.by_server):
-            return RestoreOutcome.DUPLICATE  # outbound GRE could not tell the two apart
         key = (client_ip, rec.client_port, server_ip, rec.server_port)
         conn = self.connections.get(key)
         if conn is not None:
@@ -312,12 +338,9 @@ class CallTable:
         return None
 
     def set_server_call_id(self, call: Call, server_call_id: int) -> None:
-        if call.server_call_id is not None:
-            key = (call.client_ip, call.server_ip, call.server_call_id)
-            if self.by_server.get(key) is call:
-                del self.by_server[key]
+        self._leave_server_key(call)
         call.server_call_id = server_call_id
-        self.by_server[(call.client_ip, call.server_ip, server_call_id)] = call
+        self._take_server_key(call, server_call_id)
 
     # -- the lifecycle (calls.TRANSITIONS, the only way a call changes state) -----------
 
@@ -369,10 +392,7 @@ class CallTable:
         call.released = True
         del self.by_public[(call.public_ip, call.server_ip, call.public_call_id)]
         self.used[(call.public_ip, call.server_ip)].discard(call.public_call_id)
-        if call.server_call_id is not None:
-            key = (call.client_ip, call.server_ip, call.server_call_id)
-            if self.by_server.get(key) is call:
-                del self.by_server[key]
+        self._leave_server_key(call)
         self.per_client[call.client_ip] -= 1
         if not self.per_client[call.client_ip]:
             del self.per_client[call.client_ip]

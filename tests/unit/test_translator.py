@@ -49,6 +49,7 @@ from tests.pptp_flows import (
     PUBLIC,
     SERVER,
     Conversation,
+    assert_table_consistent,
     establish,
     forward,
     gre_in,
@@ -184,6 +185,34 @@ def test_several_control_connections_per_client() -> None:
     v = a.send(OUT, b"", flags=TCP_RST | TCP_ACK)
     assert released(v.events) == [(0x1234, "reset")]
     assert len(tr.calls()) == 2
+
+
+@pytest.mark.parametrize("ends", ["second", "first"])
+def test_two_live_calls_with_one_server_call_id_never_evict_each_other(ends: str) -> None:
+    """pptpd hands out a live call's Call ID again once its IDs wrap (the soak found it
+    after 512 connections): two live calls of one client and server then share the
+    server Call ID outbound GRE carries. The second took the outbound key and, when it
+    ended, the first, still live, lost its outbound GRE (no_call). Whichever ends, the
+    other keeps it (issue 11, item 8)."""
+    tr = make_translator()
+    a = opened(tr, port=40000)
+    b = opened(tr, port=40001)
+    pa = establish(a, 0x1234, 0x80)
+    pb = establish(b, 0x1234, 0x80)  # the same server Call ID, on another connection
+    assert pa != pb
+    assert_table_consistent(tr.table)
+    check_gre_out(tr, "10.0.0.5", 0x80)
+    gone, kept, kept_public = (b, a, pa) if ends == "second" else (a, b, pb)
+    v = gone.send(OUT, b"", flags=TCP_RST | TCP_ACK)
+    assert released(v.events) == [(0x1234, "reset")]
+    assert_table_consistent(tr.table)
+    check_gre_out(tr, "10.0.0.5", 0x80)  # the live call still gets its outbound GRE
+    check_gre_in(tr, kept_public, "10.0.0.5", 0x1234)
+    route = tr.gre_route_outbound((IP("10.0.0.5").packed, IP(SERVER).packed, 0x80))
+    assert route is not None and route.public_call_id == kept_public and route.outbound
+    kept.send(OUT, b"", flags=TCP_RST | TCP_ACK)
+    assert tr.calls() == [] and not tr.table.by_server and not tr.table._shadowed
+    assert verdict_of(tr, gre_out("10.0.0.5", 0x80), OUT) == (Action.DROP, "no_call")
 
 
 # -- every release path ----------------------------------------------------------------------
