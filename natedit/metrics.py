@@ -501,11 +501,68 @@ def _by_reason(name: str, doc: str, counts: Mapping[str, int],
 # -- the HTTP server ---------------------------------------------------------------------
 
 
+MAX_CLIENTS = 16
+"""Most connections served at once (one thread each): a scraper, ``natedit calls``
+and a few curious operators need far fewer; the next ones are closed unanswered
+(counted) until one ends, so idle connections cannot pile up threads."""
+IDLE_TIMEOUT = 5.0
+"""Seconds a connection may take to send its request (and to take the answer) before
+it is closed: a scraper sends at once; an idle connection is let go."""
+BACKLOG = 64
+"""Connections the kernel queues before they are accepted (socketserver's default: 5)."""
+METHODS = ("GET", "HEAD")
+
+
 class _Server(ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most :data:`MAX_CLIENTS` at once, each with a
+    socket timeout: bounded whatever clients do."""
+
     daemon_threads = True
+    request_queue_size = BACKLOG
+    max_clients = MAX_CLIENTS
+    idle_timeout = IDLE_TIMEOUT
+
+    def server_activate(self) -> None:
+        self.slots = threading.BoundedSemaphore(self.max_clients)
+        self.turned_away = 0
+        """Connections closed unanswered because every slot was busy."""
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.turned_away += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to tell on stderr
 
 
 class _QuietHandler(WSGIRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        self.request.settimeout(self.server.idle_timeout)
+        super().setup()
+
+    def get_environ(self) -> dict[str, Any]:
+        env: dict[str, Any] = super().get_environ()
+        # http.server folds a leading '//' into '/': keep what the client asked for
+        env["natedit.target"] = self.requestline.split(" ")[1] if " " in self.requestline \
+            else ""
+        return env
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -534,6 +591,14 @@ def make_app(registry: CollectorRegistry, calls: Callable[[], list[dict[str, Any
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
+        if environ.get("REQUEST_METHOD", "GET") not in METHODS:
+            body = b"only GET and HEAD\n"
+            start_response("405 Method Not Allowed", [
+                ("Allow", ", ".join(METHODS)), ("Content-Type", "text/plain"),
+                ("Content-Length", str(len(body)))])
+            return [body]
+        if environ.get("natedit.target", path).split("?")[0] != path:
+            path = ""  # '//calls' and the like: not one of the paths served
         if path == CALLS_PATH:
             body = json.dumps({"calls": calls()}).encode()
             start_response("200 OK", [("Content-Type", "application/json"),
