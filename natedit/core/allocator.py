@@ -42,6 +42,8 @@ class Allocator:
         n = len(client_his)
         used = self.used.get((public_ip, conn.server_ip), set())
         size = p.share_size(p.call_id_first, p.call_id_last)
+        if not conn.calls and n == 1:  # the common case: any free ID of the share will do
+            return len(used) < size or self._room_for(conn, client_his[0], used)
         if len(used) + n > size and sum(p.call_id_first <= cid <= p.call_id_last
                                         and p.owns_call_id(cid) for cid in used) + n > size:
             return False  # (live IDs outside a range changed by a reload are free)
@@ -73,7 +75,7 @@ class Allocator:
         pool_key = (public_ip, conn.server_ip)
         used = self.used.setdefault(pool_key, set())
         want_hi = conn.public_hi_for_client_hi(client_call_hi)
-        avoid_hi = {c.public_call_id >> 8 for c in conn.calls}
+        avoid_hi = {c.public_call_id >> 8 for c in conn.calls} if conn.calls else set()
 
         mine = self.policy.owns_call_id
 

@@ -74,6 +74,8 @@ IN = Direction.INBOUND
 
 
 class CallState(enum.Enum):
+    __hash__ = object.__hash__  # (members are unique: identity, at C speed)
+
     REQUESTED = "requested"
     """Outgoing-Call-Request seen, waiting for the reply."""
     INCOMING = "incoming"
@@ -84,6 +86,8 @@ class CallState(enum.Enum):
 
 
 class Outcome(enum.Enum):
+    __hash__ = object.__hash__  # (members are unique: identity, at C speed)
+
     ANY = "any"
     """A message without a Result Code (or one whose Result Code nothing reads)."""
     CONNECTED = "connected"
@@ -191,8 +195,9 @@ class Call:
         self.in_csum_delta, self.out_csum_delta = address_deltas(public_ip, self.client_ip)
 
     def info(self) -> CallInfo:
+        conn = self.conn
         return CallInfo(
-            IPv4Address(self.client_ip), self.client_call_id, IPv4Address(self.server_ip),
+            conn.client_address, self.client_call_id, conn.server_address,
             self.server_call_id, self.public_address, self.public_call_id,
             self.state.value,
         )
@@ -200,7 +205,7 @@ class Call:
     def record(self) -> CallRecord:
         conn = self.conn
         return CallRecord(
-            IPv4Address(self.client_ip), conn.client_port, IPv4Address(self.server_ip),
+            conn.client_address, conn.client_port, conn.server_address,
             conn.server_port, self.public_address, self.public_call_id,
             self.client_call_hi, self.client_call_id, self.server_call_id, self.state.value,
         )

@@ -191,7 +191,7 @@ class Control:
         behind = (stream.next_seq - seq) % SEQ_MOD
         if behind >= SEQ_MOD // 2:
             return self.outbox.verdict(Action.DROP, DropReason.GAP)
-        writes = stream.replay(seq, min(behind, len(payload)))
+        writes = stream.replay(seq, min(behind, len(payload))) if behind else []
         if behind >= len(payload):  # all of it is a retransmission
             return _apply(data, start, writes) if writes else None
         new = payload[behind:]
@@ -204,25 +204,25 @@ class Control:
             return self.outbox.verdict(Action.DROP, exc.reason, violation=exc)
         # each piece's Call ID field, looked up once for every use below
         fields = [CALL_ID_FIELDS.get((d, piece.header.message_type)) for piece in pieces]
-        if d is OUT and self._names_a_foreign_call(conn, pieces, fields):
-            return self.outbox.verdict(Action.DROP, DropReason.FOREIGN_CALL_ID)
-        refused = self._check_new_calls(conn, d, pieces, fields, (seq + behind) % SEQ_MOD, now)
-        if refused is not None:
-            return self.outbox.verdict(Action.DROP, refused.drop)
-        base = behind  # payload offset of the first new byte
         new_seq = (seq + behind) % SEQ_MOD
+        if d is OUT:  # (only outbound messages name their sender's calls, or make new ones)
+            if self._names_a_foreign_call(conn, pieces, fields):
+                return self.outbox.verdict(Action.DROP, DropReason.FOREIGN_CALL_ID)
+            refused = self._check_new_calls(conn, d, pieces, fields, new_seq, now)
+            if refused is not None:
+                return self.outbox.verdict(Action.DROP, refused.drop)
+        rewrite = self.fields.rewrite
         for piece, field in zip(pieces, fields, strict=True):
+            # payload offset and sequence number of message offset 0
+            at = behind + piece.at - piece.start
+            message_seq = (new_seq + piece.at - piece.start) % SEQ_MOD
             if field is not None:
-                for off, value in self.fields.rewrite(conn, stream, d, piece, field,
-                                                (new_seq + piece.at - piece.start) % SEQ_MOD,
-                                                now):
-                    pos = base + piece.at + off - piece.start
-                    if payload[pos] != value:
-                        writes.append((pos, value))
-                        stream.record((new_seq + piece.at + off - piece.start) % SEQ_MOD, value)
-            if piece.complete:
-                self._complete(conn, stream, d, piece, field,
-                               (new_seq + piece.at - piece.start) % SEQ_MOD, now)
+                for off, value in rewrite(conn, stream, d, piece, field, message_seq, now):
+                    if payload[at + off] != value:
+                        writes.append((at + off, value))
+                        stream.record((message_seq + off) % SEQ_MOD, value)
+            if len(piece.message) == piece.header.length:  # complete
+                self._complete(conn, stream, d, piece, field, message_seq, now)
         stream.pending, stream.header = pending, header
         stream.next_seq = (seq + len(payload)) % SEQ_MOD
         return _apply(data, start, writes) if writes else None
@@ -237,7 +237,7 @@ class Control:
             if (piece.header.message_type is _START_REQUEST and piece.complete):
                 started = True  # (a client may send its first call in the same segment)
             if (field is not None and field.kind is _NEW
-                    and piece.start <= field.offset < piece.end):
+                    and piece.start <= field.offset < len(piece.message)):
                 client_his.append(piece.message[field.offset])
         if not client_his:
             return None
@@ -266,7 +266,8 @@ class Control:
         field whose two bytes are both in this segment can be checked."""
         new_ids: set[int] = set()
         for piece, field in zip(pieces, fields, strict=True):
-            if field is None or not piece.start <= field.offset < field.offset + 1 < piece.end:
+            if (field is None
+                    or not piece.start <= field.offset < field.offset + 1 < len(piece.message)):
                 continue
             f, kind = field.offset, field.kind
             value = piece.message[f] << 8 | piece.message[f + 1]

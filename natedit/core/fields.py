@@ -61,13 +61,14 @@ class CallIdFields:
         call the field names is found here, once, for the message's completion (the
         message is known by the sequence number of its first byte, ``message_seq``)."""
         f, kind = field.offset, field.kind
-        has_hi = piece.start <= f < piece.end
-        has_lo = piece.start <= f + 1 < piece.end
+        msg = piece.message
+        end = len(msg)
+        has_hi = piece.start <= f < end
+        has_lo = piece.start <= f + 1 < end
         if not (has_hi or has_lo):
             return []
-        msg = piece.message
         hi = msg[f]
-        full = (hi << 8 | msg[f + 1]) if f + 1 < piece.end else None
+        full = (hi << 8 | msg[f + 1]) if f + 1 < end else None
         out: list[tuple[int, int]] = []
         if kind is _NEW:
             call = (self.table.allocate(conn, hi, self.public_ip, now) if has_hi

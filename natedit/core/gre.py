@@ -10,13 +10,15 @@ adjust the IP header checksum by the call's precomputed delta (RFC 1624): the
 GRE header has no checksum of its own in PPTP.
 
 :meth:`Gre.inbound` and :meth:`Gre.outbound` are that lookup, rewrite and count,
-written once. Two ways lead to them:
+written once (:meth:`Gre.count` is the one "touch the call", also for the kernel
+datapath's counts). Two ways lead to them:
 
 * :meth:`Gre.decide`, the full path of ``handle_packet``, which gives every
   other packet its reason (``not_ours``, ``fragment``, ``short_gre``,
   ``not_pptp_gre``, ``no_call``);
-* :meth:`Gre.fast_in` / :meth:`Gre.fast_out`, the shortcut the queue worker tries
-  first, which takes only the packet that is the point of a running call (a
+* the same two called without an IP header length: the shortcut the queue
+  worker tries first (``Translator.gre_in_fast``/``gre_out_fast``), which takes
+  only the packet that is the point of a running call (a
   20-byte IP header, no fragment, the total length equal to the bytes, the
   usual enhanced GRE flags: :data:`FAST_HEADS`) and declines (None) anything else,
   which then goes to the full path. A property test holds the two to the same
@@ -63,14 +65,6 @@ sequence and an acknowledgement number, no other flag); other valid ones go the
 full way."""
 
 
-def _fold(checksum: int, delta: int) -> int:
-    """RFC 1624 eqn. 3 for one precomputed delta (see checksum.apply_delta)."""
-    c = (~checksum & 0xFFFF) + delta
-    c = (c & 0xFFFF) + (c >> 16)
-    c = (c & 0xFFFF) + (c >> 16)
-    return ~c & 0xFFFF
-
-
 class Gre:
     """GRE of the calls in ``table``, counted in ``stats``."""
 
@@ -83,8 +77,20 @@ class Gre:
 
     # -- the one rewrite -------------------------------------------------------------
 
-    def inbound(self, data: bytes, ihl: int, now: float) -> bytes | None:
-        """The packet for the client, or None: no call of the public Call ID."""
+    def inbound(self, data: bytes, now: float, ihl: int = 0) -> bytes | None:
+        """The packet for the client, or None: no call of the public Call ID.
+
+        ``ihl`` 0 is the shortcut: only the usual packet (:data:`FAST_HEADS`, a 20-byte
+        IP header, no fragment, the total length equal to the bytes), None for any
+        other, which then takes the full path (:meth:`decide`, which checked it and
+        gives its IP header length).
+        """
+        if not ihl:
+            n = len(data)
+            if (n < 28 or data[0] != 0x45 or data[9] != IPPROTO_GRE or data[6] & 0x3F
+                    or data[7] or data[20:24] not in FAST_HEADS or data[2] << 8 | data[3] != n):
+                return None
+            ihl = 20
         if ihl == 20:
             head, csum, src, dst, gre, call_id = _IN_HEAD.unpack_from(data)
         else:
@@ -97,26 +103,53 @@ class Gre:
         cid = call.client_call_id
         if cid is None:
             return None
-        csum = _fold(csum, call.in_csum_delta)
+        c = (~csum & 0xFFFF) + call.in_csum_delta  # RFC 1624 eqn. 3, the call's delta
+        c = (c & 0xFFFF) + (c >> 16)
+        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
         if ihl == 20:
-            out = _IN_HEAD.pack(head, csum, src, call.client_ip, gre, cid) + data[28:]
+            out = _IN_HEAD.pack(head, c, src, call.client_ip, gre, cid) + data[28:]
         else:
             at = ihl + GRE_CALL_ID_AT
-            out = b"".join((data[:10], _U16.pack(csum), src, call.client_ip, data[20:at],
+            out = b"".join((data[:10], _U16.pack(c), src, call.client_ip, data[20:at],
                             _U16.pack(cid), data[at + 2:]))
-        self.count(call, _IN, 1, len(data), now)
+        call.last_seen = now  # (the one per-packet count: Gre.count's, inlined for speed)
+        n = len(data)
+        call.gre_packets[1] += 1
+        call.gre_bytes[1] += n
+        stats = self.stats
+        stats.gre_packets[1] += 1
+        stats.gre_bytes[1] += n
         return out
 
-    def outbound(self, data: bytes, ihl: int, now: float) -> bytes | None:
+    def outbound(self, data: bytes, now: float, ihl: int = 0) -> bytes | None:
         """The packet with the public source address, or None: no call of the server's
-        Call ID."""
-        at = ihl + GRE_CALL_ID_AT
-        call = self._by_server.get((data[12:16], data[16:20], data[at] << 8 | data[at + 1]))
+        Call ID. ``ihl`` 0 is the shortcut, as for :meth:`inbound`."""
+        if not ihl:
+            n = len(data)
+            if (n < 28 or data[0] != 0x45 or data[9] != IPPROTO_GRE or data[6] & 0x3F
+                    or data[7] or data[20:24] not in FAST_HEADS or data[2] << 8 | data[3] != n):
+                return None
+            ihl = 20
+        if ihl == 20:
+            head, csum, src, dst, _gre, call_id = _IN_HEAD.unpack_from(data)
+        else:
+            head, csum, src, dst = data[:10], data[10] << 8 | data[11], data[12:16], data[16:20]
+            at = ihl + GRE_CALL_ID_AT
+            call_id = data[at] << 8 | data[at + 1]
+        call = self._by_server.get((src, dst, call_id))
         if call is None:
             return None
-        csum = _fold(data[10] << 8 | data[11], call.out_csum_delta)
-        out = _OUT_HEAD.pack(data[:10], csum, call.public_ip) + data[16:]
-        self.count(call, _OUT, 1, len(data), now)
+        c = (~csum & 0xFFFF) + call.out_csum_delta
+        c = (c & 0xFFFF) + (c >> 16)
+        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+        out = _OUT_HEAD.pack(head, c, call.public_ip) + data[16:]
+        call.last_seen = now  # (as in inbound)
+        n = len(data)
+        call.gre_packets[0] += 1
+        call.gre_bytes[0] += n
+        stats = self.stats
+        stats.gre_packets[0] += 1
+        stats.gre_bytes[0] += n
         return out
 
     def count(self, call: Call, d: Direction, packets: int, nbytes: int, now: float) -> None:
@@ -145,28 +178,8 @@ class Gre:
                                 f"{len(data) - ihl} bytes after the IP header")
         if _U32.unpack_from(data, ihl)[0] & ENHANCED_GRE_MASK != ENHANCED_GRE_VALUE:
             return PassReason.NOT_PPTP_GRE
-        out = self.inbound(data, ihl, now) if d is _IN else self.outbound(data, ihl, now)
+        out = self.inbound(data, now, ihl) if d is _IN else self.outbound(data, now, ihl)
         return DropReason.NO_CALL if out is None else out
-
-    def fast_in(self, data: bytes, now: float) -> bytes | None:
-        """Inbound GRE of a live call translated, or None: ask ``handle_packet``.
-
-        """
-        n = len(data)
-        if (n < 28 or data[0] != 0x45 or data[9] != IPPROTO_GRE or data[6] & 0x3F or data[7]
-                or data[20:24] not in FAST_HEADS or data[2] << 8 | data[3] != n):
-            return None
-        return self.inbound(data, 20, now)
-
-    def fast_out(self, data: bytes, now: float) -> bytes | None:
-        """Outbound GRE of a live call translated, or None: ask ``handle_packet``.
-
-        """
-        n = len(data)
-        if (n < 28 or data[0] != 0x45 or data[9] != IPPROTO_GRE or data[6] & 0x3F or data[7]
-                or data[20:24] not in FAST_HEADS or data[2] << 8 | data[3] != n):
-            return None
-        return self.outbound(data, 20, now)
 
     # -- routes for a datapath outside the core --------------------------------------
 

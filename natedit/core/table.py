@@ -50,6 +50,8 @@ from .wire import Direction, MessageType
 
 __all__ = ["TIMER_FLOOR", "TIMER_SLACK", "Call", "CallState", "CallTable", "ConnKey",
            "ControlConnection"]
+ADDRESS_CACHE = 4096
+"""Distinct addresses whose IPv4Address objects the table keeps for sharing."""
 CONNECTION_SLACK = 16
 """Control connections a client may hold beyond ``max_calls_per_client``: ones being
 opened or closed, or not yet forgotten after their calls ended (the idle timeout)."""
@@ -59,12 +61,17 @@ ConnKey = tuple[bytes, int, bytes, int]
 
 
 class ControlConnection:
-    __slots__ = ("calls", "client_ip", "client_port", "fin", "key", "last_seen", "refused_at",
-                 "released", "server_ip", "server_port", "started", "streams")
+    __slots__ = ("calls", "client_address", "client_ip", "client_port", "fin", "key",
+                 "last_seen", "refused_at", "released", "server_address", "server_ip",
+                 "server_port", "started", "streams")
 
-    def __init__(self, key: ConnKey, now: float, *, started: bool = True) -> None:
+    def __init__(self, key: ConnKey, now: float, *, started: bool = True,
+                 addresses: tuple[IPv4Address, IPv4Address] | None = None) -> None:
         self.key = key
         self.client_ip, self.client_port, self.server_ip, self.server_port = key
+        self.client_address, self.server_address = addresses or (
+            IPv4Address(self.client_ip), IPv4Address(self.server_ip))
+        """(The table gives its shared objects.)"""
         self.calls: list[Call] = []
         self.streams = (Stream(), Stream())
         """Byte streams by Direction: client->server, server->client."""
@@ -138,8 +145,9 @@ class CallTable:
         self.allocator = Allocator(policy, rng)
         self.used = self.allocator.used
         """Public Call IDs in use per (public address, server address)."""
-        self._public_addresses: dict[bytes, IPv4Address] = {}
-        """One IPv4Address per public address, shared by its calls' listings."""
+        self._addresses: dict[bytes, IPv4Address] = {}
+        """One IPv4Address per address in use, shared by the listings and events of its
+        calls and connections (at most :data:`ADDRESS_CACHE` kept)."""
         self.timers = Timers(policy, self._live, self._live_count)
         self.schedule = self.timers.schedule
         self.next_deadline = self.timers.next_deadline
@@ -195,7 +203,8 @@ class CallTable:
         if conn is None and create:
             if self.connection_refusal(key[0]) is not None:
                 return None
-            conn = ControlConnection(key, now, started=started)
+            conn = ControlConnection(key, now, started=started,
+                                     addresses=(self._public(key[0]), self._public(key[2])))
             self.connections[key] = conn
             self.connections_per_client[key[0]] += 1
             self.schedule(conn, conn.expires(self.policy))
@@ -250,10 +259,13 @@ class CallTable:
             return None
         return self._register(Call(conn, client_call_hi, self._public(public_ip), cid, now))
 
-    def _public(self, public_ip: bytes) -> IPv4Address:
-        address = self._public_addresses.get(public_ip)
+    def _public(self, ip: bytes) -> IPv4Address:
+        """``IPv4Address(ip)``, one object per address (a bounded cache)."""
+        address = self._addresses.get(ip)
         if address is None:
-            address = self._public_addresses[public_ip] = IPv4Address(public_ip)
+            if len(self._addresses) >= ADDRESS_CACHE:
+                self._addresses.clear()
+            address = self._addresses[ip] = IPv4Address(ip)
         return address
 
     def _register(self, call: Call) -> Call:

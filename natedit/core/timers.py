@@ -29,7 +29,7 @@ class Timed(Protocol):
 
 
 class Timers:
-    __slots__ = ("_count", "_heap", "_live", "_seq", "policy")
+    __slots__ = ("_count", "_heap", "_limit", "_live", "_seq", "policy")
 
     def __init__(self, policy: Policy, live: Callable[[], Iterable[Timed]],
                  count: Callable[[], int]) -> None:
@@ -40,6 +40,8 @@ class Timers:
         """How many objects are live."""
         self._heap: list[tuple[float, int, Timed]] = []
         self._seq = 0
+        self._limit = TIMER_FLOOR
+        """The heap's size at which the live objects are counted again."""
 
     def __len__(self) -> int:
         """Entries in the heap (stale ones included)."""
@@ -48,12 +50,15 @@ class Timers:
     def schedule(self, obj: Timed, when: float) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (when, self._seq, obj))
-        if len(self._heap) > TIMER_SLACK * self._count() + TIMER_FLOOR:
-            self.rebuild()
+        if len(self._heap) > self._limit:
+            self._limit = TIMER_SLACK * self._count() + TIMER_FLOOR
+            if len(self._heap) > self._limit:
+                self.rebuild()
 
     def rebuild(self) -> None:
         """One entry per live object, from the policy in force (its timeouts changed)."""
         self._heap = []
+        self._limit = TIMER_SLACK * self._count() + TIMER_FLOOR
         for obj in self._live():
             self.schedule(obj, obj.expires(self.policy))
 

@@ -109,8 +109,8 @@ class Translator:
         self.gre = Gre(self.table, self.stats, self.public_ip)
         # GRE, the common case, for the queue worker's per-packet path: the translated
         # packet, or None (anything else: ask handle_packet). See natedit.core.gre.
-        self.gre_in_fast: Callable[[bytes, float], bytes | None] = self.gre.fast_in
-        self.gre_out_fast: Callable[[bytes, float], bytes | None] = self.gre.fast_out
+        self.gre_in_fast: Callable[[bytes, float], bytes | None] = self.gre.inbound
+        self.gre_out_fast: Callable[[bytes, float], bytes | None] = self.gre.outbound
 
     # -- public API -----------------------------------------------------------------------
 

@@ -103,6 +103,8 @@ PEER_CALL_ID_OFFSET: dict[int, int] = {
 """Where a message carries the *receiver's* Call ID (the Peer's Call ID)."""
 
 class FieldKind(enum.Enum):
+    __hash__ = object.__hash__  # (members are unique: identity, at C speed)
+
     """What a Call ID field natedit reads in a control message is to it."""
 
     NEW = "new"
