@@ -74,6 +74,7 @@ MT = MessageType
 OUT = Direction.OUTBOUND
 _U16 = struct.Struct("!H")
 _TCP = struct.Struct("!HHI")
+_ACK = struct.Struct("!I")
 _NEW, _OWN = FieldKind.NEW, FieldKind.OWN
 _START_REQUEST = MT.START_CONTROL_CONNECTION_REQUEST
 _STOPS = (MT.STOP_CONTROL_CONNECTION_REQUEST, MT.STOP_CONTROL_CONNECTION_REPLY)
@@ -142,6 +143,8 @@ class Control:
                                      or DropReason.TOO_MANY_CONNECTIONS)
         conn.last_seen = now
         stream = conn.streams[d]
+        if flags & TCP_ACK:
+            conn.streams[1 - d].acknowledge(_ACK.unpack_from(data, ihl + 8)[0])
         if flags & TCP_SYN:
             stream.resync((seq + 1) % SEQ_MOD)
             stream.syn_seq = stream.next_seq
@@ -191,6 +194,8 @@ class Control:
         behind = (stream.next_seq - seq) % SEQ_MOD
         if behind >= SEQ_MOD // 2:
             return self.outbox.verdict(Action.DROP, DropReason.GAP)
+        if behind and not stream.history_check(payload[:behind], behind):
+            return self.outbox.verdict(Action.DROP, DropReason.HISTORY_REWRITTEN)
         writes = stream.replay(seq, min(behind, len(payload))) if behind else []
         if behind >= len(payload):  # all of it is a retransmission
             return _apply(data, start, writes) if writes else None
@@ -225,6 +230,7 @@ class Control:
                 self._complete(conn, stream, d, piece, field, message_seq, now)
         stream.pending, stream.header = pending, header
         stream.next_seq = (seq + len(payload)) % SEQ_MOD
+        stream.inspect(new)
         return _apply(data, start, writes) if writes else None
 
     def _check_new_calls(self, conn: ControlConnection, d: Direction, pieces: list[Piece],

@@ -78,6 +78,8 @@ class DropReason(enum.StrEnum):
     NO_CALL = "no_call"
     FOREIGN_CALL_ID = "foreign_call_id"
     FRAGMENT = "fragment"
+    HISTORY_REWRITTEN = "history_rewritten"
+    """A retransmission whose bytes differ from the unacknowledged ones inspected."""
     TOO_MANY_CONNECTIONS = "too_many_connections"
     CLIENT_CONNECTION_LIMIT = "client_connection_limit"
     REFUSED_NOT_STARTED = "refused:not_started"

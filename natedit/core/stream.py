@@ -32,13 +32,18 @@ EDIT_BACKLOG = 512
 rewritten Call IDs in flight, far beyond what a PPTP peer leaves unacknowledged
 (one message, or a few, at a time), and small enough that a client sending
 nothing but Call IDs to rewrite holds only a few KiB per connection."""
+HISTORY_BYTES = 1024
+"""Most unacknowledged bytes kept as inspected, per direction: far beyond what a PPTP
+peer leaves unacknowledged (a message or a few, each at most 220 bytes), and 1 KiB
+at worst per stream; a peer that leaves more unacknowledged and retransmits the
+oldest gets it dropped (``history_rewritten``) rather than let out unchecked."""
 _COMPACT_AT = EDIT_BACKLOG // 4
 """Forgotten entries at the head of the array before it is compacted."""
 
 
 class Stream:
-    __slots__ = ("_edits", "_head", "header", "new_call", "next_seq", "partial", "pending",
-                 "syn_seq")
+    __slots__ = ("_edits", "_head", "acked", "header", "inspected", "new_call", "next_seq",
+                 "partial", "pending", "syn_seq")
 
     def __init__(self) -> None:
         self.next_seq: int | None = None
@@ -58,12 +63,59 @@ class Stream:
         """``seq << 8 | byte`` of rewritten bytes already forwarded, from ``_head`` on."""
         self._head = 0
 
+        self.inspected = bytearray()
+        """The bytes as they came (before natedit's edits) of ``[next_seq - len, next_seq)``
+        that the receiver has not acknowledged: a retransmission of them must repeat
+        them (:meth:`history_check`)."""
+        self.acked: int | None = None
+        """Bytes before this are acknowledged by the receiver (or came before natedit
+        synchronised): a retransmission of them is discarded by the receiver."""
+
     def resync(self, next_seq: int | None) -> None:
         self.next_seq = next_seq
+        self.inspected = bytearray()
+        self.acked = next_seq
         self.pending = b""
         self.header = None
         self.partial.clear()
         self.new_call = None
+
+    def inspect(self, data: bytes) -> None:
+        """``data``, the new in-order bytes just let through, as they came."""
+        kept = self.inspected
+        kept += data
+        if len(kept) > HISTORY_BYTES:
+            del kept[: len(kept) - HISTORY_BYTES]
+
+    def acknowledge(self, ack: int) -> None:
+        """The receiver acknowledged every byte before ``ack``."""
+        if self.next_seq is None or self.acked is None:
+            return
+        ahead = (ack - self.acked) % SEQ_MOD
+        if not ahead or ahead > (self.next_seq - self.acked) % SEQ_MOD:
+            return  # old, or beyond what was sent: nothing learnt
+        self.acked = ack
+        unacked = (self.next_seq - ack) % SEQ_MOD
+        if len(self.inspected) > unacked:
+            del self.inspected[: len(self.inspected) - unacked]
+
+    def history_check(self, old: bytes, behind: int) -> bool:
+        """Whether ``old``, the retransmitted bytes of a segment whose first byte is
+        ``behind`` bytes before ``next_seq``, repeat what was inspected. Bytes the
+        receiver acknowledged (or that came before natedit synchronised) are discarded
+        by it whatever they hold; bytes it has not acknowledged must be the same, and
+        any that are no longer kept cannot be checked: both fail."""
+        if self.next_seq is None or self.acked is None:
+            return True
+        kept = self.inspected
+        unacked = (self.next_seq - self.acked) % SEQ_MOD
+        first = max(0, behind - unacked)  # offsets before it: acknowledged
+        if first >= len(old):
+            return True
+        if behind - first > len(kept):
+            return False  # unacknowledged bytes no longer kept
+        at = len(kept) - (behind - first)
+        return kept[at : at + len(old) - first] == old[first:]
 
     @property
     def edits(self) -> list[tuple[int, int]]:

@@ -47,6 +47,8 @@ foreign_call_id    drop    an outbound message naming as its own a Call ID that 
                            of its connection but another connection's live public Call ID
 fragment           drop    a GRE fragment, or the first fragment of TCP 1723 (the kernel
                            defragments before the queue)
+history_rewritten  drop    a retransmission whose bytes differ from the unacknowledged ones
+                           inspected (``Stream.history_check``)
 refused:<why>      drop    a new call over a limit or denied by the ACL (see below)
 too_many_connections drop  control connection table full
 client_connection_limit drop  the client holds max_calls_per_client + 16 connections

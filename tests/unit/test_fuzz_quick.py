@@ -91,7 +91,8 @@ PROTOCOL_REASONS = {
 }
 """Every ProtocolError reason the core has: a closed set the edges can count by."""
 VERDICT_REASONS = PROTOCOL_REASONS | {
-    "not_ours", "unsynced", "duplicate_syn", "gap", "no_call", "fragment", "too_many_connections",
+    "not_ours", "unsynced", "duplicate_syn", "history_rewritten", "gap", "no_call", "fragment",
+    "too_many_connections",
     "refused:client_limit", "refused:table_full", "refused:pool_exhausted",
     "refused:not_started", "foreign_call_id", "client_connection_limit",
 }

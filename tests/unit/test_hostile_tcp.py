@@ -1,4 +1,8 @@
-"""Hostile TCP around the control stream (issue 11, items 3 and 10).
+"""Hostile TCP around the control stream (issue 11, items 1, 3 and 10).
+
+A "retransmission" with other bytes than the ones natedit inspected (an Echo-Request
+at sequence S that never reached the server, then a Call-Clear-Request at S naming
+another client's call) went out uninspected: the stream kept only natedit's edits.
 
 A late duplicate SYN or SYN-ACK once released every call of its connection as
 ``reset`` and left the stream expecting byte ISN+1 for good (every later segment a
@@ -116,3 +120,61 @@ def test_fragments_of_other_tcp_go_on_untouched() -> None:
         v = tr.handle_packet(piece, OUT, 0.0)
         assert v.accepted and v.data is None
     assert not [k for k in tr.stats.verdicts if k[0] == "drop"]
+
+
+def two_clients() -> tuple[Conversation, Conversation, int]:
+    tr = make_translator()
+    a = Conversation(tr, "10.0.0.5")
+    a.open()
+    b = Conversation(tr, "10.0.0.6")
+    b.open()
+    establish(a, 0x1234, 0x0080)
+    other = establish(b, 0x1234, 0x0100)
+    return a, b, other
+
+
+def ack(conv: Conversation) -> None:
+    """The server acknowledges everything the client sent."""
+    conv.feed(IN, build_tcp(conv.server, conv.client, 1723, conv.client_port, conv.in_seq,
+                            ack=conv.out_seq, flags=TCP_ACK))
+
+
+def test_a_retransmission_that_rewrites_history_is_dropped() -> None:
+    a, _, other = two_clients()
+    at = a.out_seq
+    echo = msg(MT.ECHO_REQUEST)  # 16 bytes, never acknowledged: the server never got it
+    assert a.send(OUT, echo).accepted
+    clear = msg(MT.CALL_CLEAR_REQUEST, call_id=other)  # 16 bytes too, at the same S
+    assert len(clear) == len(echo)
+    v = a.feed(OUT, a.segment(OUT, clear, seq=at))
+    assert v.action is Action.DROP and v.reason == "history_rewritten", v
+    # sent normally, the same message is refused as naming another client's call
+    v = a.feed(OUT, a.segment(OUT, clear))
+    assert v.action is Action.DROP and v.reason == "foreign_call_id", v
+    # a true retransmission of the Echo-Request still goes, and the stream goes on
+    assert a.feed(OUT, a.segment(OUT, echo, seq=at)).accepted
+    assert forward(a, OUT, msg(MT.ECHO_REQUEST))
+    assert len(a.tr.calls()) == 2
+
+
+def test_a_rewritten_call_request_is_never_let_out_unmapped() -> None:
+    a, _, _ = two_clients()
+    at = a.out_seq
+    request = msg(MT.OUTGOING_CALL_REQUEST, call_id=0x7777)
+    echoes = msg(MT.ECHO_REQUEST) * 11  # 176 bytes: the request's 168 fall inside them
+    assert a.send(OUT, echoes).accepted
+    v = a.feed(OUT, a.segment(OUT, request, seq=at))
+    assert v.action is Action.DROP and v.reason == "history_rewritten", v
+    assert 0x7777 not in {c.client_call_id for c in a.tr.calls()}
+
+
+def test_acknowledged_bytes_are_not_checked() -> None:
+    """The receiver discards bytes it acknowledged, whatever a retransmission holds."""
+    a, _, _ = two_clients()
+    at = a.out_seq
+    echo = msg(MT.ECHO_REQUEST)
+    assert a.send(OUT, echo).accepted
+    ack(a)
+    v = a.feed(OUT, a.segment(OUT, bytes(len(echo)), seq=at))
+    assert v.accepted and v.reason is None, v
+    assert forward(a, OUT, msg(MT.ECHO_REQUEST))
