@@ -584,6 +584,21 @@ def registry_for(collector: NateditCollector, *, process: bool = True) -> Collec
     return registry
 
 
+CALLS_CHUNK = 256
+"""Calls encoded per ``json.dumps`` (one C call, which holds the GIL throughout: the
+whole table of 64,000 calls in one held the packet path for 239 ms)."""
+
+
+def calls_body(calls: list[dict[str, Any]]) -> Iterator[bytes]:
+    """``{"calls": [...]}`` in pieces of CALLS_CHUNK calls, each sent before the next is
+    encoded: the packet path gets the interpreter back between two pieces."""
+    yield b'{"calls": ['
+    for i in range(0, len(calls), CALLS_CHUNK):
+        piece = json.dumps(calls[i:i + CALLS_CHUNK])[1:-1]
+        yield (piece if i == 0 else ", " + piece).encode()
+    yield b"]}"
+
+
 def make_app(registry: CollectorRegistry, calls: Callable[[], list[dict[str, Any]]]
              ) -> Callable[..., Iterable[bytes]]:
     """The WSGI app: ``/metrics`` (Prometheus text format), ``/calls`` (JSON)."""
@@ -600,10 +615,8 @@ def make_app(registry: CollectorRegistry, calls: Callable[[], list[dict[str, Any
         if environ.get("natedit.target", path).split("?")[0] != path:
             path = ""  # '//calls' and the like: not one of the paths served
         if path == CALLS_PATH:
-            body = json.dumps({"calls": calls()}).encode()
-            start_response("200 OK", [("Content-Type", "application/json"),
-                                      ("Content-Length", str(len(body)))])
-            return [body]
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return calls_body(calls())  # the connection's end ends the body
         if path in (METRICS_PATH, "/"):
             result: Iterable[bytes] = metrics_app(environ, start_response)
             return result
