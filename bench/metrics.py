@@ -121,7 +121,7 @@ def stalls(collector: metrics.NateditCollector, registry: object, rounds: int
         return json.dumps({"calls": collector.calls_json()}).encode()
 
     def chunked() -> bytes:
-        return b"".join(metrics.calls_body(collector.calls_json()))
+        return b"".join(metrics.calls_body(collector.calls_chunks()))
 
     def ids(body: bytes) -> list[int]:
         return [c["public_call_id"] for c in json.loads(body)["calls"]]

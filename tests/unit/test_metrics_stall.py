@@ -21,7 +21,8 @@ def rows(n: int) -> list[dict[str, object]]:
 @pytest.mark.parametrize("n", [0, 1, metrics.CALLS_CHUNK, metrics.CALLS_CHUNK + 1, 3000])
 def test_the_body_is_the_same_json_in_pieces(n: int) -> None:
     calls = rows(n)
-    pieces = list(metrics.calls_body(calls))
+    chunks = [calls[i:i + metrics.CALLS_CHUNK] for i in range(0, n, metrics.CALLS_CHUNK)]
+    pieces = list(metrics.calls_body(chunks))
     assert json.loads(b"".join(pieces)) == {"calls": calls}
     assert len(pieces) == 2 + -(-n // metrics.CALLS_CHUNK)
     one_call = max((len(json.dumps(c)) for c in calls), default=0) + 2  # and ", "
