@@ -337,9 +337,11 @@ def run(
 
 def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
           on_hangup: Callable[[], None]) -> None:
-    with selectors.DefaultSelector() as selector:
+    with selectors.DefaultSelector() as selector, contextlib.ExitStack() as readers:
         for queue in queues:
-            selector.register(queue.get_fd(), selectors.EVENT_READ, queue)
+            reader = nfqueue.Reader(queue)
+            readers.callback(reader.close)
+            selector.register(queue.get_fd(), selectors.EVENT_READ, reader)
         selector.register(wakeup.fd, selectors.EVENT_READ, None)
         while wakeup.stop is None:
             if wakeup.hangup:  # here, between two packets, not in the signal handler
@@ -351,7 +353,7 @@ def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
                 if key.data is None:
                     wakeup.drain()
                 else:
-                    key.data.run(block=False)
+                    key.data.drain()  # at most nfqueue.BATCH packets, then the loop's turn
             dispatcher.flush()
         log.info("%s received, stopping", wakeup.stop)
 

@@ -4,12 +4,15 @@ the shortcut translated (and counted) a packet."""
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
 
+from natedit import nfqueue
 from natedit.core.events import Event
 from natedit.core.translator import Translator
 from natedit.core.wire import build_gre
@@ -105,3 +108,78 @@ def test_trouble_on_the_full_path_drops_and_counts(setup: Setup) -> None:
     assert packet.calls == ["get_payload", "drop"]
     assert setup.counts == Counter(packet_error=1)
     assert setup.trouble == [("packet_error", "inbound packet dropped")]
+
+
+# -- the bounded reader (the loop's liveness under a flood) ---------------------------------
+
+
+class FloodQueue:
+    """A queue that always has packets: run_socket as NetfilterQueue 1.1 has it (recv
+    until EAGAIN/EWOULDBLOCK, ENOBUFS skipped), counting what it handed the callback."""
+
+    def __init__(self) -> None:
+        self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.handled = 0
+
+    def get_fd(self) -> int:
+        return self.a.fileno()
+
+    def run_socket(self, s: nfqueue.Reader) -> None:
+        while True:
+            self.b.send(b"p" * 60)  # the flood: another packet is always waiting
+            try:
+                s.recv(4096)
+            except OSError as e:
+                if e.args[0] == errno.ENOBUFS:
+                    continue
+                if e.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                raise
+            self.handled += 1
+
+
+def test_the_reader_returns_to_the_loop_under_a_flood() -> None:
+    """run(block=False) returns only once the socket is empty: under a steady flood the
+    loop never came back to its timers, flush or signals. A Reader hands the callback
+    at most BATCH packets per turn, whatever is waiting."""
+    queue = FloodQueue()
+    reader = nfqueue.Reader(queue)
+    try:
+        for turn in range(1, 4):
+            reader.drain()
+            assert queue.handled == turn * nfqueue.BATCH
+        assert reader.full_turns == 3
+    finally:
+        reader.close()
+        queue.a.close()
+        queue.b.close()
+
+
+def test_the_reader_stops_when_the_queue_is_empty() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    class Quiet:
+        def get_fd(self) -> int:
+            return a.fileno()
+
+        def run_socket(self, s: nfqueue.Reader) -> None:
+            n = 0
+            while True:
+                try:
+                    s.recv(4096)
+                except BlockingIOError:
+                    break
+                n += 1
+            self.n = n
+
+    for _ in range(3):
+        b.send(b"x")
+    quiet = Quiet()
+    reader = nfqueue.Reader(quiet)
+    try:
+        reader.drain()
+        assert quiet.n == 3 and reader.full_turns == 0
+    finally:
+        reader.close()
+        a.close()
+        b.close()
