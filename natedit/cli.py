@@ -130,15 +130,10 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    import contextlib
-
     from . import fastpath
-    from .kernel import loader
 
     rules.cleanup()
-    fastpath.remove_leftover()
-    with contextlib.suppress(host.HostError):  # tc-BPF filters and pins of gone workers
-        loader.remove_leftovers()
+    fastpath.remove_leftover()  # tc-BPF filters, and the pins of workers that are gone
     return 0
 
 

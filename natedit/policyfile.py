@@ -138,15 +138,9 @@ def _log_level(raw: Any) -> str:
     return str(raw)
 
 
-_SEVERAL_PUBLIC = ("several public addresses are not supported yet: natedit maps every call "
-                   "to one address, see the README's Policy")
-
-
 def _address_or_null(raw: Any) -> IPv4Address | None:
     if raw is None:
         return None
-    if isinstance(raw, list):
-        raise _Mismatch("an IPv4 address (or null)", _SEVERAL_PUBLIC)
     try:
         if not isinstance(raw, str):
             raise ValueError

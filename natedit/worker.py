@@ -29,8 +29,8 @@ state file, takes over; a stop with SIGTERM removes them, and during the
 gap the kernel answers the servers' GRE with ICMP, so servers may end calls.
 
 With ``datapath: kernel`` (:mod:`natedit.fastpath`) the worker also keeps
-an nftables table that translates GRE of established calls in the kernel:
-each turn's call events update it (one transaction per turn), and its
+the maps of a tc-BPF program that translates GRE of established calls in the
+kernel: each turn's call events update them (one batch per turn), and their
 element counters are read every few seconds and before timers run, so idle
 timers and GRE metrics see that traffic too. A reload may switch datapaths.
 
@@ -264,7 +264,7 @@ def run(
             try:
                 fast.start()
             except BaseException:
-                fast.nft.close()
+                fast.close()
                 raise
             dispatcher.fastpath = fast
         elif datapath is Datapath.USERSPACE and fast is not None:

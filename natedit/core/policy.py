@@ -56,8 +56,8 @@ class Datapath(enum.Enum):
     USERSPACE = "userspace"
     """Every GRE packet goes through the queues to the worker."""
     KERNEL = "kernel"
-    """GRE of established calls is translated by nftables maps the worker keeps
-    (:mod:`natedit.fastpath`); the rest still goes through the queues."""
+    """GRE of established calls is translated by a tc-BPF program whose maps the
+    worker keeps (:mod:`natedit.fastpath`); the rest still goes through the queues."""
 
 
 class LogFormat(enum.Enum):

@@ -121,9 +121,11 @@ def find_interfaces(public: IPv4Address, inside: tuple[IPv4Network, ...],
     for link in json.loads(host.run(["ip", "-j", "-4", "addr", "show"]) or "[]"):
         if any(a.get("local") == str(public) for a in link.get("addr_info", [])):
             names.append(link["ifname"])
-    for net in inside:
-        for route in json.loads(host.run(["ip", "-j", "-4", "route", "show", "match",
-                                          str(net)]) or "[]"):
+    for net in inside:  # routes inside the network (root), or covering it (match)
+        routes = [r for sel in ("root", "match")
+                  for r in json.loads(host.run(["ip", "-j", "-4", "route", "show", sel,
+                                                str(net)]) or "[]")]
+        for route in routes:
             dst = route.get("dst", "")
             if dst != "default" and "dev" in route and dst != "0.0.0.0/0":
                 with contextlib.suppress(ValueError):

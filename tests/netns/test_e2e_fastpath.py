@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from natedit.fastpath import parse_map_counters
 from natedit.lab.topology import Lab
 from natedit.metrics import parse_queue_stats
 from tests.harness import require_netns, scenarios
+from tests.harness.kernel import kernel_maps
 from tests.harness.scenarios import Gateway
 
 pytestmark = pytest.mark.netns
@@ -54,17 +54,10 @@ def gateway(policy: str) -> Gateway:
 
 
 def fast_maps(lab: Lab) -> dict[str, dict[tuple[object, ...], int]]:
-    """The elements of each map of ip natedit_fast and their packets ({}: no table)."""
-    res = lab.exec(lab.gw_ns, ["nft", "-j", "list", "table", "ip", "natedit_fast"],
-                   check=False)
-    if res.returncode != 0:
-        return {}
-    maps = {}
-    for obj in json.loads(res.stdout)["nftables"]:
-        if "map" in obj:
-            one = json.dumps({"nftables": [obj]})
-            maps[obj["map"]["name"]] = {k: p for k, (p, _) in parse_map_counters(one).items()}
-    return maps
+    """The elements of the tc-BPF program's maps in the gateway and their packets, in the
+    words of the nftables design: in_daddr and in_cid (natedit_in), out_saddr
+    (natedit_out); {}: no program attached."""
+    return kernel_maps(lab.exec, lab.gw_ns)
 
 
 def queued(lab: Lab) -> int:

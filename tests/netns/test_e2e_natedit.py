@@ -7,7 +7,7 @@ public address is found from the default route, the inside networks are
 RFC 1918. The worker's call events (one logfmt line each) tell what its
 call table did. The scenarios that matter run in both datapaths: every GRE
 packet through the queue (``userspace``, the default), and GRE of
-established calls translated by the worker's nftables maps (``kernel``).
+established calls translated by the worker's tc-BPF program (``kernel``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 
 from natedit.lab.topology import SERVER_ADDR, Lab
 from tests.harness import ScenarioResult, require_netns, scenarios
+from tests.harness.kernel import attached
 from tests.harness.scenarios import Gateway, worker_gateway
 
 pytestmark = pytest.mark.netns
@@ -180,14 +181,15 @@ def start_natedit(lab: Lab, name: str, state: str = "",
         ready=ready.exists, cwd=str(REPO), name=name)
 
 
-def wait_for_no_fast_table(lab: Lab, timeout: float = 2.0) -> str:
-    """``nft list tables`` once ip natedit_fast is gone (after a SIGKILL the worker's
-    guard process deletes it, a few milliseconds later), or at the timeout."""
+def wait_for_no_fast_program(lab: Lab, timeout: float = 2.0) -> dict[str, int]:
+    """The interfaces natedit's tc-BPF program is attached to, once there are none
+    (after a SIGKILL the worker's guard process removes it, a few milliseconds
+    later), or at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        tables = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
-        if "natedit_fast" not in tables or time.monotonic() > deadline:
-            return tables
+        found = attached(lab.exec, lab.gw_ns)
+        if not found or time.monotonic() > deadline:
+            return found
         time.sleep(0.02)
 
 
@@ -217,10 +219,10 @@ def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> N
     * the ruleset after the final stop is exactly what it was before natedit started,
       whether the first worker exited cleanly or was killed.
 
-    With ``datapath: kernel`` the same holds: the worker's nftables table goes when the
-    worker exits, however it exits (after SIGKILL its guard process deletes it), so
+    With ``datapath: kernel`` the same holds: the worker's tc-BPF program goes when the
+    worker exits, however it exits (after SIGKILL its guard process removes it), so
     during the gap GRE meets only the queue rules (or, after SIGTERM, none), and the
-    restarted worker puts the restored calls back into a table of its own.
+    restarted worker puts the restored calls into its maps before it attaches them.
     """
     before_natedit: dict[str, str] = {}
     state: dict[str, str] = {}
@@ -241,10 +243,10 @@ def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> N
         first = lab.gateway_processes[0]
         rc = lab.stop_process(first, sig, 5.0)
         rules_after_stop = iptables_save(lab)
-        fast_after_stop = wait_for_no_fast_table(lab)
+        fast_after_stop = wait_for_no_fast_program(lab)
         gap = s.phase("gap", keys, 10, timeout=1.0)
         start_natedit(lab, "natedit-2", state["path"], datapath)
-        fast_restored = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
+        fast_restored = attached(lab.exec, lab.gw_ns)
         # the peers hold frames that follow a loss in the GRE sequence in a reorder buffer
         # until later frames push them out: a few frames first, not judged
         s.phase("resume", keys, 5, timeout=1.0)
@@ -256,15 +258,15 @@ def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> N
         second = lab.gateway_processes[1]
         rc2 = lab.stop_process(second, signal.SIGTERM, 5.0)
         rules_at_end = iptables_save(lab)
-        fast_at_end = lab.exec(lab.gw_ns, ["nft", "list", "tables"]).stdout
+        fast_at_end = attached(lab.exec, lab.gw_ns)
         r = s.finish("worker_restart", {})
     info = r.describe()
-    assert "natedit_fast" not in fast_after_stop + fast_at_end, info
-    assert ("natedit_fast" in fast_restored) == (datapath == "kernel"), info
-    if datapath == "kernel":  # the restored calls go straight into the kernel's maps
+    assert not fast_after_stop and not fast_at_end, info
+    assert bool(fast_restored) == (datapath == "kernel"), info
+    if datapath == "kernel":  # the restored calls go into the maps before it is attached
         restored_calls = 2 if kept and sig != signal.SIGTERM else 0
-        assert (f"kernel datapath: table ip natedit_fast with {restored_calls} calls"
-                in r.gateway_processes[1].log_tail), info
+        assert re.search(r"kernel datapath: tc-BPF program attached to \S.* with "
+                         f"{restored_calls} calls", r.gateway_processes[1].log_tail), info
     assert connected and before, info
     if sig == signal.SIGTERM:
         assert rc == 0 and rules_after_stop == before_natedit["rules"], info

@@ -1,20 +1,19 @@
-"""The kernel fast path's bookkeeping, against a stand-in for nftables.
+"""The kernel fast path's bookkeeping, against a stand-in for the BPF maps.
 
-:class:`FakeNft` keeps the three maps of ``ip natedit_fast`` the way the kernel
-does for the commands the fast path sends (a transaction applies whole or not
-at all; adding a key that exists and deleting one that does not fail) and
-lets a test play traffic into the element counters. What is checked: the
-maps always equal what the call table says (established calls only), every
-change of a turn goes in one transaction, counters reach the core (totals,
-per call, idle timers) also for elements deleted between two readings, and a
-failed transaction is repaired by a rebuild. tests/netns/test_e2e_fastpath.py runs
-the real thing.
+:class:`FakeMaps` keeps the two maps of the tc-BPF program (natedit_in,
+natedit_out) the way the kernel does for the calls the fast path makes, and
+lets a test play traffic into the element counters. What is checked: the maps
+always equal what the call table says (established calls only), every change
+of a turn goes in one batch, the program is attached only once its maps hold
+the calls, counters reach the core (totals, per call, idle timers) also for
+elements deleted between two readings, and a failed update is repaired by a
+rebuild. tests/netns/test_kernel_program.py runs the program itself,
+tests/netns/test_e2e_fastpath.py the whole datapath.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import socket
 import time
 
 import pytest
@@ -25,13 +24,13 @@ from natedit.core.table import CallState
 from natedit.core.translator import Translator
 from natedit.core.wire import MessageType
 from natedit.fastpath import (
-    NFT_TABLE,
     SYNC_DUTY,
     SYNC_INTERVAL,
+    Counts,
     FastPathError,
+    InKey,
     KernelDatapath,
-    parse_map_counters,
-    render_table,
+    OutKey,
 )
 from natedit.worker import Dispatcher
 from tests.pptp_flows import (
@@ -47,89 +46,103 @@ from tests.pptp_flows import (
 )
 
 MT = MessageType
-_ELEMENTS = re.compile(rf"^(add|delete|get) element ip {NFT_TABLE} (\w+) \{{ (.*) \}}$")
 
 
-class FakeNft:
-    """The maps of ``ip natedit_fast`` as the kernel keeps them, key text -> [value,
-    packets, bytes]; ``scripts`` records every transaction that went through."""
+def _ip(packed: bytes) -> str:
+    return socket.inet_ntoa(packed)
+
+
+class FakeMaps:
+    """natedit_in and natedit_out as the kernel keeps them, key -> [value, packets,
+    bytes] (None: nothing loaded); ``scripts`` records every call that went through
+    (create, apply, attach)."""
 
     def __init__(self) -> None:
-        self.maps: dict[str, dict[str, list[object]]] | None = None
+        self.maps: dict[str, dict[tuple[object, ...], list[object]]] | None = None
+        self.attached = False
         self.scripts: list[str] = []
         self.fail_next = 0
         self.closed = False
 
-    def run(self, commands: str, *, json_output: bool = False, handles: bool = False) -> str:
+    def _fail(self) -> None:
         if self.fail_next:
             self.fail_next -= 1
-            raise FastPathError("nft: Could not process rule: injected")
-        maps = None if self.maps is None else {k: {e: list(v) for e, v in m.items()}
-                                               for k, m in self.maps.items()}
-        out: list[str] = []
-        lines = commands.splitlines()
-        if f"table ip {NFT_TABLE} {{" in lines:  # (re)creation: empty maps
-            maps = {"in_daddr": {}, "in_cid": {}, "out_saddr": {}}
-            lines = lines[lines.index("}") + 1:] if "}" in lines else []
-        elif commands == f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n":
-            maps, lines = None, []
-        for line in lines:
-            if not line.strip():
-                continue
-            if line == f"list table ip {NFT_TABLE}" and maps is not None:
-                assert handles
-                out.append(f"table ip {NFT_TABLE} {{ # handle 7\n}}")
-                continue
-            if line.startswith("list map"):
-                assert json_output and maps is not None
-                out.append(self._json(maps, line.split()[-1]))
-                continue
-            match = _ELEMENTS.match(line)
-            assert match, line
-            verb, name, body = match.groups()
-            if maps is None:
-                raise FastPathError("nft: No such file or directory")
-            m = maps[name]
-            for item in body.split(", "):
-                key, _, value = item.partition(" : ")
-                if verb == "add":
-                    if key in m:
-                        raise FastPathError("nft: File exists")
-                    m[key] = [value, 0, 0]
-                elif key not in m:
-                    raise FastPathError("nft: No such file or directory")
-                elif verb == "delete":
-                    del m[key]
-                else:
-                    v, p, b = m[key]
-                    out.append(f"elements = {{ {key} counter packets {p} bytes {b} : {v} }}")
-        self.maps = maps
-        self.scripts.append(commands)
-        return "\n".join(out)
+            raise FastPathError("update natedit_in: injected")
+
+    def _loaded(self) -> dict[str, dict[tuple[object, ...], list[object]]]:
+        if self.maps is None:
+            raise FastPathError("kernel datapath: maps not loaded")
+        return self.maps
+
+    def create(self) -> None:
+        self._fail()
+        self.maps, self.attached = {"in": {}, "out": {}}, False
+        self.scripts.append("create")
+
+    def attach(self) -> None:
+        self._fail()
+        self._loaded()
+        self.attached = True
+        self.scripts.append("attach")
+
+    def apply(self, del_in: list[InKey], add_in: list[tuple[InKey, tuple[bytes, int]]],
+              del_out: list[OutKey], add_out: list[tuple[OutKey, bytes]]) -> None:
+        self._fail()
+        maps = self._loaded()
+        for key in del_in:
+            maps["in"].pop(key, None)
+        for okey in del_out:
+            maps["out"].pop(okey, None)
+        for key, value in add_in:
+            maps["in"][key] = [value, 0, 0]
+        for okey, public in add_out:
+            maps["out"][okey] = [public, 0, 0]
+        self.scripts.append("apply")
+
+    def _counts(self, name: str) -> dict[tuple[object, ...], Counts]:
+        return {k: (int(str(v[1])), int(str(v[2]))) for k, v in self._loaded()[name].items()}
+
+    def read_in(self) -> dict[InKey, Counts]:
+        self._fail()
+        return self._counts("in")  # type: ignore[return-value]
+
+    def read_out(self) -> dict[OutKey, Counts]:
+        self._fail()
+        return self._counts("out")  # type: ignore[return-value]
+
+    def get(self, in_keys: list[InKey], out_keys: list[OutKey]) -> tuple[
+            list[Counts | None], list[Counts | None]]:
+        self._fail()
+        ins, outs = self._counts("in"), self._counts("out")
+        return [ins.get(k) for k in in_keys], [outs.get(k) for k in out_keys]
+
+    def remove(self) -> None:
+        self.maps, self.attached = None, False
+
+    def close(self) -> None:
+        self.remove()
+        self.closed = True
 
     @staticmethod
-    def _json(maps: dict[str, dict[str, list[object]]], name: str) -> str:
-        elems = []
-        for key, (value, p, b) in maps[name].items():
-            words = key.split(" . ")
-            parts: list[object] = [*words[:-1], int(words[-1])]
-            elems.append([{"elem": {"val": {"concat": parts},
-                                    "counter": {"packets": p, "bytes": b}}}, value])
-        body = {"family": "ip", "name": name, "table": NFT_TABLE, "elem": elems}
-        return json.dumps({"nftables": [{"metainfo": {}}, {"map": body}]})
+    def _key(name: str, text: str) -> tuple[object, ...]:
+        words = text.split(" . ")
+        return (*(socket.inet_aton(w) for w in words[:-1]), int(words[-1]))
 
     def traffic(self, name: str, key: str, packets: int, nbytes: int) -> None:
-        assert self.maps is not None
-        element = self.maps[name][key]
+        element = self._loaded()["in" if name == "in_daddr" else "out"][self._key(name, key)]
         element[1] = int(str(element[1])) + packets
         element[2] = int(str(element[2])) + nbytes
 
-    def close(self) -> None:
-        self.closed = True
-
     def view(self) -> dict[str, dict[str, object]]:
-        assert self.maps is not None
-        return {name: {k: v[0] for k, v in m.items()} for name, m in self.maps.items()}
+        """The maps as the nftables design showed them (its tests' words)."""
+        maps = self._loaded()
+        ins: dict[str, tuple[bytes, int]] = {
+            f"{_ip(k[0])} . {k[1]}": v[0] for k, v in maps["in"].items()}  # type: ignore[arg-type,misc]
+        outs = {f"{_ip(k[0])} . {_ip(k[1])} . {k[2]}": _ip(v[0])  # type: ignore[arg-type]
+                for k, v in maps["out"].items()}
+        return {"in_daddr": {k: _ip(v[0]) for k, v in ins.items()},
+                "in_cid": {k: str(v[1]) for k, v in ins.items()},
+                "out_saddr": dict(outs)}
 
 
 class Clock:
@@ -140,10 +153,10 @@ class Clock:
         return self.now
 
 
-def setup(**policy: object) -> tuple[Translator, FakeNft, KernelDatapath, Clock, list[str]]:
+def setup(**policy: object) -> tuple[Translator, FakeMaps, KernelDatapath, Clock, list[str]]:
     tr = make_translator(**policy)
-    nft, clock, reports = FakeNft(), Clock(), list[str]()
-    fast = KernelDatapath(tr, nft=nft, report=reports.append, clock=clock, guard=None)
+    nft, clock, reports = FakeMaps(), Clock(), list[str]()
+    fast = KernelDatapath(tr, maps=nft, report=reports.append, clock=clock)
     return tr, nft, fast, clock, reports
 
 
@@ -162,11 +175,19 @@ def run_conv(tr: Translator, conv: Conversation, fast: KernelDatapath) -> None:
     fast.flush()
 
 
-def test_table_script_is_what_the_e2e_tests_load() -> None:
-    script = render_table(bytes([198, 51, 100, 1]))
-    assert "flags" not in script  # nft 1.0.6 cannot print a flagged table as JSON
-    assert "ip daddr 198.51.100.1 ip protocol gre" in script
-    assert script.startswith(f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n")
+def test_the_program_is_attached_only_once_its_maps_hold_the_calls() -> None:
+    tr, nft, fast, _, _ = setup()
+    new_call(tr, "10.0.0.11", 0x1234, 0)
+    attached_with: list[int] = []
+    attach = nft.attach
+
+    def watch() -> None:
+        attached_with.append(len(nft._loaded()["in"]))
+        attach()
+
+    nft.attach = watch  # type: ignore[method-assign]
+    fast.start()
+    assert nft.scripts == ["create", "apply", "attach"] and attached_with == [1]
 
 
 def test_start_installs_every_established_call_and_only_those() -> None:
@@ -181,7 +202,7 @@ def test_start_installs_every_established_call_and_only_those() -> None:
         "in_cid": {f"{SERVER} . {public}": "4660"},
         "out_saddr": {f"10.0.0.11 . {SERVER} . 0": PUBLIC},
     }
-    assert len(nft.scripts) == 3 and fast.calls == 1  # table, its handle, the elements
+    assert len(nft.scripts) == 3 and fast.calls == 1  # load, the elements, attach
 
 
 def test_calls_come_and_go_with_the_table_one_transaction_per_turn() -> None:
@@ -191,13 +212,13 @@ def test_calls_come_and_go_with_the_table_one_transaction_per_turn() -> None:
     b, pb = new_call(tr, "10.0.0.12", 0x1234, 128, port=40001)
     fast.note([e for c in (a, b) for v in c.verdicts for e in v.events])
     fast.flush()
-    assert len(nft.scripts) == 3  # the table and its handle, then both calls at once
+    assert len(nft.scripts) == 3  # load and attach, then both calls at once
     assert nft.view()["in_daddr"] == {f"{SERVER} . {pa}": "10.0.0.11",
                                       f"{SERVER} . {pb}": "10.0.0.12"}
     assert nft.view()["out_saddr"] == {f"10.0.0.11 . {SERVER} . 0": PUBLIC,
                                        f"10.0.0.12 . {SERVER} . 128": PUBLIC}
     fast.flush()
-    assert len(nft.scripts) == 3  # nothing changed: no transaction
+    assert len(nft.scripts) == 3  # nothing changed: no batch
     # the server ends a's call: its elements go, b's stay
     a.verdicts.clear()
     forward(a, IN, msg(MT.CALL_DISCONNECT_NOTIFY, call_id=0))
@@ -328,12 +349,20 @@ def test_the_dispatcher_reads_counters_before_an_idle_timer() -> None:
     assert len(tr.table) == 0 and nft.view()["in_daddr"] == {}
 
 
-def test_parse_map_counters() -> None:
-    text = json.dumps({"nftables": [{"metainfo": {}}, {"map": {"elem": [
-        [{"elem": {"val": {"concat": ["198.51.100.2", 4660]},
-                   "counter": {"packets": 3, "bytes": 30}}}, "10.0.0.11"]]}}]})
-    assert parse_map_counters(text) == {("198.51.100.2", 4660): (3, 30)}
-    assert parse_map_counters("") == {}
+def test_a_failed_start_leaves_nothing_loaded() -> None:
+    tr, nft, fast, _, _ = setup()
+    new_call(tr, "10.0.0.11", 0x1234, 0)
+    original = nft.attach
+
+    def refuse() -> None:
+        raise FastPathError("datapath kernel needs cls_bpf (CONFIG_NET_CLS_BPF) on out0")
+
+    nft.attach = refuse  # type: ignore[method-assign]
+    with pytest.raises(FastPathError, match="cls_bpf"):
+        fast.start()
+    fast.close()
+    assert nft.maps is None and nft.closed
+    nft.attach = original  # type: ignore[method-assign]
 
 
 def test_fast_path_error_is_a_natedit_error() -> None:
@@ -373,14 +402,13 @@ def test_many_calls_are_read_less_often() -> None:
     tr, nft, fast, clock, _ = setup()
     new_call(tr, "10.0.0.11", 0x1234, 0)
     fast.start()
-    slow_run = nft.run
+    slow_read = nft.read_in
 
-    def run(commands: str, *, json_output: bool = False, handles: bool = False) -> str:
-        if commands.startswith("list map"):
-            time.sleep(0.06)
-        return slow_run(commands, json_output=json_output, handles=handles)
+    def read_in() -> dict[InKey, Counts]:
+        time.sleep(0.12)  # (the nftables design read two maps of 0.06 s)
+        return slow_read()
 
-    nft.run = run  # type: ignore[method-assign]
+    nft.read_in = read_in  # type: ignore[method-assign]
     clock.now = 10.0
     fast.sync(clock.now)
     interval = fast.next_sync - clock.now

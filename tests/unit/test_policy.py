@@ -272,10 +272,6 @@ ERRORS: list[tuple[str, str, list[str]]] = [
      ["p.yaml:1: public_address: expected an IPv4 address (or null), found '300.1.2.3'"]),
     ("an IPv6 address", "public_address: '2001:db8::1'\n",
      ["p.yaml:1: public_address: expected an IPv4 address (or null), found '2001:db8::1'"]),
-    ("several public addresses", "public_address: [192.0.2.1, 198.51.100.1]\n",
-     ["p.yaml:1: public_address: expected an IPv4 address (or null), found a list "
-      "(several public addresses are not supported yet: natedit maps every call to one "
-      "address, see the README's Policy)"]),
     ("address and interface", "public_interface: eth0\npublic_address: 203.0.113.7\n",
      ["p.yaml:2: public_address: expected null when public_interface is set (give one of "
       "them), found '203.0.113.7'"]),
