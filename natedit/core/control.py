@@ -210,6 +210,10 @@ class Control:
         # each piece's Call ID field, looked up once for every use below
         fields = [CALL_ID_FIELDS.get((d, piece.header.message_type)) for piece in pieces]
         new_seq = (seq + behind) % SEQ_MOD
+        if pieces and pieces[0].start:  # the rest of a message: a field cut in two?
+            split = self.fields.split_refusal(conn, stream, d, pieces[0], fields[0])
+            if split is not None:
+                return self.outbox.verdict(Action.DROP, split)
         if d is OUT:  # (only outbound messages name their sender's calls, or make new ones)
             if self._names_a_foreign_call(conn, pieces, fields):
                 return self.outbox.verdict(Action.DROP, DropReason.FOREIGN_CALL_ID)

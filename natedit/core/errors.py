@@ -80,6 +80,9 @@ class DropReason(enum.StrEnum):
     FRAGMENT = "fragment"
     HISTORY_REWRITTEN = "history_rewritten"
     """A retransmission whose bytes differ from the unacknowledged ones inspected."""
+    SPLIT_CALL_ID = "split_call_id"
+    """The rest of a Call ID field cut between segments whose first byte left as a
+    high byte the whole value does not keep: it would leave half-rewritten."""
     TOO_MANY_CONNECTIONS = "too_many_connections"
     CLIENT_CONNECTION_LIMIT = "client_connection_limit"
     REFUSED_NOT_STARTED = "refused:not_started"

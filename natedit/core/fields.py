@@ -20,7 +20,9 @@ must leave before the second is seen: the table's allocator keeps client and
 public *high bytes* one-to-one per connection, so that one byte is enough
 (:meth:`CallIdFields._decide_hi`); when the candidates disagree the field is
 left as it came (``split_call_id_undecided``). ``Stream.partial`` remembers
-what was decided for the first byte.
+what was decided for the first byte. A field never leaves half-rewritten: when
+the whole value asks for another high byte than the one that left, the segment
+with the rest is dropped (``split_call_id``, :meth:`CallIdFields.split_refusal`).
 
 The call a field names is found once, when its field is read, and kept in
 ``Stream.partial`` under :data:`NAMED` with the sequence number of the
@@ -30,7 +32,7 @@ message's first byte, for the message's completion (:mod:`natedit.core.control`)
 from __future__ import annotations
 
 from .calls import Call
-from .errors import PassReason, ReleaseReason
+from .errors import DropReason, PassReason, ReleaseReason
 from .policy import DisconnectRule
 from .stats import Stats
 from .stream import Piece, Stream
@@ -45,6 +47,10 @@ NAMED = -1
 """The key of ``Stream.partial`` (the stream's scratch for the message in progress,
 cleared when it completes or the stream resynchronises) under which the call the
 message's Call ID field named is kept, with the message's first sequence number."""
+
+DECIDED = -2
+"""The key of ``Stream.partial`` under which :meth:`CallIdFields.split_refusal` keeps
+what it found for the second half of a split field, for :meth:`CallIdFields.rewrite`."""
 
 
 class CallIdFields:
@@ -92,7 +98,11 @@ class CallIdFields:
                 out.append((f, new_hi))
         else:
             sent_hi = stream.partial.pop(f, None)
-            named, value = self._decide(conn, kind, full)
+            decided = stream.partial.pop(DECIDED, None)
+            if isinstance(decided, tuple) and decided[0] == f:
+                named, value = decided[1], decided[2]
+            else:
+                named, value = self._decide(conn, kind, full)
             stream.partial[NAMED] = (message_seq, named)
             if named is None:  # names no call of this connection: goes out as it came
                 if kind is not _SERVER:
@@ -108,6 +118,40 @@ class CallIdFields:
         if out:
             self.stats.rewrites[(_MT_NAMES[piece.header.message_type], _KIND_NAMES[kind])] += 1
         return out
+
+    def split_refusal(self, conn: ControlConnection, stream: Stream, d: Direction,
+                      piece: Piece, field: CallIdField | None) -> DropReason | None:
+        """Why the segment carrying the rest of a Call ID field whose first byte has
+        left already must be dropped, before anything of it is applied.
+
+        A field leaves whole: either as it came or as decided from its whole value,
+        never half-rewritten. The first byte went out as :meth:`_decide_hi` said; if
+        the whole value now asks for another high byte (a value naming no call of
+        the connection but sharing a high byte with one), the rest is refused
+        (``split_call_id``), every time it is sent. A field that leaves as it came
+        gets the foreign check of whole fields (``foreign_call_id``).
+        """
+        stream.partial.pop(DECIDED, None)
+        if field is None or field.kind is _NEW or field.kind is _SERVER:
+            return None
+        f, msg = field.offset, piece.message
+        if not (f < piece.start <= f + 1 < len(msg)):
+            return None  # not the second half of a split field
+        sent_hi = stream.partial.get(f)
+        if not isinstance(sent_hi, int):
+            return None
+        full = msg[f] << 8 | msg[f + 1]
+        named, value = self._decide(conn, field.kind, full)
+        stream.partial[DECIDED] = (f, named, value)  # (for :meth:`rewrite`: found once)
+        leaving = value if value is not None and value >> 8 == sent_hi else (
+            sent_hi << 8 | msg[f + 1])
+        if leaving != full and leaving != value:
+            return DropReason.SPLIT_CALL_ID
+        if d is Direction.OUTBOUND and field.kind is _OWN and named is None:
+            other = self.table.by_public.get((self.public_ip, conn.server_ip, full))
+            if other is not None and other.conn is not conn:
+                return DropReason.FOREIGN_CALL_ID
+        return None
 
     def _set_client_call_id(self, conn: ControlConnection, call: Call, call_id: int) -> None:
         old = conn.call_by_client_id(call_id)

@@ -307,3 +307,52 @@ def test_reused_four_tuple_must_start_again() -> None:
     assert not tr.calls()
     v = conv.send(OUT, msg(MT.OUTGOING_CALL_REQUEST, call_id=0x1234), flags=TCP_ACK)
     assert (v.action, v.reason) == (Action.DROP, "refused:not_started")
+
+
+# -- a Call ID field cut between two segments (issue 11, item 2) ---------------------------
+
+
+def test_split_call_id_naming_no_call_never_leaves_half_rewritten() -> None:
+    """0x12xx names no call of A but shares its high byte with A's call 0x1234: the high
+    byte leaves as A's public one; the low byte would make a value the cut decided
+    (possibly another client's public Call ID), so the rest is refused, every time."""
+    tr, a, _b, public_b = two_clients()
+    ccrq = msg(MT.CALL_CLEAR_REQUEST, call_id=0x1299)
+    first = a.send(OUT, ccrq[:13])
+    assert first.accepted
+    for _ in range(2):  # the sender's retransmission is refused alike
+        v = a.feed(OUT, a.segment(OUT, ccrq[13:]))
+        assert (v.action, v.reason) == (Action.DROP, "split_call_id")
+    assert tr.stats.verdicts[("drop", "split_call_id")] == 2
+    assert {c.state for c in tr.calls()} == {"established"}
+    b_still_flows(tr, public_b)
+
+
+def test_split_call_id_naming_another_clients_public_call_id_is_dropped() -> None:
+    """A field that leaves as it came is checked as a whole one is: B's public ID."""
+    tr, a, _b, public_b = two_clients()
+    ccrq = msg(MT.CALL_CLEAR_REQUEST, call_id=public_b)
+    assert a.send(OUT, ccrq[:13]).accepted
+    v = a.feed(OUT, a.segment(OUT, ccrq[13:]))
+    if public_b >> 8 == 0x12:  # (then the high byte left as A's public one)
+        assert (v.action, v.reason) == (Action.DROP, "split_call_id")
+    else:
+        assert (v.action, v.reason) == (Action.DROP, "foreign_call_id")
+    b_still_flows(tr, public_b)
+
+
+@pytest.mark.parametrize("d", [OUT, IN], ids=["outbound", "inbound"])
+def test_split_call_id_of_a_call_is_rewritten_whole(d: object) -> None:
+    tr = make_translator()
+    a = opened(tr, "10.0.0.5")
+    public = establish(a, 0x1234, 0x80)
+    if d is OUT:
+        m, at, want = msg(MT.CALL_CLEAR_REQUEST, call_id=0x1234), 12, public
+    else:
+        m, at, want = msg(MT.SET_LINK_INFO, peer_call_id=public), 12, 0x1234
+    hi = a.send(d, m[: at + 1])  # type: ignore[arg-type]
+    lo = a.send(d, m[at + 1 :])  # type: ignore[arg-type]
+    assert hi.accepted and lo.accepted
+    got = payload_of(hi.data or a.segment(d, m[: at + 1]))[at:]  # type: ignore[arg-type]
+    got += payload_of(lo.data or a.segment(d, m[at + 1 :]))[:1]  # type: ignore[arg-type]
+    assert u16(got, 0) == want

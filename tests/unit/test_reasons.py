@@ -49,7 +49,7 @@ def test_values_are_the_exported_labels() -> None:
         "split_call_id_undecided",
         "unexpected_message"]
     assert {r.value for r in DropReason} == {
-        "gap", "no_call", "foreign_call_id", "fragment", "history_rewritten",
+        "gap", "no_call", "foreign_call_id", "fragment", "history_rewritten", "split_call_id",
         "too_many_connections",
         "client_connection_limit", *(f"refused:{r}" for r in Refusal)}
     assert {r.value for r in RestoreOutcome} == {
