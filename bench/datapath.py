@@ -519,7 +519,8 @@ def summarize(reps: list[dict[str, dict[str, Any]]], paths: Sequence[str]) -> di
 TARGETS = (
     ("natedit-userspace", "nfq-accept", 0.8,
      "user-space path >= 0.8x a bare accept-only NetfilterQueue worker"),
-    ("natedit-kernel", "kernel-helper", 1.0, "kernel fast path >= 1.0x the kernel helper"),
+    ("natedit-kernel", "kernel-helper", 1.15, "kernel datapath >= 1.15x the kernel helper"),
+    ("natedit-kernel", "plain", 0.90, "kernel datapath >= 0.90x plain forwarding"),
 )
 
 
