@@ -44,6 +44,7 @@ from .core.policy import (
     LogFormat,
     MalformedAction,
     Policy,
+    WorkerDown,
 )
 from .core.stats import Stats
 from .core.translator import Translator
@@ -89,6 +90,7 @@ __all__ = [
     "Stats",
     "Translator",
     "Verdict",
+    "WorkerDown",
     "errors",
     "events",
     "load_policy",

@@ -77,6 +77,7 @@ from . import (
     Refusal,
     ReleaseReason,
     Translator,
+    WorkerDown,
 )
 from .status import PolicyStatus
 
@@ -287,6 +288,13 @@ class NateditCollector:
         )
         for name, doc, value in limits:
             yield GaugeMetricFamily(name, doc, value=value)
+        down = GaugeMetricFamily(
+            "natedit_on_worker_down",
+            "What the queue rules do with PPTP while no worker is bound "
+            "(policy on_worker_down): 1 for the mode in force.", labels=["mode"])
+        for mode in WorkerDown:
+            down.add_metric([mode.value], 1 if policy.on_worker_down is mode else 0)
+        yield down
 
     def _worker(self) -> Iterator[Metric]:
         counts = _copy(lambda: dict(self.dispatcher_counts))

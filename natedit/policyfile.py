@@ -42,6 +42,7 @@ from .core.policy import (
     LogFormat,
     MalformedAction,
     Policy,
+    WorkerDown,
 )
 
 # -- the bounds of a policy file -------------------------------------------------------------
@@ -261,6 +262,7 @@ SCHEMA: tuple[Field, ...] = (
     Field("malformed", "malformed", _choice(MalformedAction)),
     Field("disconnect_rule", "disconnect_rule", _choice(DisconnectRule)),
     Field("datapath", "datapath", _choice(Datapath)),
+    Field("on_worker_down", "on_worker_down", _choice(WorkerDown), restart=True),
     Field("metrics.listen", "metrics_listen", _listen, restart=True),
     Field("metrics.call_series", "metrics_call_series", _integer(0, 10_000_000)),
     Field("logging.level", "log_level", _log_level),

@@ -19,8 +19,13 @@ directions, and owns GRE completely:
   queued in ``mangle FORWARD``, where natedit writes the public source.
 * A safety net in ``mangle POSTROUTING`` drops GRE v1 that would leave with
   a source address still inside: no GRE ever leaves with a private source.
-* No ``--queue-bypass`` (fail closed): with no worker bound, or a full queue,
-  queued packets are dropped. PPTP stalls rather than leaks.
+* No ``--queue-bypass`` (fail closed, policy ``on_worker_down: drop``, the
+  default): with no worker bound, or a full queue, queued packets are
+  dropped. PPTP stalls rather than leaks. With ``on_worker_down: pass`` the
+  TCP 1723 queue rules get ``--queue-bypass``: while no worker is bound the
+  control connection flows as without natedit (conntrack, the operator's
+  MASQUERADE). GRE stays fail closed (it is notracked, so bypassed GRE
+  would get no NAT and the safety net would drop it anyway).
 * GRE version 0 (plain GRE tunnels) is not touched, nor is traffic between
   two inside networks.
 
@@ -54,6 +59,7 @@ and tables iptables-nft had to create for them.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import itertools
@@ -63,7 +69,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from . import PPTP_PORT, NateditError, Policy, host
+from . import PPTP_PORT, NateditError, Policy, WorkerDown, host
 
 CHAIN_PREFIX = "NATEDIT-"
 """Every iptables chain natedit creates starts with this; any chain so named is natedit's."""
@@ -137,6 +143,8 @@ class Rule:
     queue: int | None = None
     """The NFQUEUE number when ``verb`` is QUEUE."""
     why: str = ""
+    bypass: bool = False
+    """QUEUE only: with no worker bound the packet is accepted (``--queue-bypass``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +168,7 @@ def build_ruleset(policy: Policy) -> RuleSet:
         raise RulesError(f"public_address {public} is inside inside_networks")
     out, into = policy.queue_outbound, policy.queue_inbound
     H, T, F, V = Hook, Traffic, Flow, Verb
-    rules = (
+    rules: tuple[Rule, ...] = (
         Rule(H.RAW_PREROUTING, T.GRE_V1, F.TO_PUBLIC, V.NOTRACK,
              why="GRE to the public address is natedit's, not conntrack's"),
         Rule(H.RAW_PREROUTING, T.GRE_V1, F.OUTBOUND, V.NOTRACK,
@@ -176,8 +184,21 @@ def build_ruleset(policy: Policy) -> RuleSet:
         Rule(H.MANGLE_POSTROUTING, T.GRE_V1, F.OUTBOUND, V.DROP,
              why="safety net: no GRE leaves with a private source"),
     )  # fmt: skip
+    if policy.on_worker_down is WorkerDown.PASS:
+        rules = tuple(
+            dataclasses.replace(r, bypass=True) if r.traffic in _CONTROL else r for r in rules
+        )
     inside = tuple(ipaddress.collapse_addresses(policy.inside_networks))
     return RuleSet(public, inside, rules)
+
+
+_CONTROL = frozenset({Traffic.CONTROL_TO_SERVER, Traffic.CONTROL_FROM_SERVER})
+"""What ``on_worker_down: pass`` lets through while no worker is bound."""
+
+
+def bypasses(rs: RuleSet) -> bool:
+    """Whether any queue rule of ``rs`` lets packets through with no worker bound."""
+    return any(rule.bypass for rule in rs.rules)
 
 
 # -- iptables flavour -------------------------------------------------------
@@ -204,7 +225,8 @@ _IPT_FLOW_SELECT = {Flow.OUTBOUND: "-s", Flow.INBOUND: "-d"}
 
 def _ipt_target(rule: Rule) -> str:
     if rule.verb is Verb.QUEUE:
-        return f"-j NFQUEUE --queue-num {rule.queue}"
+        bypass = " --queue-bypass" if rule.bypass else ""
+        return f"-j NFQUEUE --queue-num {rule.queue}{bypass}"
     return {Verb.NOTRACK: "-j CT --notrack", Verb.DROP: "-j DROP"}[rule.verb]
 
 
@@ -263,6 +285,9 @@ def render_iptables(rs: RuleSet) -> str:
         "# natedit rules: iptables-restore --noflush < this",
         f"# public address {rs.public_address}, inside "
         + ", ".join(str(net) for net in rs.inside_networks),
+        "# on_worker_down: pass: --queue-bypass on TCP 1723, with no worker bound it is "
+        "not translated; GRE is dropped"
+        if bypasses(rs) else
         "# no --queue-bypass: with no worker bound, queued PPTP packets are dropped",
     ]
     return _restore_script(iptables_blocks(rs), head)
@@ -335,7 +360,10 @@ _NFT_VERB = {Verb.NOTRACK: "notrack", Verb.DROP: "drop"}
 
 def _nft_statement(rule: Rule, rs: RuleSet) -> str:
     flow = f"ip daddr {rs.public_address}" if rule.flow is Flow.TO_PUBLIC else _NFT_FLOW[rule.flow]
-    verb = f"queue num {rule.queue}" if rule.verb is Verb.QUEUE else _NFT_VERB[rule.verb]
+    if rule.verb is Verb.QUEUE:
+        verb = f"queue num {rule.queue}" + (" bypass" if rule.bypass else "")
+    else:
+        verb = _NFT_VERB[rule.verb]
     return f'{_NFT_TRAFFIC[rule.traffic]} {flow} {verb} comment "{rule.why}"'
 
 
@@ -345,10 +373,16 @@ def render_nft(rs: RuleSet) -> str:
     Needs the nft ``queue`` statement (CONFIG_NFT_QUEUE). Removal is
     ``nft delete table ip natedit``.
     """
+    head = (
+        ["# natedit rules, nft flavour; on_worker_down: pass: queue bypass on TCP 1723,",
+         "# with no worker bound it is not translated; GRE is dropped."]
+        if bypasses(rs) else
+        ["# natedit rules, nft flavour; no queue bypass: with no worker bound,",
+         "# queued PPTP packets are dropped."]
+    )
     lines = [
         "#!/usr/sbin/nft -f",
-        "# natedit rules, nft flavour; no queue bypass: with no worker bound,",
-        "# queued PPTP packets are dropped.",
+        *head,
         f"table ip {NFT_TABLE}",
         f"delete table ip {NFT_TABLE}",
         f"table ip {NFT_TABLE} {{",

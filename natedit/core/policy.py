@@ -60,6 +60,14 @@ class Datapath(enum.Enum):
     worker keeps (:mod:`natedit.fastpath`); the rest still goes through the queues."""
 
 
+class WorkerDown(enum.Enum):
+    DROP = "drop"
+    """Fail closed: with no worker bound, queued PPTP packets are dropped."""
+    PASS = "pass"
+    """The TCP 1723 queue rules get ``--queue-bypass``: with no worker bound the
+    control connection flows untranslated (conntrack and the operator's NAT)."""
+
+
 class LogFormat(enum.Enum):
     TEXT = "text"
     """``natedit: message`` lines (events as logfmt ``key=value`` pairs)."""
@@ -129,6 +137,8 @@ class Policy:
     """host:port of the Prometheus endpoint (loopback by default)."""
     metrics_call_series: int = 10000
     """Most per-call series the mapping-table metric exports; the rest is counted."""
+    on_worker_down: WorkerDown = WorkerDown.DROP
+    """What the queue rules do with PPTP while no worker is bound: drop or pass."""
     log_level: str = "info"
     """debug, info, warning or error."""
     log_format: LogFormat = LogFormat.TEXT

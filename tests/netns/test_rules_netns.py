@@ -21,7 +21,7 @@ from natedit.rules import (
     render_iptables,
 )
 from tests.scratch_ns import Namespace, host_commands_in, require_scratch_ns, scratch_namespaces
-from tests.unit.test_rules import INSIDE, POLICY
+from tests.unit.test_rules import INSIDE, PASS, POLICY
 
 # -- in a namespace of our own ------------------------------------------------------------
 
@@ -155,3 +155,18 @@ def test_nft_flavour_installs_exactly_or_says_why_not(gw: Namespace) -> None:
     assert "queue num 1724" in gw.run(["nft", "list", "table", "ip", "natedit"])
     remove(installation)
     assert gw.run(["nft", "list", "ruleset"]) == before
+
+
+@pytest.mark.netns
+def test_on_worker_down_pass_installs_queue_bypass_exactly_and_removes_cleanly(
+    gw: Namespace,
+) -> None:
+    before = gw.iptables_save()
+    rs = build_ruleset(PASS)
+    installation = install(rs, Flavour.IPTABLES)
+    saved = gw.iptables_save()
+    ours = sorted(ln for ln in _ours(saved) if ln.startswith("-A"))
+    assert ours == _expected_saved_lines(render_iptables(rs))
+    assert len([ln for ln in ours if ln.endswith("--queue-bypass")]) == 2
+    remove(installation)
+    assert gw.iptables_save() == before

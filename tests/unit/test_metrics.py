@@ -25,6 +25,7 @@ from natedit.core.errors import (
     Refusal,
     ReleaseReason,
 )
+from natedit.core.policy import Policy, WorkerDown
 from natedit.core.translator import Translator
 from natedit.core.wire import TCP_ACK, MessageType, build_gre
 from natedit.eventstream import EventHub
@@ -57,7 +58,8 @@ FAMILIES = {
     "natedit_build_info", "natedit_policy_info", "natedit_policy_loaded_timestamp_seconds",
     "natedit_policy_reloads_total", "natedit_policy_reload_failed", "natedit_calls_limit",
     "natedit_calls_per_client_limit", "natedit_control_connections_limit",
-    "natedit_call_info_limit", "natedit_worker_errors_total", "natedit_queue_bound",
+    "natedit_call_info_limit", "natedit_on_worker_down", "natedit_worker_errors_total",
+    "natedit_queue_bound",
     "natedit_queue_length", "natedit_queue_packets_total", "natedit_queue_dropped_total",
     "natedit_queue_user_dropped_total", "natedit_queue_length_max", "natedit_call_info",
     "natedit_call_info_omitted_calls", "natedit_calls", "natedit_control_connections",
@@ -523,3 +525,11 @@ def test_calls_url() -> None:
     assert metrics.calls_url("127.0.0.1:9723") == "http://127.0.0.1:9723/calls"
     assert metrics.calls_url("http://[::1]:9723/metrics") == "http://[::1]:9723/calls"
     assert metrics.parse_listen("[::1]:9723") == ("::1", 9723)
+
+
+@pytest.mark.parametrize("mode", list(WorkerDown))
+def test_on_worker_down_gauge_follows_the_policy(mode: WorkerDown) -> None:
+    policy = Policy(on_worker_down=mode)
+    get = registry(collector(None, current_policy=lambda: policy)).get_sample_value
+    for other in WorkerDown:
+        assert get("natedit_on_worker_down", {"mode": other.value}) == (other is mode)

@@ -41,6 +41,7 @@ from natedit.core.policy import (
     DisconnectRule,
     LogFormat,
     MalformedAction,
+    WorkerDown,
     acl_allows,
 )
 from natedit.core.wire import TCP_SYN, MessageType, build_tcp
@@ -105,6 +106,7 @@ refuse: drop
 malformed: pass
 disconnect_rule: rfc
 datapath: kernel
+on_worker_down: pass
 metrics:
   listen: "[::1]:9100"
   call_series: 0
@@ -139,6 +141,7 @@ EVERY_FIELD_POLICY = Policy(
     malformed=MalformedAction.PASS,
     disconnect_rule=DisconnectRule.RFC,
     datapath=Datapath.KERNEL,
+    on_worker_down=WorkerDown.PASS,
     metrics_listen="[::1]:9100",
     metrics_call_series=0,
     log_level="debug",
@@ -213,7 +216,7 @@ ERRORS: list[tuple[str, str, list[str]]] = [
     ("unknown top-level key", "bogus: 1\n",
      ["p.yaml:1: bogus: unknown key; expected one of: public_address, public_interface, "
       "inside_networks, queues, call_ids, limits, timeouts, acl, refuse, malformed, "
-      "disconnect_rule, datapath, metrics, logging"]),
+      "disconnect_rule, datapath, on_worker_down, metrics, logging"]),
     ("a flat name of the old layout", "queue_inbound: 5\n",
      ["p.yaml:1: queue_inbound: unknown key; did you mean queues.inbound?"]),
     ("a typo in a group", "limits:\n  max_call: 5\n",
@@ -440,7 +443,7 @@ def test_check_policy_lists_every_problem(
         f"{path}:2: limits.max_calls: expected an integer from 1 to 65535, found 0",
         f"{path}:3: bogus: unknown key; expected one of: public_address, public_interface, "
         "inside_networks, queues, call_ids, limits, timeouts, acl, refuse, malformed, "
-        "disconnect_rule, datapath, metrics, logging",
+        "disconnect_rule, datapath, on_worker_down, metrics, logging",
         f"natedit: {path}: 2 problems, not a valid policy",
     ]
 

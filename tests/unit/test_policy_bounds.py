@@ -79,7 +79,7 @@ HOSTILE: list[tuple[str, str, str]] = [
     ("a 300-character key", "k" * 300 + ": 1\n",
      "p.yaml:1: " + "k" * 60 + "... (300 characters): unknown key; expected one of: "
      "public_address, public_interface, inside_networks, queues, call_ids, limits, timeouts,"
-     " acl, refuse, malformed, disconnect_rule, datapath, metrics, logging"),
+     " acl, refuse, malformed, disconnect_rule, datapath, on_worker_down, metrics, logging"),
     ("a 10,000-character value", "public_interface: " + "e" * 10000 + "\n",
      "p.yaml:1: public_interface: expected an interface name of 1 to 15 letters, digits or "
      "_.:@+- (or null), found '" + "e" * 60 + "... (10000 characters)'"),

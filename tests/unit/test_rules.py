@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from natedit.core.policy import Policy
+from natedit.core.policy import Policy, WorkerDown
 from natedit.rules import (
     Hook,
     NftChains,
     RulesError,
     build_ruleset,
+    bypasses,
     iptables_blocks,
     iptables_removal,
     nft_pptp_helpers,
@@ -86,6 +87,52 @@ def test_no_queue_bypass_anywhere() -> None:
         rules = [ln for ln in text.splitlines() if "queue" in ln and not ln.startswith("#")]
         assert rules
         assert not [ln for ln in rules if "bypass" in ln]
+
+
+PASS = Policy(public_address=PUBLIC, inside_networks=INSIDE, on_worker_down=WorkerDown.PASS)
+
+
+def test_on_worker_down_drop_is_the_default_and_bypasses_nothing() -> None:
+    assert Policy().on_worker_down is WorkerDown.DROP
+    assert not bypasses(build_ruleset(POLICY))
+
+
+def test_on_worker_down_pass_bypasses_tcp_1723_only_iptables() -> None:
+    text = render_iptables(build_ruleset(PASS))
+    rules = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    queued = [ln for ln in rules if "NFQUEUE" in ln]
+    bypassed = [ln for ln in queued if ln.endswith(" --queue-bypass")]
+    assert bypassed == [
+        "-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723 --queue-bypass",
+        "-A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 1724 --queue-bypass",
+    ]
+    assert all(U32 in ln for ln in queued if ln not in bypassed)  # GRE stays fail closed
+    # everything but the bypass and the header is today's rendering
+    drop = render_iptables(build_ruleset(POLICY)).splitlines()
+    assert len(drop) == len(text.splitlines())
+    changed = [(a, b) for a, b in zip(drop, text.splitlines(), strict=True) if a != b]
+    assert len(changed) == 3
+    assert changed[0][1].startswith("# on_worker_down: pass")
+    assert [b for _, b in changed[1:]] == bypassed
+
+
+def test_on_worker_down_pass_bypasses_tcp_1723_only_nft() -> None:
+    text = render_nft(build_ruleset(PASS))
+    queued = [ln.strip() for ln in text.splitlines() if " queue num " in ln]
+    assert [ln for ln in queued if "bypass" in ln] == [
+        f"tcp dport 1723 {OUT_FLOW} queue num 1723 bypass comment "
+        '"control, client to server: private source, before the kernel\'s SNAT"',
+        f"tcp sport 1723 {IN_FLOW} queue num 1724 bypass comment "
+        '"control, server to client: private destination, after the kernel un-NATs"',
+    ]
+    assert all(ln.startswith("ip protocol gre") for ln in queued if "bypass" not in ln)
+    assert "on_worker_down: pass" in text.splitlines()[1]
+    drop = render_nft(build_ruleset(POLICY))
+    assert text.replace(" bypass comment", " comment").splitlines()[3:] == drop.splitlines()[3:]
+
+
+OUT_FLOW = "ip saddr @inside ip daddr != @inside"
+IN_FLOW = "ip daddr @inside ip saddr != @inside"
 
 
 def test_inside_networks_are_collapsed_and_each_gets_a_return_and_a_target() -> None:
