@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
 from natedit.lab import topology
+from tests.conftest import require
 
 TEST_COMMANDS = ("tcpdump", "tshark", "conntrack")
 """What the tests run on top of the lab: captures, a second decoder, conntrack listings."""
@@ -24,9 +21,4 @@ def require_netns() -> None:
     tests is misconfigured) and skip it everywhere else.
     """
     problems = prerequisite_problems()
-    if not problems:
-        return
-    message = "real-peer PPTP lab unavailable: " + "; ".join(problems)
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+    require(not problems, "real-peer PPTP lab unavailable: " + "; ".join(problems))

@@ -33,6 +33,7 @@ from natedit.lab import pairlab
 from natedit.lab.pairlab import PairGateway, metric
 from natedit.lab.peers import start_pptp_client
 from natedit.lab.topology import SERVER_ADDR, Lab
+from tests.conftest import require
 from tests.harness import require_netns, scenarios
 from tests.harness.capture import CCRQ
 
@@ -54,11 +55,7 @@ ECHO_REQUEST = 5
 def require_pair() -> None:
     require_netns()
     problems = pairlab.missing()
-    if problems:
-        message = "gateway pair lab unavailable: " + "; ".join(problems)
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require(not problems, "gateway pair lab unavailable: " + "; ".join(problems))
 
 
 def wait(what: object, timeout: float, step: float = 0.05) -> bool:

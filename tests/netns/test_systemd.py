@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from natedit import host, reload, state
-from tests.conftest import require_tool
+from tests.conftest import require, require_tool
 from tests.scratch_ns import LONE_GATEWAY, Namespace, require_scratch_ns, scratch_namespaces
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,12 +215,11 @@ def run_confined(gw: Namespace, user: str, tmp_path: Path) -> None:
 
 
 def require_nobody_can_run_natedit() -> None:
-    """Skip (also under CI: a venv under /root is no missing package) unless user nobody
-    can run this venv's natedit."""
+    """User nobody must be able to run this venv's natedit (under CI=true a failure)."""
     probe = subprocess.run([*confined("nobody"), "--help"], capture_output=True, text=True,
                            timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"user nobody cannot run this venv's natedit: {probe.stderr[-300:]}")
+    require(probe.returncode == 0,
+            f"user nobody cannot run this venv's natedit: {probe.stderr[-300:]}")
 
 
 def test_run_without_net_admin_is_refused() -> None:

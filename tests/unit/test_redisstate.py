@@ -7,7 +7,6 @@ Under CI=true a missing redis-server fails the test; elsewhere it is skipped.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ from natedit.lab import procs
 from natedit.lab import redis as labredis
 from natedit.pair import Follower, Role, Session, conflicts
 from natedit.worker import Dispatcher
+from tests.conftest import require
 from tests.pptp_flows import (
     IN,
     OUT,
@@ -40,11 +40,8 @@ MT = MessageType
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[procs.Processes]:
-    if procs.which("redis-server") is None:
-        message = "redis-server is missing (Debian package redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require(procs.which("redis-server") is not None,
+            "redis-server is missing (Debian package redis-server)")
     p = procs.Processes(tmp_path)
     try:
         yield p
