@@ -5,7 +5,8 @@ Theory of operation
 This is the per-packet path of the user-space datapath. :func:`bound` binds
 one NetfilterQueue per queue number, each with the callback that
 :meth:`PacketPath.callback` made for its direction; the worker's loop
-(:mod:`natedit.worker`) reads the queue sockets when they are readable, and
+(:mod:`natedit.worker`) reads the queue sockets when they are readable, at most
+:data:`BATCH` packets per queue per turn (:class:`Reader`), and
 NetfilterQueue calls the callback once per packet, which must give every
 packet a verdict and must never raise.
 
