@@ -421,6 +421,7 @@ def follow_until_promoted(policy: Any, session: Session, flavour: Any, ready_fil
         with worker._signals(ignore=frozenset({DEMOTE_SIGNAL})) as wakeup, \
                 metrics.serving(policy.metrics_listen, collector):
             follower.start()
+            reload.name_process()
             if pid_file is not None:
                 with contextlib.suppress(OSError):
                     reload.write_pid_file(pid_file)

@@ -16,6 +16,7 @@ to change them. The public address is resolved once, at start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -154,12 +155,43 @@ def read_pid(path: str) -> int:
         raise NateditError(f"{path} holds no PID") from None
 
 
+PROCESS_NAME = b"natedit"
+"""The worker's name in ``/proc/PID/comm`` (``ps -o comm``), set by :func:`name_process`."""
+PR_SET_NAME = 15
+
+
+def name_process() -> None:
+    """Name this process ``natedit`` (``/proc/self/comm``), however it was started
+    (the console script, ``python -m natedit``, an embedding ``python -c``)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME),
+                                                0, 0, 0)
+
+
+def is_natedit(comm: bytes, cmdline: bytes) -> bool:
+    """Whether a process with this ``/proc/PID/comm`` and ``cmdline`` is a natedit worker:
+    named so by :func:`name_process`, or started as the ``natedit`` command or
+    ``python -m natedit``. A path that merely contains "natedit" (a checkout in
+    ``~/natedit``, ``pytest natedit/tests``) does not count."""
+    if comm.strip() == PROCESS_NAME:
+        return True
+    argv = [os.path.basename(arg) for arg in cmdline.split(b"\0")[:3]]
+    if argv[0] == PROCESS_NAME:
+        return True
+    if not argv[0].startswith(b"python") or len(argv) < 2:
+        return False
+    return argv[1] == PROCESS_NAME or argv[1:3] == [b"-m", PROCESS_NAME]
+
+
 def signal_worker(pid: int, source: str) -> None:
     """SIGHUP to ``pid`` once it is known to be a natedit process (not a recycled PID)."""
     try:
+        comm = Path(f"/proc/{pid}/comm").read_bytes()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         raise NateditError(f"no process {pid} (from {source}): is natedit running?") from None
-    if b"natedit" not in cmdline:
+    if not is_natedit(comm, cmdline):
         raise NateditError(f"process {pid} (from {source}) is not natedit")
     os.kill(pid, signal.SIGHUP)

@@ -303,6 +303,7 @@ def run(
             set_datapath(policy.datapath)
             info = _announce_ready(policy, flavour, ready_file, status,
                                    {} if pair is None else {"role": "active"})
+            reload.name_process()
             if pid_file is not None:
                 try:
                     reload.write_pid_file(pid_file)

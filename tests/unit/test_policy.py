@@ -812,3 +812,19 @@ def test_pid_file_is_ours_to_remove(tmp_path: Path) -> None:
     reload.write_pid_file(path)
     reload.remove_pid_file(path)
     assert not (tmp_path / "run").exists()
+
+
+def test_reload_knows_natedit_by_its_entry_point_not_its_path() -> None:
+    """A checkout under ~/natedit made every process started from it "natedit": the
+    check reads the process name and the entry point, never a path's substring."""
+    def cmd(*argv: str) -> bytes:
+        return b"\0".join(a.encode() for a in argv) + b"\0"
+    assert reload.is_natedit(b"natedit\n", cmd("python3", "-c", "import runpy"))
+    assert reload.is_natedit(b"python3\n", cmd("/usr/bin/python3", "/usr/local/bin/natedit",
+                                               "run"))
+    assert reload.is_natedit(b"natedit\n", cmd("/usr/local/bin/natedit", "run"))
+    assert reload.is_natedit(b"python3\n", cmd("python3", "-m", "natedit", "run"))
+    assert not reload.is_natedit(b"python3\n", cmd("/home/me/natedit/.venv/bin/python3", "-m",
+                                                   "pytest", "/home/me/natedit/tests"))
+    assert not reload.is_natedit(b"pytest\n", cmd("/srv/natedit-ci/.venv/bin/pytest"))
+    assert not reload.is_natedit(b"sleep\n", cmd("sleep", "natedit"))
