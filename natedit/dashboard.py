@@ -257,6 +257,45 @@ def queues() -> list[Panel]:
     ]
 
 
+def datapath() -> list[Panel]:
+    return [
+        single("Datapath", f"max by (datapath) ({m('natedit_datapath')}) == 1",
+               "Where established calls' GRE is translated (policy datapath): the kernel's "
+               "tc-BPF program or the worker.", legend="{{datapath}}", name=True, w=4, h=8),
+        single("Calls in the kernel maps", f"sum({m('natedit_kernel_calls')})",
+               "Calls whose GRE the tc-BPF program translates (0 with datapath userspace).",
+               w=4, h=8),
+        graph("GRE translated in the kernel",
+              (rate("natedit_kernel_gre_packets_total", "direction"), "{{direction}}"),
+              description="GRE packets per second the tc-BPF program translated; the rest of "
+              "natedit's GRE (GRE packets) went through the queue.", unit="pps", w=16),
+    ]
+
+
+def pair() -> list[Panel]:
+    return [
+        single("Pair role", f"max by (role) ({m('natedit_pair_role')}) == 1",
+               "Each gateway's role in the pair (natedit run --follow): active, following, "
+               "standby (cannot follow).", legend="{{role}}", name=True, w=4, h=8),
+        single("Replica link", f"min({m('natedit_pair_replica_link_up')})",
+               "The standby's Redis replica link to the active's (1: up).",
+               steps=[("red", None), ("green", 1)], background=True,
+               mappings=texts(**{"0": "DOWN", "1": "UP"}), w=4, h=8),
+        graph("Replication lag",
+              (f"max({m('natedit_pair_events_behind')})", "feed entries behind"),
+              (f"max({m('natedit_pair_seconds_since_event')})", "seconds since last change"),
+              description="How far the standby's followed table is behind its Redis replica.",
+              w=8),
+        graph("Promotions and demotions",
+              (f"sum by (change) (increase({m('natedit_pair_role_changes_total')}{RATE}))",
+               "{{change}}"), w=8),
+    ]
+
+
+PAIR_ROW = "Gateway pair"
+"""Only a pair's workers export this row's figures (tests/netns/test_pair.py checks them)."""
+
+
 def process() -> list[Panel]:
     return [
         graph("CPU", (f"rate({m('process_cpu_seconds_total')}{RATE})", "{{instance}}"),
@@ -285,6 +324,8 @@ ROWS: dict[str, Callable[[], list[Panel]]] = {
     "Drops and pass-throughs": drops,
     "Control conversation": control,
     "Queue health": queues,
+    "Kernel datapath": datapath,
+    PAIR_ROW: pair,
     "Process and policy": process,
 }
 """The dashboard top to bottom: a row, then its panels, laid out left to right by the SDK."""

@@ -66,6 +66,7 @@ from . import (
     ACL_REFUSALS,
     CallInfo,
     CallState,
+    Datapath,
     Direction,
     DropReason,
     Malformed,
@@ -121,6 +122,20 @@ class Collector(Protocol):
     """Anything with metric families to add to the worker's (prometheus_client's shape)."""
 
     def collect(self) -> Iterable[Metric]: ...
+
+
+class KernelFigures(Protocol):
+    """What the kernel datapath (:class:`natedit.fastpath.KernelDatapath`) counts."""
+
+    @property
+    def packets(self) -> Sequence[int]:
+        """GRE packets its program translated, by :class:`natedit.Direction`."""
+        ...
+
+    @property
+    def calls(self) -> int:
+        """Calls in its maps."""
+        ...
 
 
 # -- the kernel's queue figures -------------------------------------------------------------
@@ -217,6 +232,7 @@ class NateditCollector:
         version: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         extra: Sequence[Collector] = (),
+        kernel: Callable[[], KernelFigures | None] = lambda: None,
     ) -> None:
         if current_policy is None:
             if translator is None:
@@ -236,6 +252,8 @@ class NateditCollector:
         self.clock = clock
         self.extra = extra
         """Collectors of the worker's other parts (the event stream), scraped with it."""
+        self.kernel = kernel
+        """The kernel datapath's figures now (None: ``datapath: userspace``)."""
 
     def collect(self) -> Iterator[Metric]:
         for part in self.extra:
@@ -245,6 +263,7 @@ class NateditCollector:
         yield from self._policy(policy)
         yield from self._worker()
         yield from self._queues(policy)
+        yield from self._datapath(policy)
         if self.translator is not None:
             yield from self._table(self.translator, policy)
             yield from self._stats(self.translator, policy)
@@ -305,6 +324,26 @@ class NateditCollector:
         for kind in (*WORKER_ERRORS, *sorted(counts.keys() - set(WORKER_ERRORS))):
             errors.add_metric([kind], counts.get(kind, 0))
         yield errors
+
+    def _datapath(self, policy: Policy) -> Iterator[Metric]:
+        mode = GaugeMetricFamily(
+            "natedit_datapath", "Where established calls' GRE is translated (policy "
+            "datapath): 1 for the datapath in force.", labels=["datapath"])
+        for datapath in Datapath:
+            mode.add_metric([datapath.value], 1 if policy.datapath is datapath else 0)
+        yield mode
+        figures = self.kernel()
+        packets = CounterMetricFamily(
+            "natedit_kernel_gre_packets", "GRE packets the kernel datapath's tc-BPF program "
+            "translated, by direction (natedit_gre_packets_total counts them too).",
+            labels=["direction"])
+        for direction, label in DIRECTIONS.items():
+            packets.add_metric([label], 0 if figures is None else figures.packets[direction])
+        yield packets
+        yield GaugeMetricFamily(
+            "natedit_kernel_calls", "Calls whose GRE the kernel datapath translates (elements "
+            "in its maps; 0 with datapath userspace).",
+            value=0 if figures is None else figures.calls)
 
     def _queues(self, policy: Policy) -> Iterator[Metric]:
         try:
@@ -746,11 +785,13 @@ def serving(listen: str, collector: NateditCollector) -> Iterator[MetricsServer]
 def worker_collector(translator: object, dispatcher_counts: Mapping[str, int],
                      policy_status: PolicyStatus, policy: Policy, *,
                      queue_maxlen: int | None = None,
-                     extra: Sequence[Collector] = ()) -> NateditCollector:
+                     extra: Sequence[Collector] = (),
+                     kernel: Callable[[], KernelFigures | None] = lambda: None
+                     ) -> NateditCollector:
     """The worker's collector: the call table families only with the real core."""
     if isinstance(translator, Translator):
         return NateditCollector(translator, dispatcher_counts, policy_status,
-                                queue_maxlen=queue_maxlen, extra=extra)
+                                queue_maxlen=queue_maxlen, extra=extra, kernel=kernel)
     return NateditCollector(None, dispatcher_counts, policy_status,
                             current_policy=lambda: policy, queue_maxlen=queue_maxlen,
-                            extra=extra)
+                            extra=extra, kernel=kernel)

@@ -283,7 +283,8 @@ def run(
     hub = eventstream.EventHub()
     collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
                                          queue_maxlen=nfqueue.QUEUE_MAXLEN,
-                                         extra=(hub,) if pair is None else (hub, pair))
+                                         extra=(hub,) if pair is None else (hub, pair),
+                                         kernel=lambda: dispatcher.fastpath)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     with (
         state.journal(translator, state_path, dispatcher.counts,

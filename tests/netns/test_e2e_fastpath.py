@@ -97,6 +97,10 @@ def test_gre_of_established_calls_never_reaches_the_queues() -> None:
         time.sleep(2.5)  # one reading of the counters
         gre_out = metric(lab, 'natedit_gre_packets_total{direction="outbound"')
         gre_in = metric(lab, 'natedit_gre_packets_total{direction="inbound"')
+        kernel_out = metric(lab, 'natedit_kernel_gre_packets_total{direction="outbound"')
+        kernel_in = metric(lab, 'natedit_kernel_gre_packets_total{direction="inbound"')
+        kernel_calls = metric(lab, "natedit_kernel_calls ")
+        datapath = metric(lab, 'natedit_datapath{datapath="kernel"}')
         r = s.finish("fastpath", {})
     info = r.describe() + f"\nmaps {maps}\nqueued during the burst {during}"
     assert all(c.clean for c in r.calls.values()), info
@@ -105,6 +109,8 @@ def test_gre_of_established_calls_never_reaches_the_queues() -> None:
     assert all(p >= 205 for p in maps["in_daddr"].values()), info
     assert all(p >= 205 for p in maps["out_saddr"].values()), info
     assert gre_out >= 410 and gre_in >= 410, info  # the kernel's packets are counted
+    assert kernel_out >= 400 and kernel_in >= 400, info  # ... and shown apart (dashboard)
+    assert (kernel_calls, datapath) == (2, 1), info
 
 
 def test_kernel_counters_keep_busy_calls_and_idle_ones_leave() -> None:

@@ -36,6 +36,7 @@ from natedit.lab.topology import SERVER_ADDR, Lab
 from tests.conftest import require
 from tests.harness import require_netns, scenarios
 from tests.harness.capture import CCRQ
+from tests.unit.test_deploy import PAIR_PANELS, panel_queries
 
 pytestmark = pytest.mark.netns
 
@@ -105,6 +106,12 @@ def start_calls(s: scenarios.Session, keys: list[int]) -> bool:
         s.calls[call.key] = call
         s.pump.add(call.key, call.sock)
     return s.wait_connected(keys)
+
+
+def pair_row_metrics() -> set[str]:
+    """The metric names the dashboard's pair row queries."""
+    return {name for title, expr in panel_queries() if title in PAIR_PANELS
+            for name in re.findall(r"\b(natedit_\w+)\b", expr)}
 
 
 def test_failover_keeps_every_call(n_calls: int = 3) -> None:
@@ -285,6 +292,11 @@ def test_failover_keeps_every_call(n_calls: int = 3) -> None:
     assert ccrq and {m.call_id for m in ccrq} <= set(publics) and cleared, info
     assert metric(b_metrics_before, "natedit_pair_role", 'role="following"') == 1, info
     assert metric(b_metrics_after, "natedit_pair_role", 'role="active"') == 1, info
+    # every query of the dashboard's pair row has samples from the following worker
+    # (tests/netns/test_e2e_metrics.py runs one worker: it checks every other row)
+    exported = {ln.split("{")[0].split(" ")[0] for ln in b_metrics_before.splitlines()
+                if ln and not ln.startswith("#")}
+    assert pair_row_metrics() <= exported, (pair_row_metrics() - exported, info)
     assert (demote_rc, role_demoted, promote_rc) == (0, "following", 0), info
     assert repromoted, info  # the calls flow again through B, re-promoted
     # A came back as backup, followed B, took the calls over when B was killed

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from natedit import dashboard as dashboard_code
 from natedit.pair import Session
 from tests.conftest import require_tool
 from tests.unit.test_metrics import FAMILIES
@@ -45,6 +46,23 @@ PAIR_FAMILIES = {m.name + ("_total" if m.type == "counter" else "")
 def dashboard() -> dict[str, Any]:
     data: dict[str, Any] = json.loads(DASHBOARD.read_text())
     return data
+
+
+def row_panels(dash: dict[str, Any], row: str) -> list[str]:
+    """The titles of the panels under the row titled ``row`` (rows are laid out flat)."""
+    out: list[str] = []
+    current = None
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            current = p["title"]
+            out.extend(q["title"] for q in p.get("panels", []) if current == row)
+        elif current == row:
+            out.append(p["title"])
+    return out
+
+
+PAIR_PANELS = frozenset(row_panels(dashboard(), dashboard_code.PAIR_ROW))
+"""The pair row's panels: only a pair's workers feed them (tests/netns/test_pair.py)."""
 
 
 def panels(dash: dict[str, Any]) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import re
 import threading
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from natedit.core.errors import (
     Refusal,
     ReleaseReason,
 )
-from natedit.core.policy import Policy, WorkerDown
+from natedit.core.policy import Datapath, Policy, WorkerDown
 from natedit.core.translator import Translator
 from natedit.core.wire import TCP_ACK, MessageType, build_gre
 from natedit.eventstream import EventHub
@@ -71,6 +72,7 @@ FAMILIES = {
     "natedit_gre_packets_total", "natedit_gre_bytes_total", "natedit_packets_dropped_total",
     "natedit_packets_passed_total", "natedit_malformed_packets_total",
     "natedit_event_subscribers", "natedit_events_lost_total",
+    "natedit_datapath", "natedit_kernel_gre_packets_total", "natedit_kernel_calls",
 }
 """Every family natedit's collector exports (sample names: counters with _total)."""
 
@@ -533,3 +535,25 @@ def test_on_worker_down_gauge_follows_the_policy(mode: WorkerDown) -> None:
     get = registry(collector(None, current_policy=lambda: policy)).get_sample_value
     for other in WorkerDown:
         assert get("natedit_on_worker_down", {"mode": other.value}) == (other is mode)
+
+
+@dataclass
+class Kernel:
+    packets: list[int]
+    calls: int
+
+
+@pytest.mark.parametrize("datapath", list(Datapath))
+def test_datapath_families(datapath: Datapath) -> None:
+    """The datapath in force, and the kernel's own figures (0 without it)."""
+    policy = Policy(datapath=datapath)
+    figures = Kernel([7, 9], 2) if datapath is Datapath.KERNEL else None
+    get = registry(collector(None, current_policy=lambda: policy,
+                             kernel=lambda: figures)).get_sample_value
+    for other in Datapath:
+        assert get("natedit_datapath", {"datapath": other.value}) == (other is datapath)
+    kernel = datapath is Datapath.KERNEL
+    for direction, n in (("outbound", 7), ("inbound", 9)):
+        assert get("natedit_kernel_gre_packets_total", {"direction": direction}) == (
+            n if kernel else 0)
+    assert get("natedit_kernel_calls") == (2 if kernel else 0)
