@@ -212,6 +212,27 @@ def _id(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+def datapath_families(policy: Policy, figures: KernelFigures | None) -> Iterator[Metric]:
+    """The datapath in force and the kernel datapath's figures (0 without it)."""
+    mode = GaugeMetricFamily(
+        "natedit_datapath", "Where established calls' GRE is translated (policy "
+        "datapath): 1 for the datapath in force.", labels=["datapath"])
+    for datapath in Datapath:
+        mode.add_metric([datapath.value], 1 if policy.datapath is datapath else 0)
+    yield mode
+    packets = CounterMetricFamily(
+        "natedit_kernel_gre_packets", "GRE packets the kernel datapath's tc-BPF program "
+        "translated, by direction (natedit_gre_packets_total counts them too).",
+        labels=["direction"])
+    for direction, label in DIRECTIONS.items():
+        packets.add_metric([label], 0 if figures is None else figures.packets[direction])
+    yield packets
+    yield GaugeMetricFamily(
+        "natedit_kernel_calls", "Calls whose GRE the kernel datapath translates (elements "
+        "in its maps; 0 with datapath userspace).",
+        value=0 if figures is None else figures.calls)
+
+
 class NateditCollector:
     """Yields natedit's metric families from the live worker at every scrape.
 
@@ -263,7 +284,7 @@ class NateditCollector:
         yield from self._policy(policy)
         yield from self._worker()
         yield from self._queues(policy)
-        yield from self._datapath(policy)
+        yield from datapath_families(policy, self.kernel())
         if self.translator is not None:
             yield from self._table(self.translator, policy)
             yield from self._stats(self.translator, policy)
@@ -324,26 +345,6 @@ class NateditCollector:
         for kind in (*WORKER_ERRORS, *sorted(counts.keys() - set(WORKER_ERRORS))):
             errors.add_metric([kind], counts.get(kind, 0))
         yield errors
-
-    def _datapath(self, policy: Policy) -> Iterator[Metric]:
-        mode = GaugeMetricFamily(
-            "natedit_datapath", "Where established calls' GRE is translated (policy "
-            "datapath): 1 for the datapath in force.", labels=["datapath"])
-        for datapath in Datapath:
-            mode.add_metric([datapath.value], 1 if policy.datapath is datapath else 0)
-        yield mode
-        figures = self.kernel()
-        packets = CounterMetricFamily(
-            "natedit_kernel_gre_packets", "GRE packets the kernel datapath's tc-BPF program "
-            "translated, by direction (natedit_gre_packets_total counts them too).",
-            labels=["direction"])
-        for direction, label in DIRECTIONS.items():
-            packets.add_metric([label], 0 if figures is None else figures.packets[direction])
-        yield packets
-        yield GaugeMetricFamily(
-            "natedit_kernel_calls", "Calls whose GRE the kernel datapath translates (elements "
-            "in its maps; 0 with datapath userspace).",
-            value=0 if figures is None else figures.calls)
 
     def _queues(self, policy: Policy) -> Iterator[Metric]:
         try:
