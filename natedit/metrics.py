@@ -212,6 +212,13 @@ def _id(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+def build_families(version: str) -> Iterator[Metric]:
+    info = InfoMetricFamily("natedit_build", "natedit's version and Python's.")
+    info.add_metric([], {"version": version,
+                         "python_version": ".".join(map(str, sys.version_info[:3]))})
+    yield info
+
+
 def datapath_families(policy: Policy, figures: KernelFigures | None) -> Iterator[Metric]:
     """The datapath in force and the kernel datapath's figures (0 without it)."""
     mode = GaugeMetricFamily(
@@ -280,7 +287,7 @@ class NateditCollector:
         for part in self.extra:
             yield from part.collect()
         policy = self.current_policy()
-        yield from self._build()
+        yield from build_families(self.version)
         yield from self._policy(policy)
         yield from self._worker()
         yield from self._queues(policy)
@@ -290,12 +297,6 @@ class NateditCollector:
             yield from self._stats(self.translator, policy)
 
     # -- families ----------------------------------------------------------------------
-
-    def _build(self) -> Iterator[Metric]:
-        info = InfoMetricFamily("natedit_build", "natedit's version and Python's.")
-        info.add_metric([], {"version": self.version,
-                             "python_version": ".".join(map(str, sys.version_info[:3]))})
-        yield info
 
     def _policy(self, policy: Policy) -> Iterator[Metric]:
         st = self.policy_status
