@@ -142,6 +142,7 @@ class BpfMaps:
         lb, ld = self._libbpf, self._loader
         self.remove()
         try:
+            ld.probe()  # BPF permitted, tc programs loadable: else one line, nothing done
             obj = ld.build()
             self.interfaces = ld.find_interfaces(self.public, self._inside,
                                                  self._public_interface)

@@ -24,6 +24,7 @@ ROUTE = struct.Struct("=4s2sxxQQ")
 CONFIG = struct.Struct("=4sxxxx")
 """struct config: the public address."""
 BPF_ANY = 0
+BPF_PROG_TYPE_SCHED_CLS = 3
 
 
 class BpfError(NateditError):
@@ -70,6 +71,17 @@ class Libbpf:
         lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
         lib.bpf_map_delete_elem.restype = ctypes.c_int
         self.lib = lib
+
+    def can_load_tc_programs(self) -> tuple[bool, str]:
+        """Whether this kernel lets this process load a tc (SCHED_CLS) program: libbpf
+        loads a two-instruction one and drops it. (False, why) when it cannot."""
+        probe = self.lib.libbpf_probe_bpf_prog_type
+        probe.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        probe.restype = ctypes.c_int
+        ctypes.set_errno(0)
+        rc = probe(BPF_PROG_TYPE_SCHED_CLS, None)
+        err = ctypes.get_errno() or (-rc if rc < 0 else 0)
+        return rc == 1, os.strerror(err) if err else "not supported"
 
     def _check(self, rc: int, what: str) -> int:
         if rc < 0:

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -61,6 +62,41 @@ to close, then removes the worker's filters (only while they run its program) an
 
 class KernelDatapathUnavailable(NateditError):
     """``datapath: kernel`` cannot run here; the message names what is missing."""
+
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+"""linux/capability.h: tc filters; BPF before CAP_BPF (Linux 5.8); BPF."""
+USE_USERSPACE = "(datapath: userspace works without it)"
+
+
+def probe(status: str | None = None, can_load: Callable[[], tuple[bool, str]] | None = None
+          ) -> None:
+    """The start-up check of ``datapath: kernel``, before anything is built or loaded:
+    raises KernelDatapathUnavailable, one line naming what is missing, when BPF is
+    not permitted (capabilities) or this kernel cannot load a tc BPF program.
+
+    ``status`` is /proc/self/status's text (read when None); ``can_load`` asks the
+    kernel (libbpf's probe, :meth:`natedit.kernel.libbpf.Libbpf.can_load_tc_programs`).
+    The clsact qdisc and cls_bpf are checked when the program is attached, still before
+    the worker says it is ready (:meth:`Attachment.attach`).
+    """
+    missing = [name for name, bits in (("CAP_BPF (or CAP_SYS_ADMIN)", (CAP_BPF, CAP_SYS_ADMIN)),
+                                       ("CAP_NET_ADMIN", (CAP_NET_ADMIN,)))
+               if not any(host.has_capability(b, status) for b in bits)]
+    if missing:
+        raise KernelDatapathUnavailable(
+            f"datapath kernel: BPF is not permitted: the worker lacks {' and '.join(missing)} "
+            f"{USE_USERSPACE}")
+    if can_load is None:
+        from .libbpf import Libbpf
+
+        can_load = Libbpf().can_load_tc_programs
+    ok, why = can_load()
+    if not ok:
+        raise KernelDatapathUnavailable(
+            f"datapath kernel: this kernel does not let natedit load a tc BPF program "
+            f"(BPF_PROG_TYPE_SCHED_CLS: {why}; needs CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF "
+            f"and BPF not locked down) {USE_USERSPACE}")
 
 
 def _cache_dir() -> Path:
@@ -176,7 +212,7 @@ class Attachment:
                 except host.HostError as exc:
                     raise KernelDatapathUnavailable(
                         f"datapath kernel needs the clsact qdisc (sch_ingress, "
-                        f"CONFIG_NET_SCH_INGRESS) on {dev}: {exc}") from exc
+                        f"CONFIG_NET_SCH_INGRESS) on {dev}: {exc} {USE_USERSPACE}") from exc
                 self.own_clsact.add(dev)
             try:
                 host.run(["tc", "filter", "replace", "dev", dev, "ingress", "pref", str(PREF),
@@ -185,7 +221,7 @@ class Attachment:
             except host.HostError as exc:
                 raise KernelDatapathUnavailable(
                     f"datapath kernel needs cls_bpf (CONFIG_NET_CLS_BPF) on {dev}: "
-                    f"{exc}") from exc
+                    f"{exc} {USE_USERSPACE}") from exc
             self.attached.append(dev)
         self.guard = Guard(self.pins, [(d, self.prog_id, d in self.own_clsact)
                                        for d in self.attached])
@@ -193,9 +229,11 @@ class Attachment:
     def remove(self) -> list[str]:
         """Filters, a clsact natedit added, pins: gone. The trouble met, as lines."""
         trouble: list[str] = []
-        for dev in self.attached:
+        # (a clsact added on an interface whose filter then failed goes too)
+        for dev in dict.fromkeys([*self.attached, *sorted(self.own_clsact)]):
             try:
-                host.run(["tc", "filter", "del", "dev", dev, "ingress", "pref", str(PREF)])
+                if dev in self.attached:
+                    host.run(["tc", "filter", "del", "dev", dev, "ingress", "pref", str(PREF)])
                 if dev in self.own_clsact and not (
                         host.run(["tc", "filter", "show", "dev", dev, "ingress"]).strip()
                         or host.run(["tc", "filter", "show", "dev", dev, "egress"]).strip()):
@@ -203,6 +241,7 @@ class Attachment:
             except host.HostError as exc:
                 trouble.append(str(exc))
         self.attached.clear()
+        self.own_clsact.clear()
         shutil.rmtree(self.pins, ignore_errors=True)
         if self.guard is not None:
             self.guard.release()

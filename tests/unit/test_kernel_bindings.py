@@ -87,3 +87,32 @@ def test_pins_of_gone_workers_are_reclaimed(tmp_path: Path) -> None:
     (base / "999999999").mkdir()  # no such process
     assert loader.reclaim(base) == ["999999999"]
     assert sorted(p.name for p in base.iterdir()) == ["1"]
+
+
+def _status(*bits: int) -> str:
+    return f"Name:\tnatedit\nCapEff:\t{sum(1 << b for b in bits):016x}\n"
+
+
+def test_the_start_up_probe_names_the_missing_capability_in_one_line() -> None:
+    allowed = lambda: (True, "")  # noqa: E731 (the kernel's answer is not asked for)
+    with pytest.raises(loader.KernelDatapathUnavailable) as err:
+        loader.probe(_status(loader.CAP_NET_ADMIN), allowed)
+    assert str(err.value) == ("datapath kernel: BPF is not permitted: the worker lacks CAP_BPF "
+                              "(or CAP_SYS_ADMIN) (datapath: userspace works without it)")
+    with pytest.raises(loader.KernelDatapathUnavailable, match="lacks CAP_NET_ADMIN "):
+        loader.probe(_status(loader.CAP_BPF), allowed)
+    with pytest.raises(loader.KernelDatapathUnavailable,
+                       match=re.escape("lacks CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN")):
+        loader.probe(_status(), allowed)
+    for enough in (_status(loader.CAP_BPF, loader.CAP_NET_ADMIN),
+                   _status(loader.CAP_SYS_ADMIN, loader.CAP_NET_ADMIN)):
+        loader.probe(enough, allowed)  # nothing raised
+
+
+def test_a_kernel_that_cannot_load_tc_programs_is_one_clear_line() -> None:
+    with pytest.raises(loader.KernelDatapathUnavailable) as err:
+        loader.probe(_status(loader.CAP_BPF, loader.CAP_NET_ADMIN),
+                     lambda: (False, "Invalid argument"))
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("datapath kernel: this kernel does not let natedit load a "
+                                     "tc BPF program (BPF_PROG_TYPE_SCHED_CLS: Invalid argument;")
