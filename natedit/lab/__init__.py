@@ -12,6 +12,8 @@ itself: N clients behind a gateway, one server), :mod:`~natedit.lab.peers`
 optionally forced onto one Call ID), :mod:`~natedit.lab.hdlc` (the
 async-HDLC framing both speak to their local PPP side) and
 :mod:`~natedit.lab.pump` (unique frames per call, echoes classified as own or
-foreign). ``bench/`` and ``tests/scratch_ns.py`` build their namespaces with
+foreign) and :mod:`~natedit.lab.coexist` (other PPTP on and through the gateway:
+outside clients behind an Internet router, a remote NAT, an inside server published
+by a port forward). ``bench/`` and ``tests/scratch_ns.py`` build their namespaces with
 :mod:`~natedit.lab.netns` too.
 """

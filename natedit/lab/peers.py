@@ -126,8 +126,8 @@ class PptpServer:
         if how not in ("standin", "pptpctrl"):
             raise ValueError(how)
         pid = call.pid if how == "standin" else call.pptpctrl_pid
-        if pid not in self.lab.pids_in(self.lab.server_ns):
-            raise LabError(f"pid {pid} is not a process of the server namespace")
+        if pid not in self.lab.pids_in(self.mounts.ns):
+            raise LabError(f"pid {pid} is not a process of the server's namespace")
         os.kill(pid, signal.SIGTERM)
 
     def stop(self, timeout: float = 3.0) -> int | None:
@@ -135,9 +135,22 @@ class PptpServer:
         return self.lab.stop_process(self.proc, signal.SIGTERM, timeout)
 
 
-def start_pptpd(lab: Lab, *, debug: bool = True, timeout: float = 5.0) -> PptpServer:
-    """Start pptpd (-f foreground, own config, own pid file) and wait until it listens."""
-    directory = lab.tmpdir / "pptpd"
+def start_pptpd(
+    lab: Lab,
+    *,
+    debug: bool = True,
+    timeout: float = 5.0,
+    node: str = "srv",
+    address: str = SERVER_ADDR,
+    name: str = "pptpd",
+) -> PptpServer:
+    """Start pptpd (-f foreground, own config, own pid file) and wait until it listens.
+
+    By default the lab's outside server (node ``srv``, on ``SERVER_ADDR``); ``node``,
+    ``address`` and ``name`` put another one elsewhere (an inside server behind a port
+    forward, one on the gateway itself).
+    """
+    directory = lab.tmpdir / name
     directory.mkdir()
     standin_log = directory / "standin.log"
     standin = directory / "standin.py"
@@ -155,18 +168,18 @@ def start_pptpd(lab: Lab, *, debug: bool = True, timeout: float = 5.0) -> PptpSe
         f"ppp {standin}\noption {options}\nlocalip 10.99.0.1\nremoteip 10.99.0.100-199\n"
     )
     pidfile = directory / "pptpd.pid"
-    mounts = lab.private_mounts(lab.server_ns, "pptpd")
-    argv = [which("pptpd") or "pptpd", "-f", "-c", str(conf), "-p", str(pidfile), "-l", SERVER_ADDR]
+    mounts = lab.private_mounts(lab.node(node), name)
+    argv = [which("pptpd") or "pptpd", "-f", "-c", str(conf), "-p", str(pidfile), "-l", address]
     if debug:
         argv.append("-d")
-    proc = lab.popen(None, mounts.argv(argv), name="pptpd", raw_argv=True)
+    proc = lab.popen(None, mounts.argv(argv), name=name, raw_argv=True)
     server = PptpServer(lab, directory, mounts, proc, pidfile, standin_log)
     deadline = time.monotonic() + timeout
     while not _listening(proc.pid, PPTP_PORT):
         if proc.poll() is not None:
             raise LabError(f"pptpd exited ({proc.returncode}): {lab.process_log(proc)}")
         if time.monotonic() > deadline:
-            raise LabError("pptpd does not listen on 1723")
+            raise LabError(f"pptpd does not listen on {address}:1723")
         time.sleep(0.01)
     return server
 
@@ -212,6 +225,8 @@ class PptpClient:
     sock: socket.socket
     forced_call_id: int | None  # the private Call ID this call was made to pick, if forced
     extra: dict[str, object] = field(default_factory=dict)
+    node: str | None = None  # the lab node it runs in, when not client ``index``
+    server: str = SERVER_ADDR  # the address it calls
 
     @property
     def pid(self) -> int:
@@ -251,8 +266,14 @@ def start_pptp_client(
     share_with: PptpClient | None = None,
     key: int | None = None,
     extra_args: Sequence[str] = (),
+    node: str | None = None,
+    server: str = SERVER_ADDR,
 ) -> PptpClient:
     """Start pptp-linux in client namespace ``index`` for one call.
+
+    ``node`` runs it in another lab node instead (an outside client, the gateway
+    itself; ``index`` then only numbers it in names), ``server`` calls another address
+    than the lab's server.
 
     Each client normally gets its own private mount namespace (own /run, so its own call
     manager and control connection). ``share_with=other`` runs this pptp in ``other``'s
@@ -260,7 +281,8 @@ def start_pptp_client(
     the same control connection (``forced_call_id`` of this call is ignored then; give
     ``other`` a sequence of IDs for distinct forced IDs).
     """
-    node = lab.clients[index]
+    label = node or f"c{index + 1}"
+    ns = lab.node(node) if node is not None else lab.clients[index].ns
     if share_with is not None:
         if share_with.index != index:
             raise ValueError("share_with must be a call of the same client namespace")
@@ -271,9 +293,7 @@ def start_pptp_client(
         else:
             forced_call_id = spec[min(mounts.calls, len(spec) - 1)]
     else:
-        mounts = lab.private_mounts(
-            node.ns, f"c{index + 1}-{lab.serial()}", forced_call_id=forced_call_id
-        )
+        mounts = lab.private_mounts(ns, f"{label}-{lab.serial()}", forced_call_id=forced_call_id)
     if key is None:
         key = index if share_with is None else 1000 + lab.serial()
     this_call_id: int | None
@@ -285,20 +305,20 @@ def start_pptp_client(
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     argv = [
         which("pptp") or "pptp",
-        SERVER_ADDR,
+        server,
         "--nolaunchpppd",
         "--nohostroute",
         "--loglevel",
         "1",
         "--logstring",
-        f"c{index + 1}k{key}",
+        f"{label}k{key}",
         *extra_args,
     ]
     try:
         proc = lab.popen(
             None,
             mounts.argv(argv),
-            name=f"pptp-c{index + 1}-k{key}",
+            name=f"pptp-{label}-k{key}",
             raw_argv=True,
             stdin=theirs,
             stdout=theirs,
@@ -308,4 +328,4 @@ def start_pptp_client(
     finally:
         theirs.close()
     ours.setblocking(False)
-    return PptpClient(lab, index, key, mounts, proc, ours, this_call_id)
+    return PptpClient(lab, index, key, mounts, proc, ours, this_call_id, node=node, server=server)

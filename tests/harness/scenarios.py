@@ -232,6 +232,8 @@ class Session:
     calls: dict[int, PptpClient] = field(default_factory=dict)
     phases: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    addresses: dict[int, str] = field(default_factory=dict)
+    """Per call key, the caller's address when it is not one of the lab's clients."""
 
     def start_call(
         self,
@@ -240,10 +242,18 @@ class Session:
         forced_call_id: int | Sequence[int] | None = None,
         share_with: PptpClient | None = None,
         key: int | None = None,
+        node: str | None = None,
+        server: str | None = None,
+        address: str | None = None,
     ) -> PptpClient:
+        """Start a call of lab client ``client``; or, with ``node`` (and its ``address``,
+        for the report), of another node, calling ``server`` (default: the lab's)."""
         call = start_pptp_client(
-            self.lab, client, forced_call_id=forced_call_id, share_with=share_with, key=key
+            self.lab, client, forced_call_id=forced_call_id, share_with=share_with, key=key,
+            node=node, server=server or self.lab.server_addr,
         )
+        if address is not None:
+            self.addresses[call.key] = address
         self.calls[call.key] = call
         self.pump.add(call.key, call.sock)
         return call
@@ -293,7 +303,7 @@ class Session:
             calls[key] = CallResult(
                 key=key,
                 client=call.index,
-                client_addr=lab.clients[call.index].addr,
+                client_addr=self.addresses.get(key) or lab.clients[call.index].addr,
                 forced_call_id=call.forced_call_id,
                 sent=st.sent,
                 received=st.received,
