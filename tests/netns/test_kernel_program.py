@@ -7,17 +7,24 @@ the call's own packets come out translated (address, Call ID, TTL - 1) and are
 counted in the map values; a fragment, an unknown Call ID, a spoofed source and
 an expired TTL are left to the stack (plain forwarding here, no rules: they
 come out untranslated, or, TTL 1, not at all) and counted nowhere. Everything
-is removed at the end: filters, clsact, pins.
+is removed at the end: filters, clsact, pins. Forwarding semantics: the
+egress is the routing table's when the packet comes (a replaced route moves the
+next packet to another interface), GRE over the egress MTU is the stack's, and
+tcpdump on the gateway sees what the program forwards (ingress and egress).
+(The verdicts the worker's queues give what the program leaves to them:
+tests/netns/test_e2e_not_owned.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,3 +220,125 @@ def test_a_killed_worker_leaves_no_program_behind(tmp_path: Path) -> None:
                 agent.wait()
     assert all("natedit_gre" in text for text in shown.values()), shown
     assert not any("clsact" in q for q in left.values()), left
+
+
+# -- forwarding semantics: the routing table, the egress MTU, tcpdump -------------------
+
+FAR = "203.0.113.5"
+"""A server reached through a route: first via the ``alt`` namespace, then via ``out``
+(both have the address)."""
+ROUTED = NET + Topology(
+    nodes=("alt",),
+    links=(Veth(Port("gw", "alt0", "192.0.2.1/24"), Port("alt", "eth0", "192.0.2.2/24")),),
+    routes=(Route("alt", "default", "192.0.2.1"), Route("gw", f"{FAR}/32", "192.0.2.2")),
+)
+FAR_CID = 0x0200
+
+ROUTED_AGENT = AGENT.replace(
+    'att.attach()\n',
+    f'far = IPv4Address("{FAR}").packed\n'
+    f'maps["natedit_out"].update(libbpf.pack_out_key(cli, far, {FAR_CID}),\n'
+    f'                           libbpf.pack_route(pub, {FAR_CID}))\n'
+    'att.attach()\n')
+
+BIG_SENDER = SENDER.replace('bytes(40)', 'bytes(int(sys.argv[7]))').replace(
+    'struct.pack_into("!H", pkt, 6, frag)', 'struct.pack_into("!H", pkt, 6, frag)  # no DF')
+
+
+def test_forwarding_follows_the_routes_and_the_mtu_and_tcpdump_sees_it(
+        tmp_path: Path) -> None:
+    """The program's egress is the routing table's at the time of the packet (a route
+    replaced moves the next packet); GRE larger than the egress interface's MTU is left
+    to the stack (which fragments it, untranslated here: no rules); ``tcpdump`` on the
+    gateway shows the packets the program forwards, as they came in (ingress of in0)
+    and as they left (egress of out0)."""
+    require(os.geteuid() == 0, "needs root for network namespaces and BPF")
+    for tool in ("ip", "tc", "bpftool", "clang", "tcpdump"):
+        require_tool(tool)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with Netns(ROUTED) as net:
+        gw, ns_in, ns_out, ns_alt = (net.name(n) for n in ("gw", "in", "out", "alt"))
+        for ns in (ns_out, ns_alt):
+            net.exec(ns, ["ip", "addr", "add", f"{FAR}/32", "dev", "eth0"])
+        for ns, dev, peer in ((ns_in, "in0", INSIDE), (ns_out, "out0", SERVER),
+                              (ns_alt, "alt0", "192.0.2.2")):
+            link = json.loads(net.exec(ns, ["ip", "-j", "link", "show", "eth0"]).stdout)
+            net.exec(gw, ["ip", "neigh", "replace", peer, "lladdr", link[0]["address"],
+                          "dev", dev])
+        agent = subprocess.Popen(net.argv(gw, [sys.executable, "-c", ROUTED_AGENT,
+                                               str(tmp_path)]),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+        dumps: list[subprocess.Popen[str]] = []
+        try:
+            assert agent.stdout and agent.stdin and agent.stderr
+            ready = json.loads(agent.stdout.readline() or "{}")
+            assert "ready" in ready, agent.stderr.read()
+
+            def send(ns: str, dst: str, cid: int, tag: str, size: int = 40) -> None:
+                subprocess.run(net.argv(ns, [sys.executable, "-c", BIG_SENDER, INSIDE, dst,
+                                             str(cid), "64", "0", tag, str(size)]),
+                               env=env, cwd=str(REPO), check=True, timeout=10)
+
+            def receive(sends: list[tuple[str, int, str, int]]) -> dict[str, list[Any]]:
+                rxs = {ns: subprocess.Popen(net.argv(ns, [sys.executable, "-c", RECEIVER]),
+                                            stdout=subprocess.PIPE, text=True)
+                       for ns in (ns_out, ns_alt)}
+                for rx in rxs.values():
+                    assert rx.stdout is not None
+                    assert rx.stdout.readline().strip() == "listening"
+                for dst, cid, tag, size in sends:
+                    send(ns_in, dst, cid, tag, size)
+                got = {}
+                for ns, rx in rxs.items():
+                    assert rx.stdout is not None
+                    got[ns] = json.loads(rx.stdout.readline())
+                    rx.wait(5)
+                return got
+
+            # tcpdump on the gateway while the program forwards
+            for dev, way in (("in0", "in"), ("out0", "out")):
+                dump = subprocess.Popen(net.argv(gw, ["tcpdump", "-i", dev, "-Q", way, "-nn",
+                                                      "-l", "-U", "ip proto 47"]),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+                assert dump.stderr is not None
+                while "listening on" not in (line := dump.stderr.readline()):
+                    assert line, "tcpdump did not start"
+                dumps.append(dump)
+            first = receive([(FAR, FAR_CID, "ALT1", 40)])
+            net.exec(gw, ["ip", "route", "replace", f"{FAR}/32", "via", SERVER, "dev", "out0"])
+            second = receive([(FAR, FAR_CID, "OUT1", 40)])
+            for dump in dumps:
+                dump.send_signal(signal.SIGINT)
+            seen = [dump.communicate(timeout=10)[0] for dump in dumps]
+            net.exec(gw, ["ip", "link", "set", "out0", "mtu", "1000"])
+            mtu = receive([(SERVER, SERVER_CID, "SMAL", 40), (SERVER, SERVER_CID, "BIGG", 1200)])
+            agent.stdin.write("done\n")
+            agent.stdin.flush()
+            final = json.loads(agent.stdout.readline() or "{}")
+            agent.wait(10)
+        finally:
+            for proc in [agent, *dumps]:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    info = json.dumps({"first": first, "second": second, "mtu": mtu, "final": final,
+                       "tcpdump": seen}, indent=1)
+
+    def tags(got: dict[str, list[Any]], ns: str) -> list[tuple[str, str, str]]:
+        return [(p["tag"], p["src"], p["dst"]) for p in got[ns]]
+
+    # the route names alt: translated out of alt0; replaced by one via out0: out of out0
+    assert tags(first, ns_alt) == [("ALT1", PUBLIC, FAR)] * 5 and not first[ns_out], info
+    assert tags(second, ns_out) == [("OUT1", PUBLIC, FAR)] * 5 and not second[ns_alt], info
+    # over the egress MTU (1000 < 1200): the stack's (fragmented, not translated here)
+    assert tags(mtu, ns_out) == ([("SMAL", PUBLIC, SERVER)] * 5
+                                 + [("BIGG", INSIDE, SERVER)] * 5), info
+    # counted: 5 + 5 through the far element, 5 small ones through the server's
+    assert sorted(final["natedit_out"]) == sorted([[10, 10 * 78], [5, 5 * 78]]), info
+    # tcpdump on the gateway: the 5 OUT1 packets as they came in on in0 (the client's
+    # source) and as the program sent them out of out0 (the public source)
+    assert seen[0].count(f"{INSIDE} > {FAR}: GREv1") == 10, info  # ALT1 and OUT1 came in
+    assert seen[1].count(f"{PUBLIC} > {FAR}: GREv1") == 5, info
+    assert f"{INSIDE} > {FAR}" not in seen[1], info
