@@ -305,12 +305,18 @@ def natedit_filters() -> list[str]:
 
 
 def remove_leftovers() -> None:
-    """``natedit cleanup``: natedit's tc filters, and the pins of workers that are gone."""
+    """``natedit cleanup``: natedit's tc filters (left when the worker and its guard were
+    both killed, e.g. a whole service cgroup: the program would go on translating from
+    stale maps), a clsact qdisc left with no filter at all (natedit adds one where none
+    is; an empty one does nothing), and the pins of workers that are gone."""
     if not host.have("tc"):
         return
     for dev in natedit_filters():
         with contextlib.suppress(host.HostError):
             host.run(["tc", "filter", "del", "dev", dev, "ingress", "pref", str(PREF)])
+            if not (host.run(["tc", "filter", "show", "dev", dev, "ingress"]).strip()
+                    or host.run(["tc", "filter", "show", "dev", dev, "egress"]).strip()):
+                host.run(["tc", "qdisc", "del", "dev", dev, "clsact"])
     for line in (host.read_text("/proc/self/mounts") or "").splitlines():
         parts = line.split()
         if len(parts) > 2 and parts[2] == "bpf":

@@ -265,8 +265,14 @@ def test_worker_restart_during_traffic(sig: int, kept: bool, datapath: str) -> N
     assert bool(fast_restored) == (datapath == "kernel"), info
     if datapath == "kernel":  # the restored calls go into the maps before it is attached
         restored_calls = 2 if kept and sig != signal.SIGTERM else 0
+        log2 = r.gateway_processes[1].log_tail
         assert re.search(r"kernel datapath: tc-BPF program attached to \S.* with "
-                         f"{restored_calls} calls", r.gateway_processes[1].log_tail), info
+                         f"{restored_calls} calls", log2), info
+        # in this order: the calls restored, the program attached (maps filled), ready
+        order = [log2.find(s) for s in ("event=state_restored", "tc-BPF program attached",
+                                        "natedit: ready ")]
+        assert order == sorted(order) and order[1] >= 0, (order, info)
+        assert (order[0] >= 0) == (restored_calls > 0), info
     assert connected and before, info
     if sig == signal.SIGTERM:
         assert rc == 0 and rules_after_stop == before_natedit["rules"], info
