@@ -69,8 +69,10 @@ def assert_removed(result: ScenarioResult) -> None:
     assert not left, f"namespaces left behind: {left}"
 
 
-def assert_natedit_dropped_nothing(result: ScenarioResult) -> None:
-    """natedit ran to the end and dropped nothing (no_call was today's failure)."""
+def assert_natedit_dropped_nothing(result: ScenarioResult, own_calls: int) -> None:
+    """natedit ran to the end, dropped nothing (no_call was the failure before issue 16
+    item 1) and mapped exactly its ``own_calls`` (the inside clients' calls, nobody
+    else's)."""
     info = result.describe()
     assert result.gateway_alive, info
     metrics = result.outcome["metrics"]
@@ -78,6 +80,7 @@ def assert_natedit_dropped_nothing(result: ScenarioResult) -> None:
     dropped = {k: v for k, v in metrics.items()
                if k.startswith("natedit_packets_dropped_total") and v}
     assert not dropped, f"{dropped}\n{info}"
+    assert metrics.get("natedit_calls_mapped_total") == own_calls, info
 
 
 # ------------------------------------------------------------------ item 2: port forward
@@ -105,7 +108,7 @@ def test_port_forwarded_inside_server(base: Gateway) -> None:
     if base is MASQUERADE_ONLY:
         assert all(r.call(k).received == 0 for k in (0, 1)), info
     if base in NATEDITS:
-        assert_natedit_dropped_nothing(r)
+        assert_natedit_dropped_nothing(r, own_calls=2)
 
 
 # ------------------------------------------------------------------ item 3: the gateway's own
@@ -123,7 +126,7 @@ def test_gateway_own_pptp(base: Gateway) -> None:
                                   "gateway_client": True, "gateway_server": True}, info
     assert r.total_foreign == 0, info
     if base in NATEDITS:
-        assert_natedit_dropped_nothing(r)
+        assert_natedit_dropped_nothing(r, own_calls=1)
 
 
 # ------------------------------------------------------------------ item 5: GRE version 0
@@ -150,4 +153,4 @@ def test_gre_v0_passes_untouched(base: Gateway) -> None:
         assert r.call(1).phases["after"].complete, info
     if base in NATEDITS:
         assert r.outcome["natedit_touched"] == {}, info
-        assert_natedit_dropped_nothing(r)
+        assert_natedit_dropped_nothing(r, own_calls=1)
