@@ -1,7 +1,8 @@
 """Metrics end to end: a real Prometheus scrapes natedit's worker carrying real calls.
 
 One namespace lab (pptpd, four pptp-linux clients) with natedit's worker in the gateway
-on a policy whose public Call ID pool holds three IDs. Debian's ``prometheus`` runs in
+on a policy whose public Call ID pool holds three IDs, in each datapath (``kernel``: the
+calls' GRE is the tc-BPF program's, counted from its maps). Debian's ``prometheus`` runs in
 the gateway namespace too, with deploy/prometheus/prometheus.yml (its job, target and
 rule file; scrape and evaluation every second), scraping the worker's default
 127.0.0.1:9723 there, its storage in the lab's temp dir; the Lab stops it by PID.
@@ -34,7 +35,7 @@ import yaml
 from natedit.lab.topology import Lab
 from tests.conftest import require_tool
 from tests.harness import require_netns, scenarios
-from tests.harness.scenarios import worker_gateway
+from tests.harness.scenarios import Gateway, worker_gateway
 from tests.unit.test_deploy import (
     ALERTS_YML,
     PAIR_PANELS,
@@ -61,20 +62,23 @@ INACTIVE = {"NateditWorkerDown", "NateditWorkerErrors", "NateditPairStandbyNotFo
             "NateditPairTwoActives"}  # (a single worker: no natedit_pair_role)
 
 
-def write_policy(lab: Lab) -> Path:
+def write_policy(lab: Lab, datapath: str = "userspace") -> Path:
     path = lab.tmpdir / "natedit-policy.yaml"
-    path.write_text(yaml.safe_dump({"call_ids": {"first": 1, "last": POOL}}))
+    path.write_text(yaml.safe_dump({"call_ids": {"first": 1, "last": POOL}}
+                                   | ({"datapath": "kernel"} if datapath == "kernel" else {})))
     return path
 
 
-NATEDIT = worker_gateway(
-    "natedit",
-    lambda lab, ready: [sys.executable, "-m", "natedit", "run",
-                        "--policy", str(write_policy(lab)), "--ready-file", str(ready),
-                        "--pid-file", str(lab.tmpdir / "natedit.pid"),
-                        "--state", str(lab.tmpdir / "state.db")],
-    cwd=str(REPO),
-)
+def natedit(datapath: str) -> Gateway:
+    return worker_gateway(
+        "natedit" if datapath == "userspace" else f"natedit-{datapath}",
+        lambda lab, ready: [sys.executable, "-m", "natedit", "run",
+                            "--policy", str(write_policy(lab, datapath)), "--ready-file",
+                            str(ready), "--pid-file", str(lab.tmpdir / "natedit.pid"),
+                            "--state", str(lab.tmpdir / "state.db")],
+        cwd=str(REPO),
+    )
+
 
 # Runs inside the gateway namespace: GET each (path, params) of Prometheus' HTTP API.
 _QUERY = """
@@ -160,11 +164,12 @@ def start_prometheus(lab: Lab) -> subprocess.Popen[bytes]:
     ], name="prometheus", grace=5.0)
 
 
-def test_prometheus_scrapes_worker_with_real_calls() -> None:
+@pytest.mark.parametrize("datapath", ["userspace", "kernel"])
+def test_prometheus_scrapes_worker_with_real_calls(datapath: str) -> None:
     require_netns()
     require_tool("prometheus")
     t0 = time.monotonic()
-    with scenarios.session(NATEDIT, n_clients=4) as s:
+    with scenarios.session(natedit(datapath), n_clients=4) as s:
         lab = s.lab
         worker = lab.gateway_processes[0]
         prometheus = start_prometheus(lab)

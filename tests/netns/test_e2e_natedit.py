@@ -148,10 +148,11 @@ def test_server_ends_call(gateway: Gateway) -> None:
     assert released and released[0]["reason"] == "disconnect", info
 
 
-def test_server_stops_pptpd_standin() -> None:
+@DATAPATHS
+def test_server_stops_pptpd_standin(gateway: Gateway) -> None:
     """(d') The server side's "pppd" exits: pptpctrl closes TCP without a
     Call-Disconnect-Notify; the TCP close releases the mapping."""
-    r = scenarios.server_ends_call(NATEDIT, n_clients=2, victim=0, how="standin",
+    r = scenarios.server_ends_call(gateway, n_clients=2, victim=0, how="standin",
                                    call_id=FORCED)
     assert_clean_exit(r)
     info = r.describe()

@@ -1,5 +1,7 @@
 """The worker killed (SIGKILL) or stopped for a restart (SIGUSR2) under traffic, and
-started again on the same state file.
+started again on the same state file, in both datapaths (``kernel``: the tc-BPF
+program goes with the worker and the new one attaches it with the restored calls
+in its maps).
 
 Real peers in the namespace lab (pptpd, pptp-linux clients forced onto one
 Call ID): frames flow continuously, one per call every ``TICK`` seconds, while
@@ -38,11 +40,14 @@ FIGURES = Path("/tmp/natedit-restart-figures")
 """The last run's figures, for the note (also in the assertion messages)."""
 
 
-def start_worker(lab: Lab, name: str, state: Path, wait: bool = True) -> subprocess.Popen[bytes]:
-    ready = lab.tmpdir / f"{name}.ready"
+def start_worker(lab: Lab, name: str, state: Path, wait: bool = True,
+                 datapath: str = "userspace") -> subprocess.Popen[bytes]:
+    ready, policy = lab.tmpdir / f"{name}.ready", lab.tmpdir / "policy.yaml"
+    policy.write_text(f"datapath: {datapath}\n")  # (userspace: the built-in policy's)
     return lab.start_gateway_process(
         [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
-         "--pid-file", str(lab.tmpdir / f"{name}.pid"), "--state", str(state)],
+         "--pid-file", str(lab.tmpdir / f"{name}.pid"), "--state", str(state),
+         *(["--policy", str(policy)] if datapath == "kernel" else [])],
         ready=ready.exists if wait else None, cwd=str(REPO), name=name)
 
 
@@ -54,15 +59,16 @@ def log_events(lab: Lab, proc: subprocess.Popen[bytes], name: str) -> list[dict[
     return out
 
 
+@pytest.mark.parametrize("datapath", ["userspace", "kernel"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR2], ids=["sigkill", "sigusr2"])
-def test_stop_and_restart_keep_live_calls(sig: int, n_calls: int = 3) -> None:
+def test_stop_and_restart_keep_live_calls(sig: int, datapath: str, n_calls: int = 3) -> None:
     require_netns()
     state: dict[str, Path] = {}
 
     def setup(lab: Lab) -> None:
         lab.gateway_masquerade_only()
         state["path"] = lab.tmpdir / "state" / "natedit.db"
-        start_worker(lab, "natedit-1", state["path"])
+        start_worker(lab, "natedit-1", state["path"], datapath=datapath)
 
     with scenarios.session(Gateway("natedit-sigkill-restart", setup), n_calls) as s:
         lab, pump = s.lab, s.pump
@@ -87,7 +93,7 @@ def test_stop_and_restart_keep_live_calls(sig: int, n_calls: int = 3) -> None:
             tick()
         t_kill = time.monotonic()
         rc = lab.stop_process(first, sig, 5.0)
-        second = start_worker(lab, "natedit-2", state["path"], wait=False)
+        second = start_worker(lab, "natedit-2", state["path"], wait=False, datapath=datapath)
         ready_file = lab.tmpdir / "natedit-2.ready"
         deadline = time.monotonic() + 20.0
         while not ready_file.exists() and second.poll() is None and time.monotonic() < deadline:
@@ -117,6 +123,7 @@ def test_stop_and_restart_keep_live_calls(sig: int, n_calls: int = 3) -> None:
     publics = sorted(int(e["public_call_id"], 0) for e in mapped_first)
     figures = {
         "signal": signal.Signals(sig).name,
+        "datapath": datapath,
         "calls": n_calls,
         "gap_seconds": round(t_ready - t_kill, 3),
         "tick_seconds": TICK,
@@ -130,7 +137,8 @@ def test_stop_and_restart_keep_live_calls(sig: int, n_calls: int = 3) -> None:
         "public_call_ids_from_the_server": ids_from_server_after,
         "restored": restored,
     }
-    FIGURES.with_suffix(f".{signal.Signals(sig).name}.json").write_text(
+    kernel = "-kernel" if datapath == "kernel" else ""
+    (FIGURES.parent / f"{FIGURES.name}.{signal.Signals(sig).name}{kernel}.json").write_text(
         json.dumps(figures, indent=1) + "\n")
     info = f"{json.dumps(figures)}\n{r.describe()}"
     assert connected and before, info
