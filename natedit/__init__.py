@@ -3,7 +3,7 @@
 The edges (worker, metrics, state, rules, CLI, ...) import the core through these
 names only (``tests/unit/test_imports.py`` holds them to it); the call table's
 public listing is :class:`natedit.core.table.CallTable`'s read methods
-(``calls``, ``connection_count``, ``client_count``, ``ids_in_use``).
+(``calls``, ``connection_count``, ``client_count``, ``ids_in_use``, ``blocks_in_use``).
 """
 
 from .core import errors, events, wire

@@ -219,6 +219,29 @@ def build_families(version: str) -> Iterator[Metric]:
     yield info
 
 
+def pool_families(tr: Translator) -> Iterator[Metric]:
+    """Public Call IDs in use per pool, and in blocks of 256 (one public high byte): a
+    connection whose calls share a client high byte needs them in one block."""
+    table, labels = tr.table, ["public_address", "server_address"]
+    in_use = GaugeMetricFamily(
+        "natedit_call_ids_in_use", "Public Call IDs in use per (public address, server).",
+        labels=labels)
+    for public, server, n in _copy(table.ids_in_use):
+        in_use.add_metric([socket.inet_ntoa(public), socket.inet_ntoa(server)], n)
+    yield in_use
+    blocks = GaugeMetricFamily(
+        "natedit_call_id_blocks_in_use", "Blocks of 256 public Call IDs (one high byte) "
+        "holding a live call, per (public address, server).", labels=labels)
+    fullest = GaugeMetricFamily(
+        "natedit_call_id_fullest_block", "Live calls in the fullest block of 256 public "
+        "Call IDs, per (public address, server).", labels=labels)
+    for public, server, n, top in _copy(table.blocks_in_use):
+        blocks.add_metric([socket.inet_ntoa(public), socket.inet_ntoa(server)], n)
+        fullest.add_metric([socket.inet_ntoa(public), socket.inet_ntoa(server)], top)
+    yield blocks
+    yield fullest
+
+
 def datapath_families(policy: Policy, figures: KernelFigures | None) -> Iterator[Metric]:
     """The datapath in force and the kernel datapath's figures (0 without it)."""
     mode = GaugeMetricFamily(
@@ -422,12 +445,7 @@ class NateditCollector:
         yield GaugeMetricFamily(
             "natedit_clients", "Private addresses with at least one live call.",
             value=table.client_count())
-        in_use = GaugeMetricFamily(
-            "natedit_call_ids_in_use", "Public Call IDs in use per (public address, server).",
-            labels=["public_address", "server_address"])
-        for public, server, n in _copy(table.ids_in_use):
-            in_use.add_metric([ntoa(public), ntoa(server)], n)
-        yield in_use
+        yield from pool_families(tr)
         yield GaugeMetricFamily(
             "natedit_call_id_pool_size",
             "Public Call IDs per (public address, server) (policy call_id_first..last).",
@@ -439,8 +457,8 @@ class NateditCollector:
             "natedit_calls_mapped", "Calls given a public Call ID.", value=st.calls_mapped)
         yield CounterMetricFamily(
             "natedit_calls_high_byte_relaxed",
-            "Calls mapped without the one-to-one high-byte rule (several new calls in "
-            "one segment left no ID that keeps it).", value=tr.table.relaxed)
+            "Calls mapped without the one-to-one high-byte rule (no free ID kept it).",
+            value=tr.table.relaxed)
         yield CounterMetricFamily(
             "natedit_calls_restored",
             "Calls put back from the previous run's records at start.",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from natedit import Direction, Policy, Verdict
 from natedit.core.checksum import internet_checksum
-from natedit.core.table import CallTable
+from natedit.core.table import CallTable, ControlConnection
 from natedit.core.translator import Translator
 from natedit.core.wire import (
     TCP_ACK,
@@ -240,9 +240,15 @@ def assert_table_consistent(table: CallTable, *, one_to_one: bool = True) -> Non
             assert not call.released and call is not table.by_server[key]
     with_key = [c for c in live if c.server_call_id is not None]
     assert len(with_key) == len(table.by_server) + sum(map(len, table._shadowed.values()))
-    for conn in table.connections.values() if one_to_one else ():
-        pairs = {(c.client_call_hi, c.public_call_id >> 8) for c in conn.calls}
-        assert len({hi for hi, _ in pairs}) == len(pairs) == len({p for _, p in pairs}), (
+    for conn in table.connections.values():
+        assert high_bytes_one_to_one(conn) or not one_to_one, (
             "client and public high bytes are not one-to-one")
         for call in conn.calls:
             assert call.client_call_id is None or call.client_call_id >> 8 == call.client_call_hi
+
+
+def high_bytes_one_to_one(conn: ControlConnection) -> bool:
+    """Whether ``conn``'s calls keep the high-byte rule: they share a client Call ID high
+    byte exactly when they share a public one."""
+    pairs = {(c.client_call_hi, c.public_call_id >> 8) for c in conn.calls}
+    return len({hi for hi, _ in pairs}) == len(pairs) == len({p for _, p in pairs})

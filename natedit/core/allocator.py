@@ -2,20 +2,36 @@
 
 A call's public Call ID must be unique per (public address, server): the
 server tells the clients behind the gateway apart by it alone. The
-allocator keeps, per pool, the IDs in use (``used``; the table adds and frees
-them as calls come and go) and hands out free ones, at random (default: a
-live ID is hard to guess) or in sequence, within the policy's range and the
-node's share of it (``Policy.owns_call_id``).
+allocator keeps, per pool, the IDs in use (``used``) and how many of them
+each *block* of 256 IDs (one public high byte) holds (``blocks``); the table
+enters and frees them as calls come and go (:meth:`Allocator.take`,
+:meth:`Allocator.free`). It hands out free IDs at random (default: a live ID
+is hard to guess) or in sequence, within the policy's range and the node's
+share of it (``Policy.owns_call_id``).
 
 The high-byte rule (see :mod:`natedit.core.table`): within one control
 connection, two calls share a client Call ID high byte exactly when they
 share a public one, so that the first byte of a Call ID field cut between two
-segments is enough to rewrite it.
+segments is enough to rewrite it. The rule is kept whenever a free ID keeps
+it, and relaxed (``relaxed`` counts it) when none does: a call is refused
+(``pool_exhausted``) only when its pool has no free ID at all. A connection
+whose calls share one client high byte (client Call IDs 1, 2, 3, ...) needs
+them all in one public block, so with random allocation other connections' new
+calls go to blocks no fuller than the pool's average (:meth:`Allocator.pick`):
+a block one connection fills is left to it until the whole pool is about as
+full. (Sequential allocation stays in order: the next free ID in a block the
+connection does not use.)
+
+What relaxing costs (:mod:`natedit.core.fields`): a Call ID field of that
+connection cut between two segments may have a first byte that decides
+nothing; it then leaves as it came, and the rest is dropped
+(``split_call_id``) when a private Call ID of a live call would leave.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -24,99 +40,159 @@ from .policy import Allocation, Policy
 if TYPE_CHECKING:
     from .table import ControlConnection
 
+Pool = tuple[bytes, bytes]
+"""(public address, server address), packed."""
+RANDOM_TRIES = 32
+"""Random draws before a scan of the range (random allocation)."""
+
+
+def _any(hi: int) -> bool:
+    return True
+
 
 class Allocator:
     def __init__(self, policy: Policy, rng: random.Random) -> None:
         self.policy = policy
         self.rng = rng
-        self.used: dict[tuple[bytes, bytes], set[int]] = {}
+        self.used: dict[Pool, set[int]] = {}
         """Public Call IDs in use per (public address, server address)."""
-        self._cursor: dict[tuple[bytes, bytes], int] = {}
+        self.blocks: dict[Pool, Counter[int]] = {}
+        """Per pool: live public Call IDs by high byte (a block of 256), blocks in use only."""
+        self._cursor: dict[Pool, int] = {}
         self.relaxed = 0
         """Calls mapped without the high-byte rule (see :meth:`pick`)."""
 
+    # -- the table's side: what is in use ---------------------------------------------
+
+    def take(self, pool: Pool, cid: int) -> None:
+        used = self.used.setdefault(pool, set())
+        if cid not in used:
+            used.add(cid)
+            self.blocks.setdefault(pool, Counter())[cid >> 8] += 1
+
+    def free(self, pool: Pool, cid: int) -> None:
+        used = self.used.get(pool)
+        if used is not None and cid in used:
+            used.discard(cid)
+            blocks = self.blocks[pool]
+            blocks[cid >> 8] -= 1
+            if not blocks[cid >> 8]:
+                del blocks[cid >> 8]
+
+    def blocks_in_use(self) -> list[tuple[bytes, bytes, int, int]]:
+        """(public address, server, blocks of 256 public Call IDs holding a live call,
+        live calls in the fullest block) per pool that has been used."""
+        return [(public, server, len(b), max(b.values(), default=0))
+                for (public, server), b in list(self.blocks.items())]
+
+    # -- new calls ------------------------------------------------------------------------
+
     def has_room(self, conn: ControlConnection, public_ip: bytes, client_his: list[int]) -> bool:
         """Whether new calls of ``conn`` (their client Call ID high bytes) all find a
-        free public Call ID."""
+        free public Call ID: whether the pool has that many free IDs in the range and
+        this node's share (the high-byte rule is relaxed rather than refuse one)."""
         p = self.policy
         n = len(client_his)
         used = self.used.get((public_ip, conn.server_ip), set())
         size = p.share_size(p.call_id_first, p.call_id_last)
-        if not conn.calls and n == 1:  # the common case: any free ID of the share will do
-            return len(used) < size or self._room_for(conn, client_his[0], used)
-        if len(used) + n > size and sum(p.call_id_first <= cid <= p.call_id_last
-                                        and p.owns_call_id(cid) for cid in used) + n > size:
-            return False  # (live IDs outside a range changed by a reload are free)
-        return all(self._room_for(conn, hi, used) for hi in client_his)
-
-    def _room_for(self, conn: ControlConnection, client_hi: int, used: set[int]) -> bool:
-        """Whether a free public ID keeps the high bytes of ``conn`` one-to-one."""
-        p = self.policy
+        if len(used) + n <= size:
+            return True
         first, last, mine = p.call_id_first, p.call_id_last, p.owns_call_id
-        want_hi = conn.public_hi_for_client_hi(client_hi)
-        if want_hi is not None:
-            lo, hi = max(first, want_hi << 8), min(last, want_hi << 8 | 0xFF)
-            return any(cid not in used and mine(cid) for cid in range(lo, hi + 1))
-        avoid = {c.public_call_id >> 8 for c in conn.calls}
-        if p.share_size(first, last) - len(used) > 256 * len(avoid):
-            return True  # more free IDs than the avoided blocks can hold
-        return any(cid not in used and cid >> 8 not in avoid and mine(cid)
-                   for cid in range(first, last + 1))
+        # (live IDs outside a range changed by a reload, or not this node's, are not in it)
+        return sum(first <= cid <= last and mine(cid) for cid in used) + n <= size
 
     def pick(self, conn: ControlConnection, client_call_hi: int,
              public_ip: bytes) -> int | None:
         """A free public Call ID for a new call of ``conn`` (the table enters it).
 
-        Should several new calls in one segment together leave no ID that keeps
-        the high-byte rule (module docstring), the rule is relaxed for the last
-        one rather than let its private Call ID out (``relaxed`` counts it).
-        Returns None only when the pool is full.
+        In order of preference: one that keeps the high-byte rule (module
+        docstring), in a block no fuller than the pool's average when the call
+        takes a new block (random allocation); then (``relaxed``) one in a block no call of ``conn``
+        uses, so public high bytes still name one client high byte; then any free
+        one. Returns None only when the pool is full.
         """
-        pool_key = (public_ip, conn.server_ip)
-        used = self.used.setdefault(pool_key, set())
-        want_hi = conn.public_hi_for_client_hi(client_call_hi)
-        avoid_hi = {c.public_call_id >> 8 for c in conn.calls} if conn.calls else set()
-
+        pool = (public_ip, conn.server_ip)
+        used = self.used.setdefault(pool, set())
+        blocks = self.blocks.setdefault(pool, Counter())
         mine = self.policy.owns_call_id
-
-        def ok(cid: int) -> bool:
-            if cid in used or not mine(cid):
-                return False
-            hi = cid >> 8
-            return hi == want_hi if want_hi is not None else hi not in avoid_hi
-
-        cid = self._pick(pool_key, used, ok, want_hi)
-        if cid is None:
-            cid = self._pick(pool_key, used, lambda c: c not in used and mine(c), None)
-            if cid is None:
-                return None
-            self.relaxed += 1
-        return cid
-
-    def _pick(self, pool_key: tuple[bytes, bytes], used: set[int], ok: Callable[[int], bool],
-              want_hi: int | None) -> int | None:
+        want = {c.public_call_id >> 8 for c in conn.calls if c.client_call_hi == client_call_hi}
+        avoid = {c.public_call_id >> 8 for c in conn.calls}
         first, last = self.policy.call_id_first, self.policy.call_id_last
-        if want_hi is not None:  # only 256 candidates: scan them from a random start
-            lo, hi = max(first, want_hi << 8), min(last, (want_hi << 8) | 0xFF)
-            candidates = list(range(lo, hi + 1)) if lo <= hi else []
-            start = self.rng.randrange(len(candidates)) if candidates else 0
-            for i in range(len(candidates)):
-                cid = candidates[(start + i) % len(candidates)]
-                if ok(cid):
+        n_blocks = (last >> 8) - (first >> 8) + 1
+        in_use = len(used)
+
+        def free(cid: int) -> bool:
+            return cid not in used and mine(cid)
+
+        def new_block(hi: int) -> bool:
+            return hi not in avoid
+
+        def light_new_block(hi: int) -> bool:  # at most the average load
+            return hi not in avoid and blocks.get(hi, 0) * n_blocks <= in_use
+
+        spread = self.policy.allocation is Allocation.RANDOM
+
+        def pick(*block_oks: Callable[[int], bool]) -> int | None:
+            for block_ok in block_oks:
+                if block_ok is light_new_block and not spread:
+                    continue
+                cid = self._pick(pool, free, block_ok)
+                if cid is not None:
                     return cid
             return None
+
+        if want:  # the rule: the block this client high byte is paired with
+            for hi in sorted(want):  # (several once relaxed: any of them)
+                cid = None if blocks.get(hi, 0) >= 256 else self._in_block(hi, free)
+                if cid is not None:
+                    return cid
+            cid = pick(light_new_block, new_block, _any)
+        else:  # the rule: a block no call of conn uses
+            cid = pick(light_new_block, new_block)
+            if cid is not None:
+                return cid
+            cid = pick(_any)
+        self.relaxed += cid is not None
+        return cid
+
+    def _in_block(self, hi: int, ok: Callable[[int], bool]) -> int | None:
+        """A free ID of block ``hi`` in the range, scanned from a random start."""
+        lo, top = max(self.policy.call_id_first, hi << 8), min(self.policy.call_id_last,
+                                                               hi << 8 | 0xFF)
+        if lo > top:
+            return None
+        n = top - lo + 1
+        start = self.rng.randrange(n)
+        for i in range(n):
+            cid = lo + (start + i) % n
+            if ok(cid):
+                return cid
+        return None
+
+    def _pick(self, pool: Pool, ok: Callable[[int], bool],
+              block_ok: Callable[[int], bool]) -> int | None:
+        """An ID of the range that is ``ok`` in a block that is ``block_ok``: random
+        draws, then a scan (random: from a random start; sequential: from the cursor)."""
+        first, last = self.policy.call_id_first, self.policy.call_id_last
         size = last - first + 1
+        blocks: Counter[int] = self.blocks.get(pool, Counter())
         if self.policy.allocation is Allocation.RANDOM:
-            for _ in range(32):
+            for _ in range(RANDOM_TRIES):
                 cid = first + self.rng.randrange(size)
-                if ok(cid):
+                if block_ok(cid >> 8) and ok(cid):
                     return cid
             start = self.rng.randrange(size)
         else:
-            start = self._cursor.get(pool_key, 0)
-        for i in range(size):
-            off = (start + i) % size
-            if ok(first + off):
-                self._cursor[pool_key] = (off + 1) % size
-                return first + off
+            start = self._cursor.get(pool, 0)
+        i = 0
+        while i < size:
+            cid = first + (start + i) % size
+            hi = cid >> 8
+            if blocks.get(hi, 0) >= 256 or not block_ok(hi):  # on to the next block
+                i += min((cid | 0xFF) + 1, last + 1) - cid  # (or to the range's start)
+                continue
+            if ok(cid):
+                self._cursor[pool] = (cid - first + 1) % size
+                return cid
+            i += 1
         return None

@@ -143,7 +143,6 @@ class RestoreOutcome(enum.StrEnum):
     SERVER_ADDRESS = "server_address"
     INVALID = "invalid"
     DUPLICATE = "duplicate"
-    HIGH_BYTE_RULE = "high_byte_rule"
     CLIENT_LIMIT = "client_limit"
     TABLE_FULL = "table_full"
     TOO_MANY_CONNECTIONS = "too_many_connections"

@@ -18,9 +18,13 @@ that names none goes out as it came (``unknown_call_id``).
 Split fields. A field may be cut between two TCP segments, and its first byte
 must leave before the second is seen: the table's allocator keeps client and
 public *high bytes* one-to-one per connection, so that one byte is enough
-(:meth:`CallIdFields._decide_hi`); when the candidates disagree the field is
-left as it came (``split_call_id_undecided``). ``Stream.partial`` remembers
-what was decided for the first byte. A field never leaves half-rewritten: when
+(:meth:`CallIdFields._decide_hi`); when the candidates disagree (a
+Call-Disconnect-Notify, or a connection whose calls broke the rule: the
+allocator relaxes it rather than refuse a call) the first byte leaves as it
+came, and so does an inbound field (``split_call_id_undecided``); an outbound
+one naming a call is dropped, as a private Call ID must not leave.
+``Stream.partial`` remembers what was decided for the first byte. A field never
+leaves half-rewritten: when
 the whole value asks for another high byte than the one that left, the segment
 with the rest is dropped (``split_call_id``, :meth:`CallIdFields.split_refusal`).
 
@@ -128,8 +132,11 @@ class CallIdFields:
         never half-rewritten. The first byte went out as :meth:`_decide_hi` said; if
         the whole value now asks for another high byte (a value naming no call of
         the connection but sharing a high byte with one), the rest is refused
-        (``split_call_id``), every time it is sent. A field that leaves as it came
-        gets the foreign check of whole fields (``foreign_call_id``).
+        (``split_call_id``), every time it is sent; so it is when an outbound field
+        names a call but its first byte left as it came (the connection's calls
+        broke the high-byte rule: :mod:`natedit.core.allocator`), which would let
+        the call's private Call ID out. A field that leaves as it came gets the
+        foreign check of whole fields (``foreign_call_id``).
         """
         stream.partial.pop(DECIDED, None)
         if field is None or field.kind is _NEW or field.kind is _SERVER:
@@ -147,6 +154,8 @@ class CallIdFields:
             sent_hi << 8 | msg[f + 1])
         if leaving != full and leaving != value:
             return DropReason.SPLIT_CALL_ID
+        if d is Direction.OUTBOUND and value is not None and leaving != value:
+            return DropReason.SPLIT_CALL_ID  # a live call's private Call ID would leave
         if d is Direction.OUTBOUND and field.kind is _OWN and named is None:
             other = self.table.by_public.get((self.public_ip, conn.server_ip, full))
             if other is not None and other.conn is not conn:
@@ -198,10 +207,15 @@ class CallIdFields:
         return call, None if call is None else call.client_call_id
 
     def _decide_hi(self, conn: ControlConnection, kind: FieldKind, hi: int) -> int | None:
+        """The byte to write for the high byte ``hi`` of a field seen alone, or None
+        (it leaves as it came): what every call of ``conn`` it may name agrees on
+        (one call under the high-byte rule; maybe several once the rule was relaxed)."""
         if kind is _OWN:
-            return conn.public_hi_for_client_hi(hi)
+            his = {c.public_call_id >> 8 for c in conn.calls if c.client_call_hi == hi}
+            return his.pop() if len(his) == 1 else None
         if kind is _PEER:
-            return conn.client_hi_for_public_hi(hi)
+            his = {c.client_call_hi for c in conn.calls if c.public_call_id >> 8 == hi}
+            return his.pop() if len(his) == 1 else None
         # Disconnect: the value may be a server or a public Call ID. Each candidate
         # call says what the high byte becomes; write it only when they all agree.
         rfc = self.table.policy.disconnect_rule is DisconnectRule.RFC

@@ -28,7 +28,10 @@ first byte must be forwarded before the second is seen. So that one byte is
 always enough to write the right high byte, the allocator keeps the map
 between client and public *high bytes* one-to-one within each control
 connection (:meth:`CallTable.allocate`): two calls of one connection share a
-client high byte exactly when they share a public high byte.
+client high byte exactly when they share a public high byte. When no free ID
+keeps that, the allocator relaxes it rather than refuse the call (counted:
+``relaxed``); such a connection's split fields may then be dropped
+(:mod:`natedit.core.fields`).
 """
 
 from __future__ import annotations
@@ -195,6 +198,11 @@ class CallTable:
         """(public address, server, public Call IDs in use) per pool that has been used."""
         return [(public, server, len(ids)) for (public, server), ids in list(self.used.items())]
 
+    def blocks_in_use(self) -> list[tuple[bytes, bytes, int, int]]:
+        """(public address, server, blocks of 256 public Call IDs with a live call, live
+        calls in the fullest block) per pool used (:mod:`natedit.core.allocator`)."""
+        return self.allocator.blocks_in_use()
+
     # -- control connections -----------------------------------------------------------
 
     def connection(self, key: ConnKey, now: float, create: bool,
@@ -270,7 +278,7 @@ class CallTable:
 
     def _register(self, call: Call) -> Call:
         """Enter a new call in every index (the one place; :meth:`release` undoes it)."""
-        self.used.setdefault((call.public_ip, call.server_ip), set()).add(call.public_call_id)
+        self.allocator.take((call.public_ip, call.server_ip), call.public_call_id)
         self.by_public[(call.public_ip, call.server_ip, call.public_call_id)] = call
         self.per_client[call.client_ip] += 1
         call.conn.calls.append(call)
@@ -306,11 +314,11 @@ class CallTable:
 
         The call gets its old public Call ID only if the table's invariants hold
         as they do for a new call: one live call per public Call ID and server,
-        one per client Call ID in a connection, one per server Call ID of a client
-        and server, the high-byte rule, the per-client,
-        table and connection limits. Its control connection is created as needed:
-        started, with unsynced streams (they pick up at the next segment that starts
-        with a message header). Timers start at ``now``.
+        one per client Call ID in a connection, the per-client, table and connection
+        limits (not the high-byte rule, which the allocator relaxes when no free ID
+        keeps it; nor one call per server Call ID). Its control
+        connection is created as needed: started, with unsynced streams (they pick up
+        at the next segment that starts with a message header). Timers start at ``now``.
         """
         try:
             state = CallState(rec.state)
@@ -324,17 +332,12 @@ class CallTable:
             return RestoreOutcome.INVALID
         client_ip, server_ip = rec.client_address.packed, rec.server_address.packed
         public_ip = rec.public_address.packed
-        used = self.used.setdefault((public_ip, server_ip), set())
-        if rec.public_call_id in used:
+        if rec.public_call_id in self.used.get((public_ip, server_ip), ()):
             return RestoreOutcome.DUPLICATE
         key = (client_ip, rec.client_port, server_ip, rec.server_port)
         conn = self.connections.get(key)
-        if conn is not None:
-            if cid is not None and conn.call_by_client_id(cid) is not None:
-                return RestoreOutcome.DUPLICATE
-            if (conn.public_hi_for_client_hi(hi) not in (None, rec.public_call_id >> 8)
-                    or conn.client_hi_for_public_hi(rec.public_call_id >> 8) not in (None, hi)):
-                return RestoreOutcome.HIGH_BYTE_RULE
+        if conn is not None and cid is not None and conn.call_by_client_id(cid) is not None:
+            return RestoreOutcome.DUPLICATE
         if self.per_client[client_ip] >= self.policy.max_calls_per_client:
             return RestoreOutcome.CLIENT_LIMIT
         if len(self.by_public) >= self.policy.max_calls:
@@ -403,7 +406,7 @@ class CallTable:
         info = call.info()
         call.released = True
         del self.by_public[(call.public_ip, call.server_ip, call.public_call_id)]
-        self.used[(call.public_ip, call.server_ip)].discard(call.public_call_id)
+        self.allocator.free((call.public_ip, call.server_ip), call.public_call_id)
         self._leave_server_key(call)
         self.per_client[call.client_ip] -= 1
         if not self.per_client[call.client_ip]:

@@ -65,6 +65,7 @@ FAMILIES = {
     "natedit_queue_user_dropped_total", "natedit_queue_length_max", "natedit_call_info",
     "natedit_call_info_omitted_calls", "natedit_calls", "natedit_control_connections",
     "natedit_clients", "natedit_call_ids_in_use", "natedit_call_id_pool_size",
+    "natedit_call_id_blocks_in_use", "natedit_call_id_fullest_block",
     "natedit_calls_mapped_total", "natedit_calls_high_byte_relaxed_total",
     "natedit_calls_refused_total", "natedit_calls_released_total",
     "natedit_calls_restored_total", "natedit_connections_refused_total",
@@ -190,6 +191,11 @@ def test_live_calls_connections_pool(busy: tuple[Translator, list[int]]) -> None
     assert get("natedit_call_ids_in_use",
                {"public_address": PUBLIC, "server_address": SERVER}) == 2
     assert get("natedit_call_id_pool_size") == 3
+    # call_ids 1..3: one block of 256, holding both live calls
+    assert get("natedit_call_id_blocks_in_use",
+               {"public_address": PUBLIC, "server_address": SERVER}) == 1
+    assert get("natedit_call_id_fullest_block",
+               {"public_address": PUBLIC, "server_address": SERVER}) == 2
     assert get("natedit_calls_limit") == 65535
     assert get("natedit_calls_per_client_limit") == 256
     assert get("natedit_control_connections_limit") == 16384

@@ -54,7 +54,7 @@ def test_values_are_the_exported_labels() -> None:
         "client_connection_limit", *(f"refused:{r}" for r in Refusal)}
     assert {r.value for r in RestoreOutcome} == {
         "restored", "public_address", "client_address", "server_address", "invalid",
-        "duplicate", "high_byte_rule", "client_limit", "table_full", "too_many_connections"}
+        "duplicate", "client_limit", "table_full", "too_many_connections"}
 
 
 def test_each_refusal_has_its_drop_reason() -> None:
