@@ -6,6 +6,7 @@ then crafted GRE is sent from the first call's client and from the server
 acknowledgement and their calls are not disturbed):
 
 * a fragment: one packet of the call cut into two IP fragments, inbound and outbound;
+* IP options: a packet of the call with a 24-byte IP header, inbound and outbound;
 * an unknown Call ID, outbound and inbound;
 * a spoofed source: an inside address with no call, the call's server Call ID;
 * an expired TTL (1), outbound and inbound.
@@ -13,7 +14,8 @@ acknowledgement and their calls are not disturbed):
 The tc-BPF program leaves every one of them to the stack and the queue rules,
 so with ``datapath: kernel`` each gets exactly what it gets with
 ``datapath: userspace`` (the reference, :data:`EXPECTED`): the fragments are
-reassembled by the gateway and the packet translated by the queue, the unknown and the
+reassembled by the gateway and the packet translated by the queue, so is the packet
+with IP options (the worker's full path, options kept), the unknown and the
 spoofed are dropped as ``no_call`` (counted in natedit_packets_dropped), an
 expired TTL is answered with ICMP time-exceeded (the inbound one after the queue
 translated it, as the kernel forwards it) and delivered nowhere. With the
@@ -95,7 +97,8 @@ s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 for case in json.loads(sys.argv[1]):
     for i in range(case["n"]):
         pkt = bytearray(build_gre(case["src"], case["dst"], case["cid"],
-                                  case["tag"].encode() + bytes(96), seq=None))
+                                  case["tag"].encode() + bytes(96), seq=None,
+                                  ip_options=b"\\x01\\x01\\x01\\x00" if case.get("opts") else b""))
         pkt[8] = case["ttl"]
         struct.pack_into("!H", pkt, 4, 0x4000 + i + 16 * len(case["tag"]))  # an IP ID
         if case["frag"]:  # two fragments: 16 bytes of GRE, then the rest
@@ -114,6 +117,10 @@ EXPECTED: dict[str, dict[str, Any]] = {
     "FRGO": {"at_server": [{"src": PUBLIC_GW_ADDR, "cid": "server"}] * N, "at_client": [],
              "time_exceeded": []},
     "FRGI": {"at_server": [], "at_client": [{"src": SERVER_ADDR, "cid": FORCED}] * N,
+             "time_exceeded": []},
+    "OPTO": {"at_server": [{"src": PUBLIC_GW_ADDR, "cid": "server"}] * N, "at_client": [],
+             "time_exceeded": []},
+    "OPTI": {"at_server": [], "at_client": [{"src": SERVER_ADDR, "cid": FORCED}] * N,
              "time_exceeded": []},
     "UNKO": {"at_server": [], "at_client": [], "time_exceeded": []},
     "UNKI": {"at_server": [], "at_client": [], "time_exceeded": []},
@@ -178,6 +185,8 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
         out_cases = [
             {"tag": "FRGO", "src": client.addr, "dst": SERVER_ADDR, "cid": server_cid,
              "ttl": 64, "frag": True},
+            {"tag": "OPTO", "src": client.addr, "dst": SERVER_ADDR, "cid": server_cid,
+             "ttl": 64, "frag": False, "opts": True},
             {"tag": "UNKO", "src": client.addr, "dst": SERVER_ADDR, "cid": unknown_out,
              "ttl": 64, "frag": False},
             {"tag": "SPOO", "src": SPOOFED, "dst": SERVER_ADDR, "cid": server_cid,
@@ -188,6 +197,8 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
         in_cases = [
             {"tag": "FRGI", "src": SERVER_ADDR, "dst": PUBLIC_GW_ADDR, "cid": public_cid,
              "ttl": 64, "frag": True},
+            {"tag": "OPTI", "src": SERVER_ADDR, "dst": PUBLIC_GW_ADDR, "cid": public_cid,
+             "ttl": 64, "frag": False, "opts": True},
             {"tag": "UNKI", "src": SERVER_ADDR, "dst": PUBLIC_GW_ADDR, "cid": unknown_in,
              "ttl": 64, "frag": False},
             {"tag": "TTLI", "src": SERVER_ADDR, "dst": PUBLIC_GW_ADDR, "cid": public_cid,
@@ -248,9 +259,10 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
     assert own and all(c.clean for c in r.calls.values()), info
     assert seen == EXPECTED, info
     assert drops == {"no_call": NO_CALL}, info  # nothing else dropped, fragment included
-    # the queues saw them (a reassembled packet once): inbound FRGI, UNKI, TTLI; outbound
-    # UNKO, SPOO (FRGO too, but see above), not TTLO: forwarding answers it before any rule
-    assert through[1724] >= 3 * N and through[1723] >= 2 * N, info
+    # the queues saw them (a reassembled packet once): inbound FRGI, OPTI, UNKI, TTLI;
+    # outbound OPTO, UNKO, SPOO (FRGO too, but see above), not TTLO: forwarding answers it
+    # before any rule
+    assert through[1724] >= 4 * N and through[1723] >= 3 * N, info
     if datapath == "kernel":  # the program translated the calls' own 2 x 10 frames each way
         for m in ("out_saddr", "in_daddr"):
             assert sum(maps_after[m].values()) >= sum(maps_before[m].values()) + 20, info
