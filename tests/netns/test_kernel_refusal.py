@@ -12,7 +12,10 @@ before any traffic). What is missing is made so for real where a test can:
 * no clsact qdisc (sch_ingress) or no cls_bpf in the kernel: a kernel without
   them cannot be made in a namespace, so ``tc`` on the worker's PATH answers
   what iproute2 prints on such a kernel; the worker names the missing part in
-  one line and removes what it had added (its clsact, its pins).
+  one line and removes what it had added (its clsact, its pins);
+* the systemd unit's confinement (CAP_NET_ADMIN and CAP_NET_RAW only): refused;
+  with the README's drop-in (CAP_BPF added) the program is built, attached and
+  removed.
 """
 
 from __future__ import annotations
@@ -77,11 +80,14 @@ def tc_state(net: Netns) -> str:
 
 
 def run_worker(net: Netns, tmp: Path, datapath: str, prefix: list[str],
-               env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+               env: dict[str, str], natedit: list[str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
+    """``natedit run`` (``natedit``: the command, else python -m natedit) after ``prefix``."""
     policy = tmp / "policy.yaml"
     policy.write_text(f"datapath: {datapath}\n")
+    command = natedit or [sys.executable, "-m", "natedit"]
     return subprocess.run(
-        net.argv(net.name("gw"), [*prefix, sys.executable, "-m", "natedit", "run", "--policy",
+        net.argv(net.name("gw"), [*prefix, *command, "run", "--policy",
                                   str(policy), "--state", "", "--ready-file",
                                   str(tmp / "ready")]),
         capture_output=True, text=True, env=env, cwd=str(REPO), timeout=60)
@@ -191,3 +197,77 @@ def test_a_kernel_without_clsact_or_cls_bpf_is_named(tmp_path: Path, missing: st
     assert said in {line.format(dev=dev) for dev in ("in0", "out0")}, info
     assert rules_after == rules_before and tc_after == tc_before, info  # its clsact went too
     assert started and rc == 0, info
+
+
+# -- under the systemd unit's confinement ---------------------------------------------
+
+KERNEL_DROP_IN = """[Service]
+CapabilityBoundingSet=CAP_BPF
+AmbientCapabilities=CAP_BPF
+CacheDirectory=natedit
+ReadWritePaths=/sys/fs/bpf
+"""
+"""The README's ``systemctl edit natedit`` lines for ``datapath: kernel`` (the unit's
+capabilities merge with these; the BPF build cache and the pins need writing)."""
+
+
+def test_the_units_confinement_refuses_kernel_until_cap_bpf_is_added(tmp_path: Path) -> None:
+    """deploy/systemd/natedit.service gives CAP_NET_ADMIN and CAP_NET_RAW only: there
+    ``datapath: kernel`` refuses in one line; with the README's drop-in (CAP_BPF added)
+    the confined worker (uid 0, those capabilities only, no_new_privs, no W+X memory)
+    builds, loads and attaches its program, and removes it at SIGTERM. systemd itself
+    does not run here: the drop-in's other lines are checked by systemd-analyze verify."""
+    _prerequisites()
+    from tests.netns.test_systemd import CONFINED, INSTALLED_BIN, NATEDIT_BIN, unit, verify
+
+    copy = tmp_path / "natedit.service"
+    copy.write_text(Path(REPO / "deploy" / "systemd" / "natedit.service").read_text().replace(
+        INSTALLED_BIN, str(NATEDIT_BIN)).replace("[Service]\n", KERNEL_DROP_IN, 1))
+    verified = verify(copy)
+    caps = unit()["Service"]["CapabilityBoundingSet"].split()
+
+    def confined(*extra: str) -> list[str]:
+        names = ",".join(f"+{c.removeprefix('CAP_').lower()}" for c in [*caps, *extra])
+        return ["setpriv", "--no-new-privs", f"--bounding-set=-all,{names}"]
+
+    natedit = [sys.executable, "-c", CONFINED]
+
+    env = env_for(tmp_path)
+    with Netns(NET) as net:
+        gw = net.name("gw")
+        rules_before = net.exec(gw, ["iptables-save"]).stdout
+        refused = run_worker(net, tmp_path, "kernel", confined(), env, natedit)
+        ready = tmp_path / "ready"
+        ready.unlink(missing_ok=True)
+        # systemd mounts /sys/fs/bpf at boot; here the worker's own mount namespace
+        # (ip netns exec's) gets one before the confinement
+        worker = subprocess.Popen(
+            net.argv(gw, ["sh", "-c", 'mount -t bpf bpf /sys/fs/bpf && exec "$@"', "sh",
+                          *confined("CAP_BPF"), *natedit, "run", "--policy",
+                          str(tmp_path / "policy.yaml"),
+                          "--state", "", "--ready-file", str(ready)]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=str(REPO))
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists() and worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started = ready.exists()
+            shown = net.exec(gw, ["tc", "filter", "show", "dev", "out0", "ingress"]).stdout
+            worker.send_signal(signal.SIGTERM)
+            rc = worker.wait(15)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        assert worker.stdout is not None
+        log = worker.stdout.read()
+        tc_end, rules_end = tc_state(net), net.exec(gw, ["iptables-save"]).stdout
+    info = f"verify: {verified!r}\nrefused: {refused!r}\nlog:\n{log}"
+    assert verified.returncode == 0 and "Unknown key" not in verified.stderr, info
+    assert refused.returncode == 1, info
+    assert refused.stderr.strip().splitlines() == [NOT_PERMITTED], info
+    assert started and "name natedit_gre" in shown and rc == 0, info
+    assert "kernel datapath: tc-BPF program attached to" in log, info
+    assert "natedit_gre" not in tc_end and "clsact" not in tc_end, info
+    assert rules_end == rules_before, info
