@@ -184,7 +184,8 @@ def _filter_options(parser: argparse.ArgumentParser, what: str) -> None:
 def _cmd_lab(args: argparse.Namespace) -> int:
     from .lab import demo
 
-    return demo.main(args.clients, args.duration, args.call_id, args.interval)
+    return demo.main(args.clients, args.duration, args.call_id, args.interval,
+                     port_forward=args.port_forward)
 
 
 def _call_id(text: str) -> int:
@@ -331,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the private Call ID every client is forced onto (default 0x1234)")
     lab.add_argument("--interval", type=float, default=3.0, metavar="SECONDS",
                      help="seconds between two views of the call table (default 3)")
+    lab.add_argument("--port-forward", action="store_true",
+                     help="also an inside pptpd published on the public address by DNAT, "
+                     "called by 2 outside clients and 2 behind one remote NAT (natedit "
+                     "must leave those calls alone)")
     lab.set_defaults(func=_cmd_lab)
 
     replay = sub.add_parser("replay", help="translate a pcap offline")

@@ -11,6 +11,13 @@ sent and returned per client; frames delivered to the wrong client, which
 must be 0), then everything is removed: processes (by PID), namespaces,
 temp files. Nothing outside the namespaces it created is touched.
 
+``--port-forward`` (:func:`main`'s ``port_forward``) adds other PPTP beside
+natedit's own calls (issue 16): an inside pptpd in a DMZ, published on the
+gateway's public address by the operator's DNAT
+(:func:`natedit.lab.coexist.port_forward`), called by two outside clients on
+addresses of their own and two behind one remote NAT; natedit must leave those
+calls alone while it translates its inside clients'.
+
 Exit status: 0 when every call was clean, 1 when one was not or the lab could
 not be built (a missing Debian package: the ``apt-get install`` line to run;
 not root), 128 + the signal number after Ctrl-C or SIGTERM.
@@ -29,11 +36,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TextIO
 
-from .netns import unique_prefix
+from . import coexist
+from .netns import Topology, unique_prefix
 from .peers import PptpClient, start_pptp_client, start_pptpd
 from .procs import LabError, which
 from .pump import FramePump
-from .topology import REQUIRED_COMMANDS, Lab
+from .topology import PUBLIC_GW_ADDR, REQUIRED_COMMANDS, Lab
 
 DEFAULT_CLIENTS = 3
 DEFAULT_DURATION = 20.0
@@ -151,7 +159,7 @@ class _Progress:
 
 @dataclass
 class _Call:
-    client: int
+    client: str  # c1.., or an outside caller's node (oc1, rc1, ...)
     address: str
     call: PptpClient
     public_call_id: str = "?"
@@ -159,7 +167,7 @@ class _Call:
 
 def main(clients: int = DEFAULT_CLIENTS, duration: float = DEFAULT_DURATION,
          call_id: int = DEFAULT_CALL_ID, interval: float = SHOW_INTERVAL,
-         out: TextIO = sys.stdout) -> int:
+         out: TextIO = sys.stdout, port_forward: bool = False) -> int:
     """Run the lab; the exit status (see the module docstring)."""
     problems = []
     missing = missing_packages()
@@ -176,7 +184,7 @@ def main(clients: int = DEFAULT_CLIENTS, duration: float = DEFAULT_DURATION,
     signals = _Signals(out)
     with signals.installed():
         try:
-            return _run(clients, duration, call_id, interval, out, signals)
+            return _run(clients, duration, call_id, interval, out, signals, port_forward)
         except Interrupted as stop:
             out.write(f"natedit lab: {stop}: stopped; the lab is removed\n")
             return 128 + stop.signum
@@ -185,34 +193,58 @@ def main(clients: int = DEFAULT_CLIENTS, duration: float = DEFAULT_DURATION,
             return 1
 
 
+_OUTSIDE_CALLERS = {**coexist.OUTSIDE_CLIENTS, **coexist.REMOTE_CLIENTS}
+"""``--port-forward``: the nodes calling the published inside server, and their addresses."""
+
+
 def _run(n_clients: int, duration: float, call_id: int, interval: float, out: TextIO,
-         signals: _Signals) -> int:
+         signals: _Signals, port_forward: bool = False) -> int:
     progress = _Progress(out, total=5)
-    lab = Lab(n_clients, prefix=unique_prefix("nelab"))
+    extra = coexist.PORT_FORWARD_LAB if port_forward else Topology(nodes=())
+    lab = Lab(n_clients, prefix=unique_prefix("nelab"), extra=extra)
     progress.say(f"natedit lab: {n_clients} pptp-linux clients forced onto Call ID "
                  f"{call_id:#06x}, one pptpd, natedit between them (namespaces {lab.prefix}-*)")
-    with progress.step(f"network namespaces: gateway, server, {n_clients} clients"):
+    if port_forward:
+        progress.say(f"    and an inside pptpd ({coexist.INSIDE_SERVER_ADDR}) published on "
+                     f"{PUBLIC_GW_ADDR} by DNAT, called by {len(coexist.OUTSIDE_CLIENTS)} "
+                     f"outside clients and {len(coexist.REMOTE_CLIENTS)} behind one remote "
+                     f"NAT ({coexist.REMOTE_NAT_ADDR}), on the same Call ID")
+    nodes = "gateway, server, " + (
+        "inside server, outside clients, remote NAT, " if port_forward else "")
+    with progress.step(f"network namespaces: {nodes}{n_clients} clients"):
         lab.__enter__()
     pump = FramePump()
     try:
         with progress.step("natedit run on the built-in default policy, in the gateway"):
-            worker = _start_worker(lab)
+            worker = _start_worker(lab, port_forward)
         progress.say("    " + _ready_line(lab, worker))
-        with progress.step("pptpd on the server"):
+        with progress.step("pptpd on the server" + (" and on the inside server"
+                                                    if port_forward else "")):
             start_pptpd(lab)
+            if port_forward:
+                start_pptpd(lab, node=coexist.INSIDE_SERVER,
+                            address=coexist.INSIDE_SERVER_ADDR, name="pptpd-inside")
         calls: list[_Call] = []
-        with progress.step(f"{n_clients} pptp-linux calls, all with Call ID {call_id:#06x}"):
+        outside = _OUTSIDE_CALLERS if port_forward else {}
+        with progress.step(f"{n_clients + len(outside)} pptp-linux calls, all with Call ID "
+                           f"{call_id:#06x}"):
             for i, node in enumerate(lab.clients):
                 call = start_pptp_client(lab, i, forced_call_id=call_id)
                 pump.add(call.key, call.sock)
-                calls.append(_Call(i + 1, node.addr, call))
+                calls.append(_Call(f"c{i + 1}", node.addr, call))
+            for j, (name, addr) in enumerate(outside.items()):
+                call = start_pptp_client(lab, j, forced_call_id=call_id, key=1000 + j,
+                                         node=name, server=PUBLIC_GW_ADDR)
+                pump.add(call.key, call.sock)
+                calls.append(_Call(name, addr, call, public_call_id="-"))
             keys = [c.call.key for c in calls]
             stats = pump.stats
             pump.wait_until(lambda: all(stats[k].hellos or stats[k].eof for k in keys),
                             CONNECT_TIMEOUT)
             up = [k for k in keys if stats[k].hellos]
             if len(up) < len(keys):
-                raise LabError(f"{len(up)} of {len(keys)} calls connected:\n"
+                down = ", ".join(c.client for c in calls if not stats[c.call.key].hellos)
+                raise LabError(f"{len(up)} of {len(keys)} calls connected (not: {down}):\n"
                                + lab.process_log(worker)[-2000:])
         until = "Ctrl-C" if duration <= 0 else f"{duration:g} s"
         progress.say(f"[5/5] frames flowing on {len(keys)} calls until {until}; "
@@ -233,8 +265,11 @@ def _run(n_clients: int, duration: float, call_id: int, interval: float, out: Te
         _teardown(lab, out)
 
 
-def _start_worker(lab: Lab) -> subprocess.Popen[bytes]:
+def _start_worker(lab: Lab, port_forward: bool = False) -> subprocess.Popen[bytes]:
     lab.gateway_masquerade_only()  # the operator's NAT for TCP 1723: natedit never adds one
+    if port_forward:  # the operator's port forward, and a home router with the helper
+        coexist.port_forward(lab.gateway, PUBLIC_GW_ADDR)
+        lab.gateway_of(coexist.REMOTE_NAT, coexist.REMOTE_NAT_OUTSIDE_IF).kernel_helper()
     ready = lab.tmpdir / "natedit.ready"
     return lab.start_gateway_process(
         [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
@@ -328,7 +363,7 @@ def _finish(lab: Lab, pump: FramePump, calls: list[_Call], started: float, out: 
     for c in calls:
         st = pump.stats[c.call.key]
         forced = c.call.forced_call_id
-        rows.append((f"c{c.client}", c.address, "-" if forced is None else f"{forced:#06x}",
+        rows.append((c.client, c.address, "-" if forced is None else f"{forced:#06x}",
                      c.public_call_id, str(st.sent), str(st.received), str(st.foreign)))
         if st.hellos and st.sent and st.received == st.sent and not (st.foreign or st.corrupt):
             clean += 1
@@ -348,6 +383,9 @@ def _finish(lab: Lab, pump: FramePump, calls: list[_Call], started: float, out: 
         out.write(f"    all {len(calls)} calls clean: every frame came back to the client "
                   "that sent it, through one public address, each call on its own public "
                   "Call ID\n")
+        if any(c.call.node is not None for c in calls):
+            out.write("    (the calls to the published inside server are not natedit's: "
+                      "they passed through the operator's DNAT and MASQUERADE, untouched)\n")
         out.flush()
         return 0
     out.write(f"    {len(calls) - clean} of {len(calls)} calls NOT clean; natedit's log:\n")

@@ -43,12 +43,8 @@ def _natedit(name: str, policy: str | None = None) -> Gateway:
 NATEDIT = _natedit("natedit")
 NATEDIT_KERNEL = _natedit("natedit-kernel", "datapath: kernel\n")
 
-OWNERSHIP = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 16 item 1 (natedit claims only the GRE of its own calls) is not on main: "
-           "GRE to the public address is notracked and queued, so the DNAT never applies, "
-           "and GRE no natedit call owns is dropped as no_call",
-)
+OWNERSHIP = pytest.mark.xfail(strict=True, raises=AssertionError,
+                              reason=coexist.OWNERSHIP_MISSING)
 
 PLAIN = pytest.param(MASQUERADE_ONLY, id="plain")
 HELPER = pytest.param(KERNEL_HELPER, id="kernel-helper")

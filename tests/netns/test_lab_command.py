@@ -21,7 +21,7 @@ import pytest
 
 from natedit.lab import demo
 from natedit.lab.topology import REQUIRED_COMMANDS
-from tests.harness import require_netns
+from tests.harness import coexist, require_netns
 from tests.netns.test_systemd import require_nobody_can_run_natedit
 
 LAB_BOUND = 20.0
@@ -150,3 +150,23 @@ def test_not_root() -> None:
     assert proc.returncode == 1, proc.stderr
     assert "natedit lab needs root: it creates network namespaces" in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.netns
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=coexist.OWNERSHIP_MISSING)
+def test_lab_port_forward_leaves_the_published_servers_calls_alone() -> None:
+    """``natedit lab --port-forward``: beside natedit's two inside clients, an inside pptpd
+    published by DNAT is called by 2 outside clients and 2 behind one remote NAT; every
+    call is clean, natedit maps only its own 2, and nothing is left afterwards."""
+    require_netns()
+    proc = natedit_lab("--clients", "2", "--duration", "3", "--port-forward")
+    output, _ = proc.communicate(timeout=60)
+    assert_nothing_left(prefix_of(output), output)
+    assert "published on 198.51.100.1 by DNAT" in output, output
+    assert proc.returncode == 0, output
+    rows = re.findall(r"^ +(oc1|oc2|rc1|rc2) +[0-9.]+ +0x1234 +- +(\d+) +(\d+) +0$",
+                      output, re.M)
+    assert sorted(name for name, _, _ in rows) == ["oc1", "oc2", "rc1", "rc2"], output
+    assert all(sent == back and int(sent) > 0 for _, sent, back in rows), output
+    assert "natedit_calls_mapped_total 2.0" in output, output
+    assert "not natedit's: they passed through the operator's DNAT" in output, output

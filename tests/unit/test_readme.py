@@ -87,6 +87,9 @@ EXERCISED: dict[str, tuple[str, ...]] = {
     "natedit lab --clients 5 --duration 0 --call-id 0x4242": (
         "tests/netns/test_lab_command.py::test_lab_interrupted_removes_everything",
         "tests/unit/test_readme.py::test_lab_options_as_written"),
+    "natedit lab --clients 2 --duration 8 --port-forward": (
+        "tests/netns/test_lab_command.py::test_lab_port_forward_leaves_the_published_servers_calls_alone",
+        "tests/unit/test_readme.py::test_lab_options_as_written"),
     # Running under systemd
     "systemctl reload natedit": (
         "tests/netns/test_systemd.py::test_unit_asks_for_what_the_worker_needs_and_no_more",
@@ -196,5 +199,9 @@ def test_lab_options_as_written() -> None:
     args = cli.build_parser().parse_args(
         ["lab", "--clients", "5", "--duration", "0", "--call-id", "0x4242"])
     assert (args.clients, args.duration, args.call_id) == (5, 0.0, 0x4242)
+    assert not args.port_forward
+    args = cli.build_parser().parse_args(
+        ["lab", "--clients", "2", "--duration", "8", "--port-forward"])
+    assert (args.clients, args.duration, args.port_forward) == (2, 8.0, True)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["lab", "--call-id", "0x10000"])
