@@ -153,8 +153,10 @@ def test_a_reload_switches_the_datapath_with_live_calls(start: str) -> None:
         s.start_call(0, forced_call_id=FORCED)
         s.start_call(1, forced_call_id=FORCED)
         assert s.wait_connected([0, 1])
-        flows, tables, through_queue = [], [], []
-        outcomes = []
+        flows: list[bool] = []
+        tables: list[tuple[str, dict[str, dict[tuple[object, ...], int]]]] = []
+        through_queue: list[int] = []
+        outcomes: list[tuple[int, str]] = []
         for datapath in (start, other, start):
             if len(flows):
                 (lab.tmpdir / "policy.yaml").write_text(f"datapath: {datapath}\n")
