@@ -88,6 +88,8 @@ class Field:
     retired: bool = False
     """A key still accepted and checked, as it always was, that sets nothing (``attr``
     names no attribute): files that have it load; dumps and diffs leave it out."""
+    plain: Callable[[Any], Any] | None = None
+    """The attribute as a plain YAML value, when :func:`yaml_value` does not say it."""
 
     @property
     def default(self) -> Any:
@@ -139,15 +141,40 @@ def _log_level(raw: Any) -> str:
     return str(raw)
 
 
-def _address_or_null(raw: Any) -> IPv4Address | None:
+MAX_PUBLIC_ADDRESSES = 64
+"""Most addresses ``public_address`` may list."""
+_PUBLIC = (f"an IPv4 address, a list of 1 to {MAX_PUBLIC_ADDRESSES} different IPv4 "
+           "addresses, or null")
+
+
+def _public_addresses(raw: Any) -> tuple[IPv4Address, ...]:
+    """``public_address``: one address, a list of them (several uplinks, an SNAT pool,
+    per-network SNAT: each call gets the one its control connection was NATed to), or
+    null (none: that of ``public_interface`` or of the default route)."""
     if raw is None:
-        return None
-    try:
-        if not isinstance(raw, str):
-            raise ValueError
-        return IPv4Address(raw)
-    except ValueError:
-        raise _Mismatch("an IPv4 address (or null)") from None
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    if not 1 <= len(items) <= MAX_PUBLIC_ADDRESSES:
+        raise _Mismatch(_PUBLIC)
+    out: list[IPv4Address] = []
+    for item in items:
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            address = IPv4Address(item)
+        except ValueError:
+            raise _Mismatch(_PUBLIC) from None
+        if address in out:
+            raise _Mismatch(_PUBLIC, f"{address} twice")
+        out.append(address)
+    return tuple(out)
+
+
+def _plain_public(addresses: tuple[IPv4Address, ...]) -> Any:
+    """null, one address, or the list: as the policy file says it."""
+    if len(addresses) <= 1:
+        return str(addresses[0]) if addresses else None
+    return [str(a) for a in addresses]
 
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,15}")
@@ -227,7 +254,8 @@ _REPLY_HINT = {
 }
 
 SCHEMA: tuple[Field, ...] = (
-    Field("public_address", "public_address", _address_or_null, restart=True),
+    Field("public_address", "public_addresses", _public_addresses, restart=True,
+          plain=_plain_public),
     Field("public_interface", "public_interface", _interface_or_null, restart=True),
     Field("inside_networks", "inside_networks", _networks(True), restart=True, networks=True),
     Field("queues.outbound", "queue_outbound", _integer(0, 65535), restart=True),
@@ -494,21 +522,24 @@ def _cross_checks(w: _Walker, p: Policy) -> None:
         w.problem("call_ids.node",
                   f"expected call_ids.node from 1 to call_ids.nodes ({p.call_id_nodes}), "
                   f"found node {p.call_id_node}")
-    if not valid("public_address", "public_interface", "inside_networks"):
+    inside = [a for a in p.public_addresses if p.is_inside(a)]
+    if not valid("public_addresses", "public_interface", "inside_networks"):
         pass
     elif p.public_address is not None and p.public_interface is not None:
         path = at("public_address", "public_interface")
         other = "public_interface" if path == "public_address" else "public_address"
+        value = p.public_interface if path == "public_interface" else _plain_public(
+            p.public_addresses)
         w.problem(path, f"expected null when {other} is set (give one of them), "
-                        f"found {found(getattr(p, BY_PATH[path].attr))}")
-    elif p.public_address is not None and p.is_inside(p.public_address):
+                        f"found {found(value)}")
+    elif inside:
         if at("inside_networks", "public_address") == "public_address":
             w.problem("public_address", "expected an address outside inside_networks, "
-                                        f"found {found(p.public_address)}")
+                                        f"found {found(inside[0])}")
         else:
             listed = ", ".join(str(n) for n in p.inside_networks)
             w.problem("inside_networks", f"expected networks that do not hold public_address "
-                                         f"({p.public_address}), found {listed}")
+                                         f"({inside[0]}), found {listed}")
     for f in (BY_ATTR["inside_networks"], *(BY_ATTR[a] for a in (
             "clients_allow", "clients_deny", "servers_allow", "servers_deny"))):
         nets: tuple[IPv4Network, ...] = getattr(p, f.attr)
@@ -610,7 +641,10 @@ def parse_policy(text: str, source: str = "<policy>") -> LoadedPolicy:
             found = _found(root, w._scalar(root))
             w.problem("", f"expected a mapping of policy keys, found {found}",
                       root.start_mark.line + 1)
-    policy = Policy(**{a: v for a, v in w.values.items() if a in BY_ATTR})
+    values = {a: v for a, v in w.values.items() if a in BY_ATTR}
+    publics = values.pop("public_addresses", ())
+    policy = Policy(**values, public_address=publics[0] if publics else None,
+                    other_public_addresses=publics[1:])
     _cross_checks(w, policy)
     if w.problems:
         raise PolicyError(w.problems)
@@ -702,7 +736,7 @@ def policy_document(policy: Policy) -> dict[str, Any]:
         node = doc
         for g in groups:
             node = node.setdefault(g, {})
-        node[leaf] = yaml_value(getattr(policy, f.attr))
+        node[leaf] = (f.plain or yaml_value)(getattr(policy, f.attr))
     return doc
 
 
@@ -728,4 +762,5 @@ def changes(old: Policy, new: Policy) -> Iterator[tuple[Field, Any, Any]]:
     for f in FIELDS:
         a, b = getattr(old, f.attr), getattr(new, f.attr)
         if a != b:
-            yield f, yaml_value(a), yaml_value(b)
+            plain = f.plain or yaml_value
+            yield f, plain(a), plain(b)

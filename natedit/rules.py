@@ -153,6 +153,13 @@ class RuleSet:
     inside_networks: tuple[IPv4Network, ...]
     """Collapsed: no two overlap."""
     rules: tuple[Rule, ...]
+    other_public: tuple[IPv4Address, ...] = ()
+    """The policy's other public addresses (several uplinks, an SNAT pool): GRE to
+    each of them is natedit's too."""
+
+    @property
+    def public_addresses(self) -> tuple[IPv4Address, ...]:
+        return (self.public_address, *self.other_public)
 
     @property
     def hooks(self) -> tuple[Hook, ...]:
@@ -164,8 +171,9 @@ def build_ruleset(policy: Policy) -> RuleSet:
     public = policy.public_address
     if public is None:
         raise RulesError("public_address is not resolved (none in the policy, none found)")
-    if policy.is_inside(public):
-        raise RulesError(f"public_address {public} is inside inside_networks")
+    for each in policy.public_addresses:
+        if policy.is_inside(each):
+            raise RulesError(f"public_address {each} is inside inside_networks")
     out, into = policy.queue_outbound, policy.queue_inbound
     H, T, F, V = Hook, Traffic, Flow, Verb
     rules: tuple[Rule, ...] = (
@@ -189,7 +197,7 @@ def build_ruleset(policy: Policy) -> RuleSet:
             dataclasses.replace(r, bypass=True) if r.traffic in _CONTROL else r for r in rules
         )
     inside = tuple(ipaddress.collapse_addresses(policy.inside_networks))
-    return RuleSet(public, inside, rules)
+    return RuleSet(public, inside, rules, policy.other_public_addresses)
 
 
 _CONTROL = frozenset({Traffic.CONTROL_TO_SERVER, Traffic.CONTROL_FROM_SERVER})
@@ -255,8 +263,9 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
         exact = _IPT_EXACT.get(rule.traffic)
         table[main].append(f"# {rule.why}")
         if rule.flow is Flow.TO_PUBLIC:
-            table[main].append(f"-A {main} -d {rs.public_address}/32 {traffic}"
-                               + (f" {exact}" if exact else "") + f" {target}")
+            table[main] += [f"-A {main} -d {public}/32 {traffic}"
+                            + (f" {exact}" if exact else "") + f" {target}"
+                            for public in rs.public_addresses]
             continue
         flow_chain = main + _IPT_TRAFFIC_CHAIN.get(rule.traffic, "") + _IPT_FLOW_CHAIN[rule.flow]
         if exact:
@@ -283,7 +292,8 @@ def render_iptables(rs: RuleSet) -> str:
     """Input for ``iptables-restore --noflush`` that installs ``rs``."""
     head = [
         "# natedit rules: iptables-restore --noflush < this",
-        f"# public address {rs.public_address}, inside "
+        ("# public address " if not rs.other_public else "# public addresses ")
+        + ", ".join(str(a) for a in rs.public_addresses) + ", inside "
         + ", ".join(str(net) for net in rs.inside_networks),
         "# on_worker_down: pass: --queue-bypass on TCP 1723, with no worker bound it is "
         "not translated; GRE is dropped"
@@ -359,7 +369,9 @@ _NFT_VERB = {Verb.NOTRACK: "notrack", Verb.DROP: "drop"}
 
 
 def _nft_statement(rule: Rule, rs: RuleSet) -> str:
-    flow = f"ip daddr {rs.public_address}" if rule.flow is Flow.TO_PUBLIC else _NFT_FLOW[rule.flow]
+    publics = (str(rs.public_address) if not rs.other_public
+               else "{ " + ", ".join(str(a) for a in rs.public_addresses) + " }")
+    flow = f"ip daddr {publics}" if rule.flow is Flow.TO_PUBLIC else _NFT_FLOW[rule.flow]
     if rule.verb is Verb.QUEUE:
         verb = f"queue num {rule.queue}" + (" bypass" if rule.bypass else "")
     else:

@@ -48,6 +48,8 @@ class Conversation:
     in_seq: int = 5000
     now: float = 0.0
     verdicts: list[Verdict] = field(default_factory=list)
+    public: bytes | None = None
+    """The address the edge says the connection is NATed to (None: it says none)."""
 
     def open(self, *, start: bool = True) -> None:
         """SYN, SYN-ACK and (``start``) Start-Control-Connection-Request and -Reply, so
@@ -86,7 +88,8 @@ class Conversation:
         return v
 
     def feed(self, d: Direction, packet: bytes) -> Verdict:
-        v = self.tr.handle_packet(packet, d, self.now)
+        v = (self.tr.handle_packet(packet, d, self.now) if self.public is None
+             else self.tr.handle_packet(packet, d, self.now, self.public))
         self.verdicts.append(v)
         return v
 

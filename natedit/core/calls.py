@@ -47,9 +47,10 @@ a reply that crosses a Call-Clear-Request leaves the call CLOSING but lets
 the Call-Disconnect-Notify that follows find it.
 
 Besides messages, a call ends with its control connection (``fin``, ``reset``,
-``control_idle``), when replaced by a new call with its client Call ID
-(``replaced``), and when its timer runs out: :data:`TIMEOUTS` gives each
-state's clock and release reason.
+``control_idle``; ``public_address_changed``: the connection's NAT address, which
+the edge reads from conntrack, changed under it, as after an uplink failover),
+when replaced by a new call with its client Call ID (``replaced``), and when
+its timer runs out: :data:`TIMEOUTS` gives each state's clock and release reason.
 """
 
 from __future__ import annotations

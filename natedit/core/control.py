@@ -37,6 +37,16 @@ connection after a reload), a limit is reached (``client_limit``,
 (``rate_limited``); TCP retransmits it and it is decided again, so it goes
 through once the reason is gone. ``Stats.calls_refused`` counts a refused
 request once, not its retransmissions.
+
+Public addresses. A connection's calls get the address the connection was
+NATed to: the edge reads it (from conntrack: the packets here are queued before
+the SNAT and after the un-NAT, so they do not show it) and passes it with the
+segment (``public``); the first call of the connection pins it (the policy's
+first public address while the edge has told none: ``natedit replay``). A
+connection NATed to none of the policy's public addresses (nor NATed at all)
+gets its new calls refused (``refused:not_public``): never mapped to a wrong
+address. When the address changes under a connection with calls (an uplink
+failover), its calls end (``public_address_changed``).
 """
 
 from __future__ import annotations
@@ -86,15 +96,20 @@ class Control:
     """The TCP 1723 conversations of the calls in ``table``."""
 
     def __init__(self, table: CallTable, admission: Admission, outbox: Outbox,
-                 public_ip: bytes) -> None:
+                 publics: tuple[bytes, ...]) -> None:
         self.table = table
         self.admission = admission
         self.outbox = outbox
         self.stats = outbox.stats
-        self.public_ip = public_ip
-        self.fields = CallIdFields(table, outbox.stats, public_ip)
+        self.public_ip = publics[0]
+        """The address a connection's calls get while the edge has told none."""
+        self.publics = frozenset(publics)
+        self.fields = CallIdFields(table, outbox.stats, self.public_ip)
 
-    def handle(self, data: bytes, ihl: int, total: int, d: Direction, now: float) -> Verdict:
+    def handle(self, data: bytes, ihl: int, total: int, d: Direction, now: float,
+               public: bytes | None = None) -> Verdict:
+        """``public``: the address the edge found the segment's connection NATed to (None:
+        it cannot say; the connection keeps the one it has)."""
         if data[6] & 0x3F or data[7]:  # MF or an offset: an IP fragment (RFC 791)
             return self._fragment(data, ihl, total)
         if total < ihl + 20:
@@ -142,6 +157,10 @@ class Control:
                 return self.outbox.verdict(Action.DROP, table.connection_refusal(key[0])
                                      or DropReason.TOO_MANY_CONNECTIONS)
         conn.last_seen = now
+        if public is not None and public != conn.public_ip:
+            if conn.calls:  # NATed elsewhere now (uplink failover): the calls are wrong
+                table.end_calls(conn, ReleaseReason.PUBLIC_ADDRESS_CHANGED)
+            conn.public_ip = public
         stream = conn.streams[d]
         if flags & TCP_ACK:
             conn.streams[1 - d].acknowledge(_ACK.unpack_from(data, ihl + 8)[0])
@@ -253,9 +272,13 @@ class Control:
             return None
         n = len(client_his)
         admission = self.admission
+        public = conn.public_ip
+        if public is None:  # the edge has told none: the policy's first, from now on
+            public = conn.public_ip = self.public_ip
         reason = ((None if started else Refusal.NOT_STARTED)
+                  or (None if public in self.publics else Refusal.NOT_PUBLIC)
                   or admission.acl_refusal(conn.client_ip, conn.server_ip)
-                  or self.table.refusal(conn, self.public_ip, client_his)
+                  or self.table.refusal(conn, public, client_his)
                   or admission.rate_refusal(conn.client_ip, n, now))
         if reason is None:
             admission.admit(conn.client_ip, n, now)
@@ -285,7 +308,8 @@ class Control:
                 new_ids.add(value)
             elif (kind is _OWN and value not in new_ids
                   and conn.call_by_client_id(value) is None):
-                other = self.table.by_public.get((self.public_ip, conn.server_ip, value))
+                public = self.public_ip if conn.public_ip is None else conn.public_ip
+                other = self.table.by_public.get((public, conn.server_ip, value))
                 if other is not None and other.conn is not conn:
                     return True
         return False

@@ -60,6 +60,9 @@ class Refusal(enum.StrEnum):
     TABLE_FULL = "table_full"
     POOL_EXHAUSTED = "pool_exhausted"
     RATE_LIMITED = "rate_limited"
+    NOT_PUBLIC = "not_public"
+    """The control connection was NATed to an address that is none of the policy's
+    public addresses (or not NATed at all): its calls would be mapped to a wrong one."""
 
     @property
     def drop(self) -> DropReason:
@@ -92,6 +95,7 @@ class DropReason(enum.StrEnum):
     REFUSED_TABLE_FULL = "refused:table_full"
     REFUSED_POOL_EXHAUSTED = "refused:pool_exhausted"
     REFUSED_RATE_LIMITED = "refused:rate_limited"
+    REFUSED_NOT_PUBLIC = "refused:not_public"
     """(``refused:<reason>``: one per :class:`Refusal`; a unit test holds them equal.)"""
 
 
@@ -132,6 +136,9 @@ class ReleaseReason(enum.StrEnum):
     REFUSED_BY_SERVER = "refused_by_server"
     REFUSED_BY_CLIENT = "refused_by_client"
     REPLACED = "replaced"
+    PUBLIC_ADDRESS_CHANGED = "public_address_changed"
+    """The control connection's NAT address changed (an uplink failover): its calls,
+    mapped to the old one, end (the server sees the connection from another address)."""
 
 
 class RestoreOutcome(enum.StrEnum):

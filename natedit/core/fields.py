@@ -64,6 +64,7 @@ class CallIdFields:
         self.table = table
         self.stats = stats
         self.public_ip = public_ip
+        """A connection's address while it has none of its own (``conn.public_ip``)."""
 
     def rewrite(self, conn: ControlConnection, stream: Stream, d: Direction, piece: Piece,
                  field: CallIdField, message_seq: int, now: float) -> list[tuple[int, int]]:
@@ -81,7 +82,8 @@ class CallIdFields:
         full = (hi << 8 | msg[f + 1]) if f + 1 < end else None
         out: list[tuple[int, int]] = []
         if kind is _NEW:
-            call = (self.table.allocate(conn, hi, self.public_ip, now) if has_hi
+            public = self.public_ip if conn.public_ip is None else conn.public_ip
+            call = (self.table.allocate(conn, hi, public, now) if has_hi
                     else stream.partial.pop(f, None))
             if not isinstance(call, Call):
                 return []
@@ -157,7 +159,8 @@ class CallIdFields:
         if d is Direction.OUTBOUND and value is not None and leaving != value:
             return DropReason.SPLIT_CALL_ID  # a live call's private Call ID would leave
         if d is Direction.OUTBOUND and field.kind is _OWN and named is None:
-            other = self.table.by_public.get((self.public_ip, conn.server_ip, full))
+            public = self.public_ip if conn.public_ip is None else conn.public_ip
+            other = self.table.by_public.get((public, conn.server_ip, full))
             if other is not None and other.conn is not conn:
                 return DropReason.FOREIGN_CALL_ID
         return None

@@ -68,10 +68,11 @@ full way."""
 class Gre:
     """GRE of the calls in ``table``, counted in ``stats``."""
 
-    def __init__(self, table: CallTable, stats: Stats, public_ip: bytes) -> None:
+    def __init__(self, table: CallTable, stats: Stats, publics: frozenset[bytes]) -> None:
         self.table = table
         self.stats = stats
-        self.public_ip = public_ip
+        self.publics = publics
+        """The policy's public addresses (packed): inbound GRE to any other is not ours."""
         self._by_public = table.by_public
         self._by_server = table.by_server
 
@@ -169,7 +170,7 @@ class Gre:
                now: float) -> bytes | Reason:
         """The packet's new bytes, or the reason it is passed or dropped (a PassReason:
         accepted as it came)."""
-        if d is _IN and data[16:20] != self.public_ip:
+        if d is _IN and data[16:20] not in self.publics:
             return PassReason.NOT_OURS
         if (data[6] << 8 | data[7]) & 0x3FFF:  # no GRE header to read in most of them
             return DropReason.FRAGMENT

@@ -81,7 +81,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 @dataclass(frozen=True, slots=True)
 class Policy:
     public_address: IPv4Address | None = None
-    """Address the clients share on the outside; None = that of ``public_interface``."""
+    """Address the clients share on the outside; None = that of ``public_interface``.
+    With several (a list in the policy file) the first: the one a call gets when the
+    edge cannot say which its control connection was NATed to (``natedit replay``)."""
+    other_public_addresses: tuple[IPv4Address, ...] = ()
+    """The rest of that list: more addresses the clients are NATed to (several uplinks,
+    an SNAT pool, per-network SNAT). Each call gets the one its control connection was
+    NATed to (the worker reads it from conntrack); see :attr:`public_addresses`."""
     public_interface: str | None = None
     """Interface whose primary address is the public one; None (and no
     ``public_address``) = the interface of the default route."""
@@ -144,7 +150,15 @@ class Policy:
     log_format: LogFormat = LogFormat.TEXT
     """text or json."""
 
+    @property
+    def public_addresses(self) -> tuple[IPv4Address, ...]:
+        """Every public address, the first one first (none while it is unresolved)."""
+        if self.public_address is None:
+            return self.other_public_addresses
+        return (self.public_address, *self.other_public_addresses)
+
     def with_public_address(self, address: IPv4Address) -> Policy:
+        """The first public address resolved (the others stay)."""
         return dataclasses.replace(self, public_address=address)
 
     def owns_call_id(self, call_id: int) -> bool:

@@ -65,8 +65,8 @@ ConnKey = tuple[bytes, int, bytes, int]
 
 class ControlConnection:
     __slots__ = ("calls", "client_address", "client_ip", "client_port", "fin", "key",
-                 "last_seen", "refused_at", "released", "server_address", "server_ip",
-                 "server_port", "started", "streams")
+                 "last_seen", "public_ip", "refused_at", "released", "server_address",
+                 "server_ip", "server_port", "started", "streams")
 
     def __init__(self, key: ConnKey, now: float, *, started: bool = True,
                  addresses: tuple[IPv4Address, IPv4Address] | None = None) -> None:
@@ -84,6 +84,10 @@ class ControlConnection:
         refused, so that its retransmissions are not counted again."""
         self.last_seen = now
         self.released = False
+        self.public_ip: bytes | None = None
+        """The address the connection is NATed to, as the edge last told it (or, until
+        it tells one, the policy's first, pinned when the first call is set up); every
+        call of the connection has it. None: not known yet, no call."""
         self.started = started
         """Whether calls may be set up: a Start-Control-Connection-Request was seen
         (either way), or natedit did not see the connection start (picked up
@@ -314,11 +318,11 @@ class CallTable:
 
         The call gets its old public Call ID only if the table's invariants hold
         as they do for a new call: one live call per public Call ID and server,
-        one per client Call ID in a connection, the per-client, table and connection
-        limits (not the high-byte rule, which the allocator relaxes when no free ID
-        keeps it; nor one call per server Call ID). Its control
-        connection is created as needed: started, with unsynced streams (they pick up
-        at the next segment that starts with a message header). Timers start at ``now``.
+        one per client Call ID in a connection, one public address per connection, the
+        per-client, table and connection limits (not the high-byte rule, which the
+        allocator relaxes when no free ID keeps it; nor one call per server Call ID).
+        Its control connection is created as needed: started, NATed to the record's
+        address, unsynced streams (they pick up at the next message header). Timers: now.
         """
         try:
             state = CallState(rec.state)
@@ -336,6 +340,8 @@ class CallTable:
             return RestoreOutcome.DUPLICATE
         key = (client_ip, rec.client_port, server_ip, rec.server_port)
         conn = self.connections.get(key)
+        if conn is not None and conn.public_ip not in (None, public_ip):
+            return RestoreOutcome.PUBLIC_ADDRESS
         if conn is not None and cid is not None and conn.call_by_client_id(cid) is not None:
             return RestoreOutcome.DUPLICATE
         if self.per_client[client_ip] >= self.policy.max_calls_per_client:
@@ -345,6 +351,7 @@ class CallTable:
         conn = self.connection(key, now, create=True)
         if conn is None:
             return RestoreOutcome.TOO_MANY_CONNECTIONS
+        conn.public_ip = public_ip
         call = Call(conn, hi, self._public(public_ip), rec.public_call_id, now)
         call.client_call_id = cid
         call.state = state

@@ -102,13 +102,17 @@ class Translator:
             raise ValueError("the core needs policy.public_address resolved")
         self.policy = policy
         self.public_ip = policy.public_address.packed
+        """The policy's first public address: a connection's while the edge tells none."""
+        self.publics = frozenset(a.packed for a in policy.public_addresses)
+        """Every public address (packed): calls may have any of them."""
         self.rng = rng if rng is not None else random.SystemRandom()
         self.stats = Stats()
         self.outbox = Outbox(self.stats)
         self.table = CallTable(policy, self.rng, self.outbox)
         self.admission = Admission(policy)
-        self.control = Control(self.table, self.admission, self.outbox, self.public_ip)
-        self.gre = Gre(self.table, self.stats, self.public_ip)
+        self.control = Control(self.table, self.admission, self.outbox,
+                               tuple(a.packed for a in policy.public_addresses))
+        self.gre = Gre(self.table, self.stats, self.publics)
         # GRE, the common case, for the queue worker's per-packet path: the translated
         # packet, or None (anything else: ask handle_packet). See natedit.core.gre.
         self.gre_in_fast: Callable[[bytes, float], bytes | None] = self.gre.inbound
@@ -116,8 +120,13 @@ class Translator:
 
     # -- public API -----------------------------------------------------------------------
 
-    def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict:
-        """Decide one IPv4 packet crossing the gateway in ``direction`` at time ``now``."""
+    def handle_packet(self, data: bytes, direction: Direction, now: float,
+                      public: bytes | None = None) -> Verdict:
+        """Decide one IPv4 packet crossing the gateway in ``direction`` at time ``now``.
+
+        ``public``: for a TCP 1723 segment, the address (packed) its control connection
+        is NATed to, as the edge found it (conntrack); None: unknown, the connection
+        keeps the one it has (see :mod:`natedit.core.control`)."""
         outbox = self.outbox
         try:
             ihl, total = ipv4_lengths(data)
@@ -129,7 +138,7 @@ class Translator:
                 action = Action.ACCEPT if isinstance(out, PassReason) else Action.DROP
                 return outbox.verdict(action, out)
             if proto == IPPROTO_TCP:
-                return self.control.handle(data, ihl, total, direction, now)
+                return self.control.handle(data, ihl, total, direction, now, public)
             return ACCEPT
         except ProtocolError as exc:
             return outbox.verdict(Action.DROP, exc.reason, violation=exc)
@@ -167,24 +176,24 @@ class Translator:
         """Put back the calls of a previous run (a restart); before any packet.
 
         Returns how many were ``restored`` and, by reason, how many were not: a
-        different public address (``public_address``), a client the running policy
-        does not put inside (0.0.0.0, the public address, outside ``inside_networks``:
-        ``client_address``), a server that is inside, 0.0.0.0 or the public address
+        public address that is none of the policy's (``public_address``), a client the
+        running policy does not put inside (0.0.0.0, a public address, outside ``inside_networks``:
+        ``client_address``), a server that is inside, 0.0.0.0 or a public address
         (``server_address``), or a record that would break the table's invariants
         (see :meth:`CallTable.restore`). A restored
         call keeps its public Call ID, so GRE flows again at once; its idle and
         request timers start at ``now``.
         """
         outcome: Counter[str] = Counter()
-        policy = self.policy
+        policy, publics = self.policy, self.publics
         for rec in records:
             client, server = rec.client_address, rec.server_address
-            if rec.public_address.packed != self.public_ip:
+            if rec.public_address.packed not in publics:
                 reason: RestoreOutcome | None = RestoreOutcome.PUBLIC_ADDRESS
-            elif (client.is_unspecified or client.packed == self.public_ip
+            elif (client.is_unspecified or client.packed in publics
                   or not policy.is_inside(client)):
                 reason = RestoreOutcome.CLIENT_ADDRESS
-            elif (server.is_unspecified or server.packed == self.public_ip
+            elif (server.is_unspecified or server.packed in publics
                   or policy.is_inside(server)):
                 reason = RestoreOutcome.SERVER_ADDRESS
             else:
@@ -227,12 +236,12 @@ class Translator:
         Limits, ACLs, the Call ID range and the allocation apply to new calls and
         connections: live calls keep their mappings and public Call IDs (also outside
         a new range), and a tighter limit does not cut them. Timeouts apply to
-        everything at once. The public address cannot change (ValueError).
+        everything at once. The public addresses cannot change (ValueError).
         """
         if policy.public_address is None:
             raise ValueError("the core needs policy.public_address resolved")
-        if policy.public_address.packed != self.public_ip:
-            raise ValueError("the public address cannot change while calls may be live")
+        if policy.public_addresses != self.policy.public_addresses:
+            raise ValueError("the public addresses cannot change while calls may be live")
         self.policy = policy
         self.table.set_policy(policy)
         self.admission.set_policy(policy)

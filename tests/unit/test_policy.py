@@ -73,7 +73,7 @@ IN = Direction.INBOUND
 # -- every field -----------------------------------------------------------------------------
 
 EVERY_FIELD = """\
-public_address: 203.0.113.7
+public_address: [203.0.113.7, 203.0.113.9]
 public_interface: null
 inside_networks: [10.1.0.0/16, 192.168.7.0/24]
 queues:
@@ -117,6 +117,7 @@ logging:
 
 EVERY_FIELD_POLICY = Policy(
     public_address=IP("203.0.113.7"),
+    other_public_addresses=(IP("203.0.113.9"),),
     public_interface=None,
     inside_networks=(NET("10.1.0.0/16"), NET("192.168.7.0/24")),
     queue_outbound=7,
@@ -172,6 +173,21 @@ def test_every_field_from_yaml() -> None:
     # public_address)
     same = {f.path for f in FIELDS if getattr(loaded.policy, f.attr) == f.default}
     assert same == {"public_interface"}
+
+
+def test_several_public_addresses() -> None:
+    """A list at public_address: the first is Policy.public_address, the rest follow;
+    check-policy's dump says the list, one address stays a scalar."""
+    A, B = ipaddress.IPv4Address("198.51.100.1"), ipaddress.IPv4Address("198.51.100.3")
+    p = parse_policy("public_address: [198.51.100.1, 198.51.100.3]\n").policy
+    assert (p.public_address, p.other_public_addresses, p.public_addresses) == (A, (B,), (A, B))
+    assert "public_address: [198.51.100.1, 198.51.100.3]" in dump_policy(p)
+    assert parse_policy(dump_policy(p)).policy == p
+    one = parse_policy("public_address: [198.51.100.1]\n").policy
+    assert one == parse_policy("public_address: 198.51.100.1\n").policy
+    assert "public_address: 198.51.100.1\n" in dump_policy(one)
+    assert p.with_public_address(A) == p  # (the worker's resolution keeps the others)
+    assert Policy().public_addresses == ()
 
 
 def test_public_interface() -> None:
@@ -272,9 +288,32 @@ ERRORS: list[tuple[str, str, list[str]]] = [
      ["p.yaml:2: queues.inbound: expected a queue number other than queues.outbound "
       "(1723), found 1723"]),
     ("unparsable address", "public_address: 300.1.2.3\n",
-     ["p.yaml:1: public_address: expected an IPv4 address (or null), found '300.1.2.3'"]),
+     ["p.yaml:1: public_address: expected an IPv4 address, a list of 1 to 64 different "
+      "IPv4 addresses, or null, found '300.1.2.3'"]),
     ("an IPv6 address", "public_address: '2001:db8::1'\n",
-     ["p.yaml:1: public_address: expected an IPv4 address (or null), found '2001:db8::1'"]),
+     ["p.yaml:1: public_address: expected an IPv4 address, a list of 1 to 64 different "
+      "IPv4 addresses, or null, found '2001:db8::1'"]),
+    ("an empty list of public addresses", "public_address: []\n",
+     ["p.yaml:1: public_address: expected an IPv4 address, a list of 1 to 64 different "
+      "IPv4 addresses, or null, found a list"]),
+    ("a public address twice", "public_address: [198.51.100.1, 198.51.100.1]\n",
+     ["p.yaml:1: public_address: expected an IPv4 address, a list of 1 to 64 different "
+      "IPv4 addresses, or null, found a list (198.51.100.1 twice)"]),
+    ("a bad public address in a list", "public_address: [198.51.100.1, 5]\n",
+     ["p.yaml:1: public_address: expected an IPv4 address, a list of 1 to 64 different "
+      "IPv4 addresses, or null, found a list"]),
+    ("too many public addresses",
+     "public_address: [" + ", ".join(f"198.51.100.{i}" for i in range(1, 66)) + "]\n",
+     ["p.yaml:1: public_address: expected an IPv4 address, a list of 1 to 64 different "
+      "IPv4 addresses, or null, found a list"]),
+    ("a listed public address inside",
+     "inside_networks: [10.0.0.0/8]\npublic_address: [198.51.100.1, 10.0.0.1]\n",
+     ["p.yaml:2: public_address: expected an address outside inside_networks, "
+      "found '10.0.0.1'"]),
+    ("addresses and interface", "public_interface: eth0\npublic_address: [192.0.2.1, "
+     "192.0.2.3]\n",
+     ["p.yaml:2: public_address: expected null when public_interface is set (give one of "
+      "them), found ['192.0.2.1', '192.0.2.3']"]),
     ("address and interface", "public_interface: eth0\npublic_address: 203.0.113.7\n",
      ["p.yaml:2: public_address: expected null when public_interface is set (give one of "
       "them), found '203.0.113.7'"]),
@@ -633,7 +672,7 @@ def test_reload_with_shorter_timeouts_applies_them_to_live_calls() -> None:
 
 def test_reload_cannot_move_the_public_address() -> None:
     tr = make_translator()
-    with pytest.raises(ValueError, match="public address cannot change"):
+    with pytest.raises(ValueError, match="public addresses cannot change"):
         tr.set_policy(replace(tr.policy, public_address=IP("203.0.113.9")))
 
 

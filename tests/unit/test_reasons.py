@@ -36,10 +36,11 @@ from tests.pptp_flows import (
 def test_values_are_the_exported_labels() -> None:
     assert [r.value for r in ReleaseReason] == [
         "disconnect", "stop", "fin", "reset", "idle", "request_timeout", "clear_timeout",
-        "control_idle", "refused_by_server", "refused_by_client", "replaced"]
+        "control_idle", "refused_by_server", "refused_by_client", "replaced",
+        "public_address_changed"]
     assert [r.value for r in Refusal] == [
         "not_started", "client_denied", "server_denied", "client_limit", "table_full",
-        "pool_exhausted", "rate_limited"]
+        "pool_exhausted", "rate_limited", "not_public"]
     assert [r.value for r in Malformed] == [
         "short_ip", "not_ipv4", "bad_ip_header", "short_tcp", "bad_tcp_header", "short_gre",
         "short_header", "bad_pptp_type", "bad_cookie", "bad_message_type", "bad_length",

@@ -174,6 +174,31 @@ def test_public_address_inside_is_refused() -> None:
         build_ruleset(policy)
 
 
+def test_several_public_addresses_each_get_the_inbound_gre_rules() -> None:
+    """GRE to every public address is natedit's (notracked, queued inbound); nothing
+    else changes, and one address renders as before."""
+    other = IPv4Address("198.51.100.3")
+    policy = Policy(public_address=PUBLIC, other_public_addresses=(other,),
+                    inside_networks=INSIDE)
+    rs = build_ruleset(policy)
+    assert rs.public_addresses == (PUBLIC, other)
+    text = render_iptables(rs)
+    assert "# public addresses 198.51.100.1, 198.51.100.3, inside 10.0.0.0/24" in text
+    for public in (PUBLIC, other):
+        assert f"-A NATEDIT-PREROUTING -d {public}/32 -p gre {U32} -j CT --notrack" in text
+        assert (f"-A NATEDIT-PREROUTING -d {public}/32 -p gre {U32} "
+                "-j NFQUEUE --queue-num 1724") in text
+    one = render_iptables(build_ruleset(POLICY)).splitlines()
+    assert [ln for ln in text.splitlines() if "198.51.100.3" not in ln] == [
+        ln for ln in one if not ln.startswith("# public address")]
+    nft = render_nft(rs)
+    assert nft.count("ip daddr { 198.51.100.1, 198.51.100.3 }") == 2
+    assert "ip daddr 198.51.100.1 " not in nft
+    with pytest.raises(RulesError, match=r"10\.0\.0\.9 is inside"):
+        build_ruleset(Policy(public_address=PUBLIC, inside_networks=INSIDE,
+                             other_public_addresses=(IPv4Address("10.0.0.9"),)))
+
+
 def test_nft_rendering() -> None:
     text = render_nft(build_ruleset(POLICY))
     lines = [ln.strip() for ln in text.splitlines()]
