@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from . import Action, Direction, Event, Verdict, host
+from . import Action, Direction, Event, Verdict, host, wire
 
 log = logging.getLogger("natedit")
 
@@ -66,6 +66,17 @@ class Decider(Protocol):
     def handle_packet(self, data: bytes, direction: Direction, now: float) -> Verdict: ...
 
 
+class NatDecider(Protocol):
+    """A :class:`Decider` that takes the NAT address of a control connection too."""
+
+    def handle_packet(self, data: bytes, direction: Direction, now: float,
+                      public: bytes | None = None) -> Verdict: ...
+
+
+NatLookup = Callable[[bytes, Direction, float], "bytes | None"]
+"""A packet's bytes, direction and time -> the address its control connection is
+NATed to (:class:`natedit.conntrack.NatAddresses`), or None."""
+
 Callback = Callable[[Packet], None]
 
 
@@ -89,6 +100,12 @@ class PacketPath:
                           getattr(translator, "gre_in_fast", _not_fast))
         """By Direction: the translator's shortcut for the GRE of live calls (bytes, or
         None for anything else), tried before ``handle_packet``."""
+        self._nat: tuple[NatLookup, NatDecider] | None = None
+
+    def read_nat(self, lookup: NatLookup, translator: NatDecider) -> None:
+        """From now on, give ``translator`` (this path's) each TCP 1723 segment's NAT
+        address as ``lookup`` finds it (several public addresses)."""
+        self._nat = (lookup, translator)
 
     def callback(self, direction: Direction) -> Callback:
         """The queue's callback for ``direction``: the GRE of live calls through the
@@ -124,7 +141,11 @@ class PacketPath:
                 data = packet.get_payload()
             if now is None:
                 now = self.clock()
-            verdict = self.translator.handle_packet(data, direction, now)
+            nat = self._nat
+            if nat is None or len(data) < 20 or data[9] != wire.IPPROTO_TCP:
+                verdict = self.translator.handle_packet(data, direction, now)
+            else:
+                verdict = nat[1].handle_packet(data, direction, now, nat[0](data, direction, now))
             if verdict.action is Action.ACCEPT:
                 if verdict.data is not None:
                     packet.set_payload(verdict.data)

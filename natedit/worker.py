@@ -67,6 +67,7 @@ from . import (
     Policy,
     ProtocolViolation,
     Translator,
+    conntrack,
     eventstream,
     fastpath,
     host,
@@ -252,6 +253,7 @@ def run(
     rules.check_no_pptp_helper(ruleset.inside_networks)
     translator = (make_translator or Translator)(policy)
     dispatcher = Dispatcher(translator)
+    nat = _read_nat(policy, translator, dispatcher)
     status = policy_status if policy_status is not None else PolicyStatus(loaded_at=time.time())
 
     def set_datapath(datapath: Datapath) -> None:
@@ -318,6 +320,8 @@ def run(
 
             _loop(bound, wakeup, dispatcher, on_hangup)
         finally:
+            if nat is not None:
+                nat.close()
             if dispatcher.fastpath is not None:  # (the kernel deletes it anyway at exit)
                 dispatcher.fastpath.stop()
                 dispatcher.fastpath = None
@@ -335,6 +339,24 @@ def run(
     else:
         log.info("stopped; rules removed")
     return 0
+
+
+def _read_nat(policy: Policy, translator: PacketTranslator,
+              dispatcher: Dispatcher) -> conntrack.Ctnetlink | None:
+    """Give each control connection's NAT address (conntrack) to the translator; None
+    when conntrack cannot be read: with one public address every call gets it (a
+    warning), with several the worker cannot start (NateditError)."""
+    if not isinstance(translator, Translator):
+        return None
+    try:
+        ct = conntrack.Ctnetlink()
+    except conntrack.ConntrackError as exc:
+        if policy.other_public_addresses:
+            raise NateditError(f"several public addresses need conntrack: {exc}") from exc
+        log.warning("%s; every call gets %s", exc, policy.public_address)
+        return None
+    dispatcher.packets.read_nat(conntrack.NatAddresses(ct, dispatcher.counts), translator)
+    return ct
 
 
 def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
@@ -422,7 +444,7 @@ def _announce_ready(policy: Policy, flavour: rules.Flavour, ready_file: str | No
     """
     info: dict[str, Any] = {
         "pid": os.getpid(),
-        "public_address": str(policy.public_address),
+        "public_address": ",".join(str(a) for a in policy.public_addresses),
         "queue_outbound": policy.queue_outbound,
         "queue_inbound": policy.queue_inbound,
         "flavour": flavour.value,
