@@ -316,13 +316,12 @@ class CallTable:
     def restore(self, rec: CallRecord, now: float) -> RestoreOutcome | None:
         """Put back a call a previous run mapped; why it was not (None: it was).
 
-        The call gets its old public Call ID only if the table's invariants hold
-        as they do for a new call: one live call per public Call ID and server,
-        one per client Call ID in a connection, one public address per connection, the
-        per-client, table and connection limits (not the high-byte rule, which the
-        allocator relaxes when no free ID keeps it; nor one call per server Call ID).
-        Its control connection is created as needed: started, NATed to the record's
-        address, unsynced streams (they pick up at the next message header). Timers: now.
+        The call gets its old public Call ID only if the table's invariants hold as they do
+        for a new call: one live call per public Call ID and server, one per client Call ID
+        in a connection, one public address per connection, the per-client, table and
+        connection limits (not the high-byte rule, which the allocator relaxes when no free
+        ID keeps it; nor one call per server Call ID). Its control connection is created as
+        needed: started, NATed to the record's address, unsynced streams; timers at ``now``.
         """
         try:
             state = CallState(rec.state)
