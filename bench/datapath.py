@@ -522,11 +522,21 @@ TARGETS = (
     ("natedit-kernel", "kernel-helper", 1.15, "kernel datapath >= 1.15x the kernel helper"),
     ("natedit-kernel", "plain", 0.90, "kernel datapath >= 0.90x plain forwarding"),
 )
+LATENCY_TARGETS = (
+    ("natedit-userspace", "nfq-accept", 1.5,
+     "user-space path's added median latency <= 1.5x the accept-only worker's"),
+    ("natedit-kernel", "kernel-helper", 1.0,
+     "kernel datapath's added median latency no worse than the kernel helper's"),
+)
+LATENCY_SLACK_US = 5.0
+"""Added latencies within this of each other count as equal (a few us is the noise of
+one run here; added latencies near 0 make their ratio meaningless)."""
 
 
 def targets(summary: dict[str, Any], paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Each target of the datapath issue: the per-figure ratios (medians), met or not."""
-    out = []
+    """Each target of the datapath issue: the per-figure ratios (medians), met or not.
+    Latency targets need ``plain`` (added latency is the path's minus plain's)."""
+    out: list[dict[str, Any]] = []
     for path, ref, goal, what in TARGETS:
         if path not in paths or ref not in paths:
             continue
@@ -534,34 +544,65 @@ def targets(summary: dict[str, Any], paths: Sequence[str]) -> list[dict[str, Any
                   for d in DIRECTIONS}
         out.append({"target": what, "goal": goal, "ratios": ratios,
                     "met": min(ratios.values()) >= goal})
+    for path, ref, goal, what in LATENCY_TARGETS:
+        if path not in paths or ref not in paths:
+            continue
+        if "plain" not in paths:
+            out.append({"target": what, "goal": goal, "latency": None, "met": None})
+            continue
+        added = {d: (summary[path][f"latency_{d}_added_median_us"],
+                     summary[ref][f"latency_{d}_added_median_us"]) for d in DIRECTIONS}
+        met = all(ours <= max(goal * theirs, theirs + LATENCY_SLACK_US)
+                  for ours, theirs in added.values())
+        out.append({"target": what, "goal": goal, "latency": added, "met": met})
     return out
+
+
+def _latency_cell(row: dict[str, Any]) -> str:
+    """Added latency (+X us, vs plain) when plain was measured; else the raw one-way
+    figure, marked so."""
+    if "latency_out_added_median_us" in row:
+        return " / ".join(f"{row[f'latency_{d}_added_median_us']:+.0f} "
+                          f"({row[f'latency_{d}_added_p99_us']:+.0f}) us" for d in DIRECTIONS)
+    return " / ".join(f"{row[f'latency_{d}_median_us']:.0f} "
+                      f"({row[f'latency_{d}_p99_us']:.0f}) us raw" for d in DIRECTIONS)
+
+
+def _target_line(t: dict[str, Any], names: dict[str, str], cols: list[str]) -> str:
+    if "ratios" in t:
+        figures = ", ".join(f"{names[c]} {t['ratios'][c]:.2f}" for c in cols)
+        verdict = "met" if t["met"] else (
+            f"MISSED (worst {min(t['ratios'].values()) / t['goal'] - 1:+.0%})")
+        return f"target: {t['target']}: {figures}: {verdict}"
+    if t["latency"] is None:
+        return f"target: {t['target']}: n/a (needs plain in --paths)"
+    figures = ", ".join(
+        f"{d} {ours:+.0f} vs {theirs:+.0f} us"
+        + (f" ({ours / theirs:.2f}x)" if theirs > LATENCY_SLACK_US else "")
+        for d, (ours, theirs) in t["latency"].items())
+    return f"target: {t['target']}: {figures}: {'met' if t['met'] else 'MISSED'}"
 
 
 def table(summary: dict[str, Any], paths: Sequence[str]) -> str:
     cols = [f"{d}_{s}" for s in SIZES for d in DIRECTIONS]
     names = {f"{d}_{s}": f"{d} {s} B" for s in SIZES for d in DIRECTIONS}
-    lines = ["packets per second (x plain forwarding / x kernel helper), medians of the runs:",
+    refs = [ref for ref in ("plain", "kernel-helper", "nfq-accept") if ref in paths]
+    lat = ("added latency out / in: median (p99)" if "plain" in paths
+           else "one-way latency out / in: median (p99), raw (no plain to subtract)")
+    lines = [f"packets per second (x {' / x '.join(refs)}), medians of the runs:",
              "",
-             "| path | " + " | ".join(names[c] for c in cols)
-             + " | added latency out / in: median (p99) |",
+             "| path | " + " | ".join(names[c] for c in cols) + f" | {lat} |",
              "|---|" + "---|" * len(cols) + "---|"]
     for path in paths:
         row = summary[path]
         cells = []
         for c in cols:
             cell = f"{row[f'{c}_pps'] / 1000:,.0f} k"
-            ratios = [f"{row[f'{c}_vs_{ref}']:.2f}" for ref in ("plain", "kernel-helper")
-                      if f"{c}_vs_{ref}" in row]
+            ratios = [f"{row[f'{c}_vs_{ref}']:.2f}" for ref in refs]
             cells.append(f"{cell} ({' / '.join(ratios)})")
-        lat = " / ".join(
-            f"{row.get(f'latency_{d}_added_median_us', 0):+.0f} "
-            f"({row.get(f'latency_{d}_added_p99_us', 0):+.0f}) us" for d in DIRECTIONS)
-        lines.append(f"| {path} | " + " | ".join(cells) + f" | {lat} |")
+        lines.append(f"| {path} | " + " | ".join(cells) + f" | {_latency_cell(row)} |")
     for t in targets(summary, paths):
-        figures = ", ".join(f"{names[c]} {t['ratios'][c]:.2f}" for c in cols)
-        verdict = "met" if t["met"] else (
-            f"MISSED (worst {min(t['ratios'].values()) / t['goal'] - 1:+.0%})")
-        lines.append(f"\ntarget: {t['target']}: {figures}: {verdict}")
+        lines.append("\n" + _target_line(t, names, cols))
     return "\n".join(lines)
 
 

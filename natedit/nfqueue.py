@@ -8,7 +8,11 @@ one NetfilterQueue per queue number, each with the callback that
 (:mod:`natedit.worker`) reads the queue sockets when they are readable, at most
 :data:`BATCH` packets per queue per turn (:class:`Reader`), and
 NetfilterQueue calls the callback once per packet, which must give every
-packet a verdict and must never raise.
+packet a verdict and must never raise. The worker's verdicts do not go through
+NetfilterQueue's ``accept`` (one ``sendmsg`` per packet, which cost as much as
+the rest of the worker's work on a packet): they are put into the queue's
+:class:`Verdicts`, the same netlink verdict messages one after the other,
+written once the turn's reading ends (or every :data:`CHUNK` bytes).
 
 The callback first tries the translator's shortcut for the GRE of live
 calls (``gre_out_fast``/``gre_in_fast``: bytes, or None for anything else);
@@ -33,10 +37,11 @@ import errno
 import logging
 import os
 import socket
+import struct
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from . import Action, Direction, Event, Verdict, host, wire
 
@@ -57,6 +62,14 @@ class Packet(Protocol):
     def set_payload(self, payload: bytes) -> None: ...
     def accept(self) -> None: ...
     def drop(self) -> None: ...
+
+
+class QueuedPacket(Packet, Protocol):
+    """A packet whose verdict goes into a :class:`Verdicts` batch: it names the id the
+    kernel gave it."""
+
+    @property
+    def id(self) -> int: ...
 
 
 class Decider(Protocol):
@@ -107,35 +120,58 @@ class PacketPath:
         address as ``lookup`` finds it (several public addresses)."""
         self._nat = (lookup, translator)
 
-    def callback(self, direction: Direction) -> Callback:
+    def callback(self, direction: Direction, verdicts: Verdicts | None = None) -> Callback:
         """The queue's callback for ``direction``: the GRE of live calls through the
         translator's shortcut, in as few Python steps as possible, everything else
-        through :meth:`packet`."""
+        through :meth:`packet`. With ``verdicts`` (the worker's), every verdict goes
+        into that batch, sent once per turn; without, each packet's own ``accept`` or
+        ``drop`` gives it at once."""
         fast, slow, clock = self._gre_fast[direction], self.packet, self.clock
         failed = self._failed
+        if verdicts is None:
 
-        def on_packet(packet: Packet) -> None:
+            def on_packet(packet: Packet) -> None:
+                try:
+                    data, now = packet.get_payload(), clock()
+                    out = fast(data, now)
+                except Exception:
+                    slow(packet, direction)  # not decided yet: the full path decides, counts
+                    return
+                if out is None:
+                    slow(packet, direction, data, now)  # the bytes and the time already read
+                    return
+                try:  # the shortcut counted this packet: it is never decided again
+                    packet.set_payload(out)
+                    packet.accept()
+                except Exception:
+                    failed(packet, direction)
+
+            return on_packet
+        accept = verdicts.accept
+
+        def on_batched(packet: QueuedPacket) -> None:
             try:
                 data, now = packet.get_payload(), clock()
                 out = fast(data, now)
             except Exception:
-                slow(packet, direction)  # not decided yet: the full path decides, counts
+                slow(packet, direction, verdicts=verdicts)
                 return
             if out is None:
-                slow(packet, direction, data, now)  # the bytes and the time already read
+                slow(packet, direction, data, now, verdicts)
                 return
-            try:  # the shortcut counted this packet: it is never decided again
-                packet.set_payload(out)
-                packet.accept()
+            try:  # (as above: counted, never decided again)
+                accept(packet.id, out)
             except Exception:
-                failed(packet, direction)
+                failed(packet, direction, verdicts)
 
-        return on_packet
+        return cast(Callback, on_batched)
 
     def packet(self, packet: Packet, direction: Direction, data: bytes | None = None,
-               now: float | None = None) -> None:
+               now: float | None = None, verdicts: Verdicts | None = None) -> None:
         """Decide one queued packet (its bytes and the time, if the caller has read them
-        already). Never raises: NetfilterQueue's callback must not."""
+        already), into ``verdicts`` if given. Never raises: NetfilterQueue's callback
+        must not."""
+        decided = False
         try:
             if data is None:
                 data = packet.get_payload()
@@ -146,23 +182,170 @@ class PacketPath:
                 verdict = self.translator.handle_packet(data, direction, now)
             else:
                 verdict = nat[1].handle_packet(data, direction, now, nat[0](data, direction, now))
-            if verdict.action is Action.ACCEPT:
+            if verdicts is not None:
+                packet_id = cast(QueuedPacket, packet).id
+                if verdict.action is Action.ACCEPT:
+                    verdicts.accept(packet_id, verdict.data)
+                else:
+                    verdicts.drop(packet_id)
+            elif verdict.action is Action.ACCEPT:
                 if verdict.data is not None:
                     packet.set_payload(verdict.data)
                 packet.accept()
             else:
                 packet.drop()
+            decided = True
             if verdict.events:
                 self.on_events(verdict.events)
         except Exception:
-            self._failed(packet, direction)
+            self._failed(packet, direction, verdicts, decided)
 
-    def _failed(self, packet: Packet, direction: Direction) -> None:
+    def _failed(self, packet: Packet, direction: Direction, verdicts: Verdicts | None = None,
+                decided: bool = False) -> None:
         """In an ``except``: drop the packet (if no verdict was given yet), count, report."""
         self.counts["packet_error"] += 1
-        with contextlib.suppress(Exception):  # the verdict may already be given
-            packet.drop()
+        if verdicts is not None:
+            if not decided:
+                with contextlib.suppress(Exception):
+                    verdicts.drop(cast(QueuedPacket, packet).id)
+        else:
+            with contextlib.suppress(Exception):  # the verdict may already be given
+                packet.drop()
         self.on_trouble("packet_error", f"{direction.name.lower()} packet dropped")
+
+
+# -- verdicts in batches ----------------------------------------------------------------
+
+NFQNL_MSG_VERDICT = 3 << 8 | 1
+"""nlmsg_type of a verdict: NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_VERDICT."""
+NLM_F_REQUEST = 1
+NFQA_VERDICT_HDR, NFQA_PAYLOAD = 2, 10
+NF_DROP, NF_ACCEPT = 0, 1
+_VERDICT_FIELDS = struct.Struct("=HHIIBBHHHI")
+"""After nlmsghdr's length: its type, flags, seq, pid; nfgenmsg (family, version, the
+queue number big-endian); the NFQA_VERDICT_HDR attribute (length 12, type) and its
+big-endian verdict. The packet id (big-endian) follows."""
+_BARE = struct.Struct("=I24sI")
+"""A verdict that keeps the packet's bytes: length, those fields, the packet id."""
+_WITH_PAYLOAD = struct.Struct("=I24sIHH")
+"""A verdict with new bytes: the same and the NFQA_PAYLOAD attribute's header."""
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+"""By length % 4: zeros to the next netlink message (NLMSG_ALIGNTO is 4)."""
+CHUNK = 64 * 1024
+"""Bytes of verdicts sent in one netlink write (the socket's send buffer is ~208 KiB)."""
+IOV_MAX = 1024
+"""Pieces one ``sendmsg`` takes; a verdict is at most 3 (head, new bytes, padding)."""
+
+
+class Verdicts:
+    """One queue's verdicts of a loop turn, sent to the kernel in few writes.
+
+    NetfilterQueue's ``accept`` is one ``sendmsg`` per packet, a system call that
+    cost as much as everything else the worker does for the packet. These are the
+    same NFQNL_MSG_VERDICT netlink messages libnetfilter_queue builds (with the new
+    bytes, if any, as NFQA_PAYLOAD), one after the other in one buffer: the kernel
+    handles each message of a write in turn (``netlink_rcv_skb``). A packet's verdict
+    is sent at the latest when the turn's reading ends (:meth:`Reader.drain`), before
+    the loop does anything else; a turn holds at most :data:`BATCH` packets.
+
+    ``room`` counts down what the turn may still take; at 0 ``on_full`` is called
+    (the :class:`Reader` ends the turn). ``on_trouble(what)`` reports verdicts the
+    kernel would not take (each then counted in ``counts['packet_error']``).
+    """
+
+    def __init__(self, queue_num: int, counts: Counter[str] | None = None,
+                 on_trouble: Callable[[str], None] | None = None) -> None:
+        res_id = socket.htons(queue_num)
+        self._accept = _VERDICT_FIELDS.pack(NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, 0, 0,
+                                            res_id, 12, NFQA_VERDICT_HDR, _ACCEPT_BE)
+        self._drop = _VERDICT_FIELDS.pack(NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0, 0, 0,
+                                          res_id, 12, NFQA_VERDICT_HDR, _DROP_BE)
+        self.counts: Counter[str] = Counter() if counts is None else counts
+        self.on_trouble = on_trouble
+        self.sock: Any = None
+        """Where the messages go: the queue's own netlink socket (set by the Reader)."""
+        self.parts: list[bytes] = []
+        self.size = 0
+        """Bytes in :attr:`parts`."""
+        self.pending = 0
+        """Verdicts in :attr:`parts`."""
+        self.room = BATCH
+        self.on_full: Callable[[], None] = _nothing
+        self.sent = 0
+        """Verdicts handed to the kernel so far."""
+
+    def accept(self, packet_id: int, payload: bytes | None = None) -> None:
+        """Accept the packet, with ``payload`` as its new bytes (None: as it came)."""
+        parts = self.parts
+        if payload is None:
+            parts.append(_BARE.pack(32, self._accept, socket.htonl(packet_id)))
+            self.size += 32
+        else:
+            n = len(payload)
+            parts.append(_WITH_PAYLOAD.pack(36 + n, self._accept, socket.htonl(packet_id),
+                                            4 + n, NFQA_PAYLOAD))
+            parts.append(payload)
+            if n & 3:
+                parts.append(_PADS[n & 3])
+            self.size += 36 + n
+        self.pending += 1
+        self.room -= 1
+        if self.size >= CHUNK or self.room <= 0:
+            self._took()
+
+    def drop(self, packet_id: int) -> None:
+        self.parts.append(_BARE.pack(32, self._drop, socket.htonl(packet_id)))
+        self.size += 32
+        self.pending += 1
+        self.room -= 1
+        if self.size >= CHUNK or self.room <= 0:
+            self._took()
+
+    def _took(self) -> None:
+        if self.size >= CHUNK:
+            self.send()
+        if self.room <= 0:
+            self.on_full()
+
+    def send(self) -> None:
+        """Hand the kernel every verdict not sent yet. Never raises: a write the kernel
+        refuses is tried again message by message; a message still refused is counted
+        (``packet_error``) and reported: that packet stays queued until the worker
+        unbinds, and the kernel then drops it."""
+        parts = self.parts
+        if not parts:
+            return
+        pending = self.pending
+        self.parts, self.size, self.pending = [], 0, 0
+        try:
+            self.sock.sendmsg(parts)  # gathered by the kernel: no copy into one buffer
+        except OSError:
+            self._one_by_one(b"".join(parts))
+            return
+        self.sent += pending
+
+    def _one_by_one(self, data: bytes) -> None:
+        at = 0
+        while at < len(data):
+            (length,) = _U32.unpack_from(data, at)
+            end = at + length + _PAD[length & 3]
+            try:
+                self.sock.send(data[at:end])
+                self.sent += 1
+            except OSError as exc:
+                self.counts["packet_error"] += 1
+                if self.on_trouble is not None:
+                    self.on_trouble(f"verdict not taken by the kernel ({exc})")
+            at = end
+
+
+_ACCEPT_BE, _DROP_BE = socket.htonl(NF_ACCEPT), socket.htonl(NF_DROP)
+_U32 = struct.Struct("=I")
+_PAD = (0, 3, 2, 1)
+
+
+def _nothing() -> None:
+    return None
 
 
 BATCH = 256
@@ -176,29 +359,58 @@ other queue then wait for good. 256 packets are ~0.3 ms of work here; the queue 
 class Reader:
     """Reads one bound queue at most :data:`BATCH` packets at a time, through the
     library's ``run_socket`` (its loop stops when ``recv`` says EAGAIN; this socket
-    says it once the batch is done)."""
+    says it once the batch is done).
 
-    def __init__(self, queue: Any, batch: int = BATCH) -> None:
+    With ``verdicts`` (the :class:`Verdicts` its callback fills), ``recv`` is the
+    socket's own (no Python step per packet): the batch ends when ``verdicts`` has
+    taken ``batch`` packets, and its verdicts are sent before :meth:`drain` returns.
+    Without, every ``recv`` is counted."""
+
+    def __init__(self, queue: Any, batch: int = BATCH,
+                 verdicts: Verdicts | None = None) -> None:
+        if verdicts is not None and batch * 3 > IOV_MAX:
+            raise ValueError(f"a batch of {batch} verdicts may not fit one sendmsg")
         self.queue = queue
         self.batch = batch
         self._sock = socket.socket(fileno=os.dup(queue.get_fd()))
         self._sock.setblocking(False)
         self._recv = self._sock.recv
         self._left = 0
+        self.verdicts = verdicts
+        self.recv: Callable[[int], bytes] = self._counted
+        if verdicts is not None:
+            verdicts.sock = self._sock
+            verdicts.on_full = self._full
         self.full_turns = 0
         """Turns that ended on the bound with packets perhaps still waiting."""
 
-    def recv(self, size: int) -> bytes:
+    def _counted(self, size: int) -> bytes:
         if self._left <= 0:
-            self.full_turns += 1
-            raise BlockingIOError(errno.EAGAIN, "batch done")
+            return self._spent(size)
         self._left -= 1
         return self._recv(size)
 
+    def _spent(self, size: int) -> bytes:
+        self.full_turns += 1
+        raise BlockingIOError(errno.EAGAIN, "batch done")
+
+    def _full(self) -> None:
+        self.recv = self._spent
+
     def drain(self) -> None:
-        """Hand the callback what is waiting, at most ``batch`` packets."""
-        self._left = self.batch
-        self.queue.run_socket(self)
+        """Hand the callback what is waiting, at most ``batch`` packets (and, with
+        verdicts, send them)."""
+        verdicts = self.verdicts
+        if verdicts is None:
+            self._left = self.batch
+            self.queue.run_socket(self)
+            return
+        verdicts.room = self.batch
+        self.recv = self._recv
+        try:
+            self.queue.run_socket(self)
+        finally:
+            verdicts.send()
 
     def close(self) -> None:
         self._sock.close()

@@ -288,12 +288,16 @@ def run(
                                          extra=(hub,) if pair is None else (hub, pair),
                                          kernel=lambda: dispatcher.fastpath)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
+    verdicts = [nfqueue.Verdicts(number, dispatcher.counts,
+                                 lambda what: dispatcher._log_trouble("packet_error", what))
+                for number in queues]  # one batch of verdicts per queue and turn
     with (
         state.journal(translator, state_path, dispatcher.counts,
                       pair.followed if pair is not None else None) as journal,
         _signals(ignore=_pair_signals(pair)) as wakeup,
-        nfqueue.bound({number: dispatcher.packets.callback(direction)
-                       for number, direction in queues.items()}) as bound,
+        nfqueue.bound({number: dispatcher.packets.callback(direction, batch)
+                       for (number, direction), batch in zip(queues.items(), verdicts,
+                                                             strict=True)}) as bound,
         metrics.serving(policy.metrics_listen, collector),  # /metrics and /calls
         _serving_events(events_socket, hub),
     ):
@@ -318,7 +322,7 @@ def run(
                 if ready_file is not None:
                     _write_ready_file(ready_file, {**info, "policy": reload.status_dict(status)})
 
-            _loop(bound, wakeup, dispatcher, on_hangup)
+            _loop(bound, wakeup, dispatcher, on_hangup, verdicts)
         finally:
             if nat is not None:
                 nat.close()
@@ -360,10 +364,15 @@ def _read_nat(policy: Policy, translator: PacketTranslator,
 
 
 def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
-          on_hangup: Callable[[], None]) -> None:
+          on_hangup: Callable[[], None],
+          verdicts: list[nfqueue.Verdicts] | None = None) -> None:
+    """``verdicts``: each queue's batch its callback fills (None: none, the packets
+    give their own verdicts)."""
+    batches: list[nfqueue.Verdicts | None] = (
+        [None] * len(queues) if verdicts is None else list(verdicts))
     with selectors.DefaultSelector() as selector, contextlib.ExitStack() as readers:
-        for queue in queues:
-            reader = nfqueue.Reader(queue)
+        for queue, batch in zip(queues, batches, strict=True):
+            reader = nfqueue.Reader(queue, verdicts=batch)
             readers.callback(reader.close)
             selector.register(queue.get_fd(), selectors.EVENT_READ, reader)
         selector.register(wakeup.fd, selectors.EVENT_READ, None)
@@ -377,7 +386,8 @@ def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
                 if key.data is None:
                     wakeup.drain()
                 else:
-                    key.data.drain()  # at most nfqueue.BATCH packets, then the loop's turn
+                    key.data.drain()  # at most nfqueue.BATCH packets (their verdicts
+                    # sent), then the loop's turn
             dispatcher.flush()
         log.info("%s received, stopping", wakeup.stop)
 

@@ -12,6 +12,8 @@ class FakePacket:
 
     payload: bytes
     fail: str | None = None
+    id: int = 1
+    """The packet id the kernel gave it (what a verdict names)."""
     calls: list[str] = field(default_factory=list)
     given: bytes | None = None
     """What set_payload was given."""

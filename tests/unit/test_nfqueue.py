@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from natedit import nfqueue
 from natedit.core.events import Event
 from natedit.core.translator import Translator
-from natedit.core.wire import build_gre
+from natedit.core.wire import MessageType, build_control_message, build_gre
 from natedit.nfqueue import PacketPath
 from tests.harness.queued import FakePacket
 from tests.pptp_flows import IN, OUT, PUBLIC, SERVER, Conversation, establish, make_translator
@@ -183,3 +184,210 @@ def test_the_reader_stops_when_the_queue_is_empty() -> None:
         reader.close()
         a.close()
         b.close()
+
+
+# -- verdicts in batches (one netlink write per queue and turn) ----------------------------
+
+
+class Sink:
+    """A netlink socket stood in for: what was written; ``fail`` writes raise."""
+
+    def __init__(self, fail: int = 0, refuse: Callable[[bytes], bool] | None = None) -> None:
+        self.writes: list[bytes] = []
+        self.fail = fail
+        self.refuse = refuse
+
+    def sendmsg(self, parts: list[bytes]) -> int:
+        assert len(parts) <= nfqueue.IOV_MAX
+        return self.send(b"".join(parts))
+
+    def send(self, data: bytes) -> int:
+        if self.fail:
+            self.fail -= 1
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+        if self.refuse is not None and self.refuse(data):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        self.writes.append(data)
+        return len(data)
+
+
+def parse_verdicts(data: bytes) -> list[tuple[int, int, int, bytes | None]]:
+    """(queue number, verdict, packet id, new bytes or None) of each netlink message,
+    checked as the kernel reads them: NLMSG_ALIGN'ed, one verdict header, lengths exact."""
+    out = []
+    at = 0
+    while at < len(data):
+        assert at % 4 == 0
+        length, mtype, flags, _seq, pid = struct.unpack_from("=IHHII", data, at)
+        assert (mtype, flags, pid) == (nfqueue.NFQNL_MSG_VERDICT, nfqueue.NLM_F_REQUEST, 0)
+        family, version, res_id = struct.unpack_from("=BB2s", data, at + 16)
+        assert (family, version) == (0, 0)
+        alen, atype = struct.unpack_from("=HH", data, at + 20)
+        assert (alen, atype) == (12, nfqueue.NFQA_VERDICT_HDR)
+        verdict, packet_id = struct.unpack_from("!II", data, at + 24)
+        payload = None
+        if length > 32:
+            plen, ptype = struct.unpack_from("=HH", data, at + 32)
+            assert ptype == nfqueue.NFQA_PAYLOAD and plen == length - 32
+            payload = data[at + 36:at + length]
+        else:
+            assert length == 32
+        out.append((int.from_bytes(res_id, "big"), verdict, packet_id, payload))
+        at += (length + 3) & ~3
+    assert at == len(data)
+    return out
+
+
+def test_verdicts_are_the_kernels_messages_one_after_the_other() -> None:
+    v = nfqueue.Verdicts(1724)
+    v.sock = sink = Sink()
+    odd = bytes(range(101))  # not a multiple of 4: padded to the next message
+    v.accept(70000, odd)
+    v.accept(2)
+    v.drop(3)
+    v.accept(4, b"\x45" * 64)
+    assert not sink.writes  # nothing before the turn ends
+    v.send()
+    (write,) = sink.writes
+    assert parse_verdicts(write) == [(1724, nfqueue.NF_ACCEPT, 70000, odd),
+                                     (1724, nfqueue.NF_ACCEPT, 2, None),
+                                     (1724, nfqueue.NF_DROP, 3, None),
+                                     (1724, nfqueue.NF_ACCEPT, 4, b"\x45" * 64)]
+    assert v.sent == 4
+    v.send()  # nothing pending: nothing written
+    assert len(sink.writes) == 1
+
+
+def test_verdicts_go_out_in_chunks_and_say_when_the_turn_is_full() -> None:
+    full: list[int] = []
+    v = nfqueue.Verdicts(1723)
+    v.sock = sink = Sink()
+    v.on_full = lambda: full.append(v.room)
+    v.room = 200
+    big = bytes(1400)
+    for i in range(100):
+        v.accept(i, big)
+    assert sink.writes and all(len(w) <= nfqueue.CHUNK + 1440 for w in sink.writes)
+    v.send()
+    assert [m[2] for w in sink.writes for m in parse_verdicts(w)] == list(range(100))
+    assert not full
+    for i in range(100, 200):
+        v.drop(i)
+    assert full == [0]
+
+
+def test_a_refused_write_is_retried_message_by_message_and_counted() -> None:
+    counts: Counter[str] = Counter()
+    trouble: list[str] = []
+    v = nfqueue.Verdicts(1723, counts, trouble.append)
+    v.sock = Sink(fail=1, refuse=lambda data: struct.unpack_from("!I", data, 28)[0] == 2)
+    for i in (1, 2, 3):
+        v.accept(i, bytes(30))
+    v.send()
+    assert [m[2] for w in v.sock.writes for m in parse_verdicts(w)] == [1, 3]
+    assert v.sent == 2
+    assert counts == Counter(packet_error=1)
+    assert len(trouble) == 1 and "not taken by the kernel" in trouble[0]
+
+
+def test_batched_shortcut_hit_and_miss(setup: Setup) -> None:
+    tr = setup.translator
+    v = nfqueue.Verdicts(1723)
+    v.sock = sink = Sink()
+    hit = FakePacket(build_gre(CLIENT, SERVER, SERVER_CALL_ID, bytes(64)), id=11)
+    miss = FakePacket(build_gre(SERVER, PUBLIC, setup.public_call_id ^ 1, bytes(64)), id=12)
+    inbound = FakePacket(build_gre(SERVER, PUBLIC, setup.public_call_id, bytes(64)), id=13)
+    setup.path.callback(OUT, v)(hit)
+    setup.path.callback(IN, v)(miss)
+    setup.path.callback(IN, v)(inbound)
+    assert hit.calls == miss.calls == inbound.calls == ["get_payload"]  # no own verdict
+    v.send()
+    (a, b, c) = parse_verdicts(sink.writes[0])
+    assert a[1:3] == (nfqueue.NF_ACCEPT, 11) and a[3] is not None
+    assert a[3][12:16] == bytes([198, 51, 100, 1])
+    assert b[1:] == (nfqueue.NF_DROP, 12, None)  # no call: the full path's drop
+    assert c[1:3] == (nfqueue.NF_ACCEPT, 13) and c[3] is not None
+    assert c[3][16:20] == bytes([10, 0, 0, 11])
+    assert tr.stats.gre_packets == [1, 1]
+    assert not setup.counts and not setup.trouble
+
+
+def test_batched_trouble_after_the_shortcut_drops_once(setup: Setup) -> None:
+    v = nfqueue.Verdicts(1723)
+    v.sock = sink = Sink()
+    calls = []
+
+    def broken(packet_id: int, payload: bytes | None = None) -> None:
+        calls.append(packet_id)
+        raise RuntimeError("accept failed")
+
+    v.accept = broken  # type: ignore[method-assign]
+    packet = FakePacket(build_gre(CLIENT, SERVER, SERVER_CALL_ID, bytes(64)), id=21)
+    setup.path.callback(OUT, v)(packet)
+    v.send()
+    assert calls == [21]
+    assert parse_verdicts(sink.writes[0]) == [(1723, nfqueue.NF_DROP, 21, None)]
+    assert setup.translator.stats.gre_packets == [1, 0]  # counted once, by the shortcut
+    assert setup.counts == Counter(packet_error=1)
+
+
+def test_batched_full_path_trouble_after_its_verdict_gives_no_second(setup: Setup) -> None:
+    """An exception after the full path's verdict (in the events' handling) is counted,
+    and no second verdict is sent for the packet."""
+    v = nfqueue.Verdicts(1723)
+    v.sock = sink = Sink()
+
+    def on_events(new: Iterable[Event]) -> None:
+        raise RuntimeError("events failed")
+
+    path = PacketPath(setup.translator, lambda: 50.0, setup.counts, on_events,
+                      lambda kind, what: setup.trouble.append((kind, what)))
+    conv = Conversation(setup.translator, "10.0.0.12", client_port=40001)
+    conv.open()
+    request = conv.segment(OUT, build_control_message(MessageType.OUTGOING_CALL_REQUEST,
+                                                      call_id=0x55))
+    packet = FakePacket(request, id=31)  # its verdict has an event (the call mapped)
+    path.callback(OUT, v)(packet)
+    v.send()
+    verdicts = parse_verdicts(sink.writes[0])
+    assert [m[2] for m in verdicts] == [31]
+    assert setup.counts == Counter(packet_error=1)
+
+
+class BatchedFloodQueue(FloodQueue):
+    """As FloodQueue, each message handed to a callback that gives its verdict."""
+
+    def __init__(self, verdicts: nfqueue.Verdicts) -> None:
+        super().__init__()
+        self.verdicts = verdicts
+
+    def run_socket(self, s: nfqueue.Reader) -> None:
+        while True:
+            self.b.send(b"p" * 60)
+            try:
+                s.recv(4096)
+            except OSError as e:
+                if e.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    break
+                raise
+            self.handled += 1
+            self.verdicts.accept(self.handled)
+
+
+def test_the_batched_reader_ends_its_turn_after_batch_verdicts_and_sends_them() -> None:
+    v = nfqueue.Verdicts(1723)
+    queue = BatchedFloodQueue(v)
+    reader = nfqueue.Reader(queue, verdicts=v)
+    v.sock = sink = Sink()  # (the Reader gave it the queue's socket; stand one in)
+    try:
+        for turn in range(1, 4):
+            reader.drain()
+            assert queue.handled == turn * nfqueue.BATCH
+            assert v.sent == turn * nfqueue.BATCH and not v.parts
+        assert reader.full_turns == 3
+        ids = [m[2] for w in sink.writes for m in parse_verdicts(w)]
+        assert ids == list(range(1, 3 * nfqueue.BATCH + 1))
+    finally:
+        reader.close()
+        queue.a.close()
+        queue.b.close()
