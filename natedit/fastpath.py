@@ -10,8 +10,9 @@ public interface and the interfaces routing the inside networks. It
 translates the GRE of established calls before the IP stack sees it, from
 two hash maps the worker keeps:
 
-* ``natedit_in`` takes (server, public Call ID) to the client's address and
-  Call ID (inbound GRE, to the public address);
+* ``natedit_in`` takes (public address, server, public Call ID) to the
+  client's address and Call ID (inbound GRE, to a public address: a gateway
+  may have several);
 * ``natedit_out`` takes (client, server, server Call ID) to the public
   address (outbound GRE).
 
@@ -81,8 +82,8 @@ time and the control conversation is never held up for long."""
 REBUILD_BACKOFF = 5.0
 """Seconds before trying again after the program and maps could not be rebuilt."""
 
-InKey = tuple[bytes, int]
-"""(server, public Call ID): inbound GRE to the public address."""
+InKey = tuple[bytes, bytes, int]
+"""(public address, server, public Call ID): inbound GRE, and the call table's own key."""
 OutKey = tuple[bytes, bytes, int]
 """(client, server, server Call ID): outbound GRE."""
 PublicKey = tuple[bytes, bytes, int]
@@ -126,8 +127,8 @@ class BpfMaps:
         from .kernel import libbpf, loader  # the toolchain is only needed for this datapath
 
         self._libbpf, self._loader = libbpf, loader
-        self.public = IPv4Address(translator.public_ip)
         policy = translator.policy
+        self.publics = policy.public_addresses or (IPv4Address(translator.public_ip),)
         self._inside = policy.inside_networks
         self._public_interface = policy.public_interface
         self.interfaces: list[str] = []
@@ -144,17 +145,15 @@ class BpfMaps:
         try:
             ld.probe()  # BPF permitted, tc programs loadable: else one line, nothing done
             obj = ld.build()
-            self.interfaces = ld.find_interfaces(self.public, self._inside,
+            self.interfaces = ld.find_interfaces(self.publics, self._inside,
                                                  self._public_interface)
-            self._att = ld.load(obj, self.public, self.interfaces)
+            self._att = ld.load(obj, self.publics[0], self.interfaces)
             if self._lib is None:
                 self._lib = lb.Libbpf()
             sizes = {"natedit_in": (lb.IN_KEY.size, lb.ROUTE.size),
-                     "natedit_out": (lb.OUT_KEY.size, lb.ROUTE.size),
-                     "natedit_cfg": (4, lb.CONFIG.size)}
+                     "natedit_out": (lb.OUT_KEY.size, lb.ROUTE.size)}
             for name, (k, v) in sizes.items():
                 self._maps[name] = lb.Map(self._lib, self._att.map_path(name), k, v)
-            self._maps["natedit_cfg"].update(bytes(4), lb.CONFIG.pack(self.public.packed))
         except NateditError as exc:
             self.remove()
             raise self._wrap(exc) from exc
@@ -193,8 +192,8 @@ class BpfMaps:
         out: dict[InKey, Counts] = {}
         try:
             for k, v in m.items():
-                server, cid = lb.IN_KEY.unpack(k)
-                out[(server, cid)] = lb.unpack_route(v)[2:]
+                public, server, cid = lb.IN_KEY.unpack(k)
+                out[(public, server, cid)] = lb.unpack_route(v)[2:]
         except NateditError as exc:
             raise self._wrap(exc) from exc
         return out
@@ -320,7 +319,7 @@ class KernelDatapath:
                 continue
             info = event.call
             server = info.server_address.packed
-            self._dirty_in.add((server, info.public_call_id))
+            self._dirty_in.add((info.public_address.packed, server, info.public_call_id))
             if info.server_call_id is not None:
                 self._dirty_out.add((info.client_address.packed, server, info.server_call_id))
             old = self._out_of.get((info.public_address.packed, server, info.public_call_id))
@@ -335,11 +334,11 @@ class KernelDatapath:
             return
         if not self._dirty_in and not self._dirty_out:
             return
-        tr, public = self.translator, self.public_ip
+        tr = self.translator
         del_in: list[InKey] = []
         add_in: list[tuple[InKey, tuple[bytes, int]]] = []
         for key in self._dirty_in:
-            route = tr.gre_route((public, *key))
+            route = tr.gre_route(key)
             want = None if route is None else (route.client_ip, route.client_call_id)
             have = self._in.get(key)
             if want == have:
@@ -394,9 +393,8 @@ class KernelDatapath:
         add_in: list[tuple[InKey, tuple[bytes, int]]] = []
         add_out: list[tuple[OutKey, PublicKey]] = []
         for r in self.translator.gre_routes():
-            if r.public_ip != self.public_ip:
-                continue
-            add_in.append(((r.server_ip, r.public_call_id), (r.client_ip, r.client_call_id)))
+            add_in.append(((r.public_ip, r.server_ip, r.public_call_id),
+                           (r.client_ip, r.client_call_id)))
             if r.outbound:
                 add_out.append(((r.client_ip, r.server_ip, r.server_call_id),
                                 (r.public_ip, r.server_ip, r.public_call_id)))
@@ -456,16 +454,16 @@ class KernelDatapath:
         if not self._in and not self._out:
             self.synced_at = now
             return
-        tr, public = self.translator, self.public_ip
+        tr = self.translator
         if self._in:
             for key, (packets, nbytes) in self.maps.read_in().items():
-                self._count_in(tr, public, key, packets, nbytes, now)
+                self._count_in(tr, key, packets, nbytes, now)
         if self._out:
             for okey, (packets, nbytes) in self.maps.read_out().items():
                 self._count_out(tr, okey, packets, nbytes, now)
         self.synced_at = now
 
-    def _count_in(self, tr: Translator, public: bytes, key: InKey, packets: int, nbytes: int,
+    def _count_in(self, tr: Translator, key: InKey, packets: int, nbytes: int,
                   now: float) -> None:
         seen = self._in_seen.get(key)
         if seen is None or (packets, nbytes) == seen:
@@ -474,7 +472,7 @@ class KernelDatapath:
         dp, db = packets - seen[0], nbytes - seen[1]
         if dp > 0:
             self.packets[Direction.INBOUND] += dp
-            tr.note_gre((public, *key), Direction.INBOUND, dp, db, now)
+            tr.note_gre(key, Direction.INBOUND, dp, db, now)
 
     def _count_out(self, tr: Translator, okey: OutKey, packets: int, nbytes: int,
                    now: float) -> None:
@@ -492,10 +490,10 @@ class KernelDatapath:
         """Count what the elements about to be deleted translated since the last sync."""
         found_in, found_out = self.maps.get(del_in, del_out)
         now = self.clock()
-        tr, public = self.translator, self.public_ip
+        tr = self.translator
         for key, counts in zip(del_in, found_in, strict=True):
             if counts is not None:
-                self._count_in(tr, public, key, counts[0], counts[1], now)
+                self._count_in(tr, key, counts[0], counts[1], now)
         for okey, oc in zip(del_out, found_out, strict=True):
             if oc is not None:
                 self._count_out(tr, okey, oc[0], oc[1], now)

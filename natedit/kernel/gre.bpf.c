@@ -7,12 +7,13 @@
  * maps, pinned by the worker (natedit/kernel/loader.py) and kept equal to its
  * call table (natedit/fastpath.py):
  *
- *   natedit_in   (server, public Call ID)               -> client, client Call ID
- *   natedit_out  (client, server, server Call ID)       -> public address
- *   natedit_cfg  [0]                                    -> the public address
+ *   natedit_in   (public address, server, public Call ID) -> client, client Call ID
+ *   natedit_out  (client, server, server Call ID)         -> public address
  *
- * A GRE packet to the public address is looked up in natedit_in, any other in
- * natedit_out. A packet found gets its address (and, inbound, its Call ID)
+ * A GRE packet is looked up in natedit_in by (destination, source, Call ID):
+ * found, it is inbound GRE of a call on that public address (one gateway may
+ * have several); else in natedit_out by (source, destination, Call ID). A
+ * packet found gets its address (and, inbound, its Call ID)
  * rewritten with an incremental IP header checksum (PPTP's GRE has none), its
  * TTL decremented, the call's packet and byte counters raised, and is sent
  * out of the interface the routing table names (bpf_fib_lookup, bpf_redirect).
@@ -40,6 +41,7 @@
 #define NOT_OURS TC_ACT_UNSPEC
 
 struct in_key {
+	__be32 public_addr;
 	__be32 server;
 	__be16 call_id;
 	__u16 pad;
@@ -58,11 +60,6 @@ struct route {
 	__u16 pad;
 	__u64 packets;
 	__u64 bytes;     /* IP length */
-};
-
-struct config {
-	__be32 public_addr;
-	__u32 pad;
 };
 
 struct gre_hdr {
@@ -86,13 +83,6 @@ struct {
 	__type(value, struct route);
 } natedit_out SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct config);
-} natedit_cfg SEC(".maps");
-
 /* RFC 1624: the checksum after one 32-bit word changed from old to new. */
 static __always_inline __u16 csum_replace4(__u16 check, __be32 old, __be32 new)
 {
@@ -113,8 +103,6 @@ int natedit_gre(struct __sk_buff *skb)
 	const __u32 headers = sizeof(struct ethhdr) + sizeof(struct iphdr) + sizeof(struct gre_hdr);
 	struct bpf_fib_lookup fib = {};
 	struct route *route;
-	struct config *cfg;
-	__u32 zero = 0;
 	__be32 saddr, daddr;
 	__u16 tot_len;
 	int rc;
@@ -140,18 +128,14 @@ int natedit_gre(struct __sk_buff *skb)
 	if ((gre->flags & bpf_htons(GRE_FLAGS_MASK)) != bpf_htons(GRE_FLAGS_PPTP) ||
 	    gre->proto != bpf_htons(GRE_PROTO_PPP))
 		return NOT_OURS;
-	cfg = bpf_map_lookup_elem(&natedit_cfg, &zero);
-	if (!cfg || !cfg->public_addr)
-		return NOT_OURS;
-
 	saddr = ip->saddr;
 	daddr = ip->daddr;
-	if (daddr == cfg->public_addr) {
-		struct in_key key = { .server = saddr, .call_id = gre->call_id };
+	{
+		struct in_key key = { .public_addr = daddr, .server = saddr, .call_id = gre->call_id };
 
 		route = bpf_map_lookup_elem(&natedit_in, &key);
-		if (!route)
-			return NOT_OURS;
+	}
+	if (route) {
 		daddr = route->addr;
 	} else {
 		struct out_key key = { .client = saddr, .server = daddr, .call_id = gre->call_id };

@@ -15,14 +15,12 @@ from collections.abc import Iterator
 
 from .. import NateditError
 
-IN_KEY = struct.Struct("!4sHxx")
-"""struct in_key: server, public Call ID (both network order), pad."""
+IN_KEY = struct.Struct("!4s4sHxx")
+"""struct in_key: public address, server, public Call ID (network order), pad."""
 OUT_KEY = struct.Struct("!4s4sHxx")
 """struct out_key: client, server, server Call ID."""
 ROUTE = struct.Struct("=4s2sxxQQ")
 """struct route: address, Call ID (network order bytes), pad, packets, bytes (host order)."""
-CONFIG = struct.Struct("=4sxxxx")
-"""struct config: the public address."""
 BPF_ANY = 0
 BPF_PROG_TYPE_SCHED_CLS = 3
 
@@ -31,8 +29,8 @@ class BpfError(NateditError):
     """A bpf(2) call failed."""
 
 
-def pack_in_key(server: bytes, public_call_id: int) -> bytes:
-    return IN_KEY.pack(server, public_call_id)
+def pack_in_key(public: bytes, server: bytes, public_call_id: int) -> bytes:
+    return IN_KEY.pack(public, server, public_call_id)
 
 
 def pack_out_key(client: bytes, server: bytes, server_call_id: int) -> bytes:

@@ -41,7 +41,7 @@ SOURCE = Path(__file__).with_name("gre.bpf.c")
 PROGRAM = "natedit_gre"
 PREF = 1723
 """tc filter preference of natedit's filter on each interface."""
-MAPS = ("natedit_in", "natedit_out", "natedit_cfg")
+MAPS = ("natedit_in", "natedit_out")
 CACHE_ENV = "NATEDIT_BPF_CACHE"
 DEFAULT_CACHE = "/var/cache/natedit/bpf"
 GUARD_SCRIPT = r"""trap '' INT TERM HUP; cat >/dev/null
@@ -147,15 +147,17 @@ def bpffs() -> Path:
     return Path("/sys/fs/bpf")
 
 
-def find_interfaces(public: IPv4Address, inside: tuple[IPv4Network, ...],
+def find_interfaces(public: IPv4Address | tuple[IPv4Address, ...],
+                    inside: tuple[IPv4Network, ...],
                     public_interface: str | None) -> list[str]:
-    """The interface of the public address (or the policy's) and those routing the
+    """The interfaces of the public addresses (or the policy's) and those routing the
     inside networks: where the program is attached."""
     names: list[str] = []
+    publics = {str(a) for a in (public if isinstance(public, tuple) else (public,))}
     if public_interface is not None:
         names.append(public_interface)
     for link in json.loads(host.run(["ip", "-j", "-4", "addr", "show"]) or "[]"):
-        if any(a.get("local") == str(public) for a in link.get("addr_info", [])):
+        if any(a.get("local") in publics for a in link.get("addr_info", [])):
             names.append(link["ifname"])
     for net in inside:  # routes inside the network (root), or covering it (match)
         routes = [r for sel in ("root", "match")

@@ -107,7 +107,7 @@ def test_every_stop_removes_the_program_and_its_maps(net: Netns, tmp_path: Path,
     prog_id = min(progs.values())
     try:
         there = alive(net, prog_id, map_ids)
-        assert len(map_ids) == 3 and len(there) == 4, there
+        assert len(map_ids) == 2 and len(there) == 3, there
         worker.send_signal(sig)
         rc = worker.wait(15)
     finally:
@@ -148,7 +148,7 @@ def test_cleanup_removes_a_program_whose_guard_was_killed_too(net: Netns,
     left = gone_soon(net, prog_id, map_ids)
     info = f"{done.stdout}{done.stderr}"
     # the filter (and with it program and maps) outlived worker and guard ...
-    assert still == progs and len(left_after_kill) == 4, (still, left_after_kill)
+    assert still == progs and len(left_after_kill) == 3, (still, left_after_kill)
     # ... until natedit cleanup
     assert attached(net.exec, net.name("gw")) == {} and left == [], info
     assert "clsact" not in qdiscs(net), info

@@ -37,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 INSIDE, OTHER, GW_IN, PUBLIC, SERVER = ("10.0.0.11", "10.0.0.12", "10.0.0.1", "198.51.100.1",
                                         "198.51.100.2")
 CLIENT_CID, SERVER_CID, PUBLIC_CID = 0x1234, 0x0100, 0x4321
+PUBLIC2, OTHER_CID = "198.51.100.3", 0x5678
+"""A second public address: another call with the same server and public Call ID there."""
 
 NET = Topology(
     nodes=("in", "gw", "out"),
@@ -57,12 +59,13 @@ att = loader.load(obj, IPv4Address("{PUBLIC}"), devs)
 lib = libbpf.Libbpf()
 maps = {{n: libbpf.Map(lib, att.map_path(n), k, v) for n, k, v in (
     ("natedit_in", libbpf.IN_KEY.size, libbpf.ROUTE.size),
-    ("natedit_out", libbpf.OUT_KEY.size, libbpf.ROUTE.size),
-    ("natedit_cfg", 4, libbpf.CONFIG.size))}}
+    ("natedit_out", libbpf.OUT_KEY.size, libbpf.ROUTE.size))}}
 pub, srv, cli = (IPv4Address(a).packed for a in ("{PUBLIC}", "{SERVER}", "{INSIDE}"))
-maps["natedit_cfg"].update(bytes(4), libbpf.CONFIG.pack(pub))
-maps["natedit_in"].update(libbpf.pack_in_key(srv, {PUBLIC_CID}),
+pub2, other = IPv4Address("{PUBLIC2}").packed, IPv4Address("{OTHER}").packed
+maps["natedit_in"].update(libbpf.pack_in_key(pub, srv, {PUBLIC_CID}),
                           libbpf.pack_route(cli, {CLIENT_CID}))
+maps["natedit_in"].update(libbpf.pack_in_key(pub2, srv, {PUBLIC_CID}),
+                          libbpf.pack_route(other, {OTHER_CID}))
 maps["natedit_out"].update(libbpf.pack_out_key(cli, srv, {SERVER_CID}),
                            libbpf.pack_route(pub, {SERVER_CID}))
 att.attach()
@@ -118,7 +121,9 @@ def test_the_program_translates_its_calls_and_leaves_the_rest_to_the_stack(
     with Netns(NET) as net:
         gw, ns_in, ns_out = net.name("gw"), net.name("in"), net.name("out")
         net.exec(ns_in, ["ip", "addr", "add", f"{OTHER}/24", "dev", "eth0"])
-        for ns, dev, peer in ((ns_in, "in0", INSIDE), (ns_out, "out0", SERVER)):
+        net.exec(gw, ["ip", "addr", "add", f"{PUBLIC2}/24", "dev", "out0"])
+        for ns, dev, peer in ((ns_in, "in0", INSIDE), (ns_in, "in0", OTHER),
+                              (ns_out, "out0", SERVER)):
             # neighbours known (else the stack resolves them first: no_neigh, not ours)
             link = json.loads(net.exec(ns, ["ip", "-j", "link", "show", "eth0"]).stdout)
             net.exec(gw, ["ip", "neigh", "replace", peer, "lladdr", link[0]["address"],
@@ -158,7 +163,8 @@ def test_the_program_translates_its_calls_and_leaves_the_rest_to_the_stack(
                               (ns_in, INSIDE, SERVER, SERVER_CID, "TTL1", 1))
             inside = receive(ns_in, (ns_out, SERVER, PUBLIC, PUBLIC_CID, "OWN2"),
                              (ns_out, SERVER, PUBLIC, PUBLIC_CID, "TTL1", 1),
-                             (ns_out, SERVER, PUBLIC, PUBLIC_CID + 1, "UNKN"))
+                             (ns_out, SERVER, PUBLIC, PUBLIC_CID + 1, "UNKN"),
+                             (ns_out, SERVER, PUBLIC2, PUBLIC_CID, "PUB2"))
             agent.stdin.write("done\n")
             agent.stdin.flush()
             final = json.loads(agent.stdout.readline() or "{}")
@@ -184,7 +190,11 @@ def test_the_program_translates_its_calls_and_leaves_the_rest_to_the_stack(
     assert f"TTL1@{SERVER}" not in by_tag and f"TTL1@{INSIDE}" not in by_tag, info  # expired
     assert f"UNKN@{INSIDE}" not in by_tag, info  # to the gateway itself: not forwarded
     # counters: exactly the translated packets (IP length 20 + 8 + 4 + 2 + 4 + 40 = 78)
-    assert final["natedit_in"] == [[5, 5 * 78]] and final["natedit_out"] == [[5, 5 * 78]], final
+    # the same server and public Call ID on the second public address: the other call
+    assert by_tag[f"PUB2@{OTHER}"] == [{"src": SERVER, "dst": OTHER, "ttl": 63,
+                                         "cid": OTHER_CID, "tag": "PUB2"}] * 5, info
+    assert final["natedit_in"] == [[5, 5 * 78]] * 2, final
+    assert final["natedit_out"] == [[5, 5 * 78]], final
     assert final["trouble"] == [] and "clsact" not in after, (final, after)
 
 

@@ -123,10 +123,15 @@ class FakeMaps:
         self.remove()
         self.closed = True
 
-    @staticmethod
-    def _key(name: str, text: str) -> tuple[object, ...]:
+    def _key(self, name: str, text: str) -> tuple[object, ...]:
+        """The element a view key names (inbound: "server . Call ID", whatever the public
+        address, which the nftables design's keys did not carry)."""
         words = text.split(" . ")
-        return (*(socket.inet_aton(w) for w in words[:-1]), int(words[-1]))
+        key = (*(socket.inet_aton(w) for w in words[:-1]), int(words[-1]))
+        if name != "in_daddr":
+            return key
+        [found] = [k for k in self._loaded()["in"] if k[1:] == key]
+        return found
 
     def traffic(self, name: str, key: str, packets: int, nbytes: int) -> None:
         element = self._loaded()["in" if name == "in_daddr" else "out"][self._key(name, key)]
@@ -137,7 +142,7 @@ class FakeMaps:
         """The maps as the nftables design showed them (its tests' words)."""
         maps = self._loaded()
         ins: dict[str, tuple[bytes, int]] = {
-            f"{_ip(k[0])} . {k[1]}": v[0] for k, v in maps["in"].items()}  # type: ignore[arg-type,misc]
+            f"{_ip(k[1])} . {k[2]}": v[0] for k, v in maps["in"].items()}  # type: ignore[arg-type,misc]
         outs = {f"{_ip(k[0])} . {_ip(k[1])} . {k[2]}": _ip(v[0])  # type: ignore[arg-type]
                 for k, v in maps["out"].items()}
         return {"in_daddr": {k: _ip(v[0]) for k, v in ins.items()},

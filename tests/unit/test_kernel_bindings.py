@@ -17,11 +17,11 @@ SOURCE = loader.SOURCE.read_text()
 
 
 def test_keys_and_values_have_the_c_layout() -> None:
-    assert (libbpf.IN_KEY.size, libbpf.OUT_KEY.size, libbpf.ROUTE.size,
-            libbpf.CONFIG.size) == (8, 12, 24, 8)
+    assert (libbpf.IN_KEY.size, libbpf.OUT_KEY.size, libbpf.ROUTE.size) == (12, 12, 24)
     server, client = IPv4Address("198.51.100.2").packed, IPv4Address("10.0.0.11").packed
+    public = IPv4Address("198.51.100.1").packed
     # addresses and Call IDs in network order, as the program reads them off the wire
-    assert libbpf.pack_in_key(server, 0x1234) == server + b"\x12\x34\0\0"
+    assert libbpf.pack_in_key(public, server, 0x1234) == public + server + b"\x12\x34\0\0"
     assert libbpf.pack_out_key(client, server, 0x0100) == client + server + b"\x01\x00\0\0"
     value = libbpf.pack_route(client, 0x1234)
     assert value[:6] == client + b"\x12\x34" and value[8:] == bytes(16)  # counters zero
