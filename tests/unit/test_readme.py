@@ -76,6 +76,7 @@ EXERCISED: dict[str, tuple[str, ...]] = {
         "tests/netns/test_lab_command.py::test_lab_runs_end_to_end_and_leaves_nothing",),
     "scripts/dev bench": ("tests/netns/test_dev_script.py::test_bench_prints_progress_per_figure",),
     "scripts/dev datapath": ("tests/netns/test_datapath_bench.py::test_datapath_bench_short_run",),
+    "scripts/dev setups": ("tests/netns/test_setups_bench.py::test_setups_bench_short_run",),
     "scripts/dev dashboard": ("tests/unit/test_dashboard.py::test_dev_dashboard_writes_the_file",),
     # the long checks, CI-sized (bench.fuzz and bench.soak, as scripts/dev runs them)
     "scripts/dev fuzz [--inputs N]": (
