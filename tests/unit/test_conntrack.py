@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from ipaddress import IPv4Address
+from typing import Any
 
 from natedit import Direction, Policy, Translator
 from natedit.conntrack import RECHECK, NatAddresses, connection_key, reply_destination
@@ -125,3 +126,25 @@ def test_the_packet_path_gives_the_translator_each_connection_address() -> None:
     assert not tr.calls()
     assert [e.reason for e in events if isinstance(e, CallReleased)] == [
         ReleaseReason.PUBLIC_ADDRESS_CHANGED]
+
+
+def test_the_worker_needs_conntrack_only_for_several_addresses(monkeypatch: Any,
+                                                               caplog: Any) -> None:
+    """conntrack unreadable: with one public address a warning (every call gets it),
+    with several the worker does not start."""
+    import pytest
+
+    from natedit import NateditError, conntrack, worker
+
+    def unreadable() -> None:
+        raise conntrack.ConntrackError("cannot open ctnetlink: denied")
+
+    monkeypatch.setattr(conntrack, "Ctnetlink", unreadable)
+    one = Policy(public_address=A)
+    tr = Translator(one, rng=random.Random(1))
+    assert worker._read_nat(one, tr, worker.Dispatcher(tr)) is None
+    assert "every call gets 198.51.100.1" in caplog.text
+    several = Policy(public_address=A, other_public_addresses=(B,))
+    tr = Translator(several, rng=random.Random(1))
+    with pytest.raises(NateditError, match="several public addresses need conntrack"):
+        worker._read_nat(several, tr, worker.Dispatcher(tr))
