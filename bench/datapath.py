@@ -19,7 +19,11 @@ address, right Call ID), for each gateway:
 * ``nfq-accept``: a bare NetfilterQueue worker that only accepts (GRE
   untranslated), the reference for what any Python queue worker can do;
 * ``natedit-userspace``: ``natedit run`` with ``datapath: userspace``;
-* ``natedit-kernel``: ``natedit run`` with ``datapath: kernel``.
+* ``natedit-kernel``: ``natedit run`` with ``datapath: kernel``;
+* ``natedit-userspace-before``, ``natedit-kernel-before`` (with ``--before
+  DIR``): the same, running the natedit of another source tree (a ``git
+  worktree`` of an earlier commit), for a before/after in one run: the table
+  then has the ratio of each ``natedit-*`` path to its ``-before``.
 
 Queue workers run on CPU 1 (``taskset``). A PPTP control conversation through
 the gateway (Start-Control-Connection, Outgoing-Call-Request/Reply, from
@@ -159,12 +163,13 @@ class Topology(netns.Scoped):
         return str(json.loads(run(["ip", "-n", ns, "-j", "link", "show", dev]))[0]["address"])
 
     def popen(self, ns: str, argv: Sequence[str], *, cpu: str | None = None,
-              stdout: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+              stdout: int | None = subprocess.DEVNULL,
+              cwd: Path = REPO) -> subprocess.Popen[bytes]:
         """Start ``argv`` in ``ns``; stopped through its own process group (trafgen's
         worker is a child of the process we started), SIGKILL after 5 s."""
         pin = ["taskset", "-c", cpu] if cpu is not None else []
         return self.procs.popen(self.net.argv(ns, [*pin, *argv]), stdout=stdout,
-                                stderr=subprocess.PIPE, cwd=str(REPO), grace=5.0, group=True)
+                                stderr=subprocess.PIPE, cwd=str(cwd), grace=5.0, group=True)
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         self.procs.stop(proc, sig)
@@ -219,8 +224,13 @@ def flows(path: str, public_call_id: int | None) -> dict[str, Flow]:
                        f"ip daddr {INSIDE} @th,48,16 {CLIENT_CALL_ID}")}
 
 
-def setup_path(topo: Topology, path: str) -> int | None:
-    """Rules and processes of ``path`` in the gateway; the call's public Call ID."""
+BEFORE = "-before"
+"""The suffix of a path that runs the natedit of ``--before DIR``."""
+
+
+def setup_path(topo: Topology, path: str, before: Path | None = None) -> int | None:
+    """Rules and processes of ``path`` in the gateway; the call's public Call ID.
+    ``before``: the source tree a ``*-before`` path runs natedit from."""
     gw = topo.ns_gw
     if path == "plain":
         return None
@@ -241,7 +251,7 @@ def setup_path(topo: Topology, path: str) -> int | None:
         topo.ns(gw, "iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-p", "tcp",
                 "--dport", "1723", "-j", "CT", "--helper", "pptp")
     else:
-        start_natedit(topo, path)
+        start_natedit(topo, path, before=before)
     pac = topo.popen(topo.ns_out, [sys.executable, "-m", "bench.datapath", "_pac"],
                      stdout=subprocess.PIPE)
     _wait_line(pac, "listening", 10)
@@ -252,11 +262,17 @@ def setup_path(topo: Topology, path: str) -> int | None:
     return int(json.loads(line)["public_call_id"])
 
 
-def start_natedit(topo: Topology, path: str, policy_extra: str = "") -> dict[str, Any]:
-    """``natedit run`` in the gateway for ``path`` (natedit-userspace, natedit-kernel)
-    on the worker CPU, once it is ready; what its ready file says. ``policy_extra``:
-    more YAML for its policy."""
-    datapath = path.removeprefix("natedit-")
+def start_natedit(topo: Topology, path: str, policy_extra: str = "",
+                  before: Path | None = None) -> dict[str, Any]:
+    """``natedit run`` in the gateway for ``path`` (natedit-userspace, natedit-kernel, or
+    either ``-before``: from the source tree ``before``) on the worker CPU, once it is
+    ready; what its ready file says. ``policy_extra``: more YAML for its policy."""
+    datapath = path.removeprefix("natedit-").removesuffix(BEFORE)
+    source = REPO
+    if path.endswith(BEFORE):
+        if before is None:
+            raise RuntimeError(f"{path} needs --before DIR")
+        source = before  # python -m natedit finds the package of its cwd first
     policy = topo.tmp / f"{path}.yaml"
     policy.write_text(f"public_address: {PUBLIC}\ninside_networks: [10.0.0.0/24]\n"
                       f"datapath: {datapath}\n{policy_extra}logging:\n  level: warning\n")
@@ -264,7 +280,7 @@ def start_natedit(topo: Topology, path: str, policy_extra: str = "") -> dict[str
     ready.unlink(missing_ok=True)
     proc = topo.popen(topo.ns_gw, [sys.executable, "-m", "natedit", "run", "--policy",
                                    str(policy), "--ready-file", str(ready), "--pid-file", "",
-                                   "--state", ""], cpu=WORKER_CPU)
+                                   "--state", ""], cpu=WORKER_CPU, cwd=source)
     deadline = time.monotonic() + 15
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -484,10 +500,10 @@ def peer_probe_tx(src: str, dst: str, call_id: int, count: int) -> None:
 
 
 def measure_path(path: str, prefix: str, tmp: Path, seconds: float,
-                 probes: int) -> dict[str, Any]:
+                 probes: int, before: Path | None = None) -> dict[str, Any]:
     with Topology(prefix, tmp) as topo:
-        public_call_id = setup_path(topo, path)
-        fl = flows(path, public_call_id)
+        public_call_id = setup_path(topo, path, before)
+        fl = flows(path.removesuffix(BEFORE), public_call_id)
         figures: dict[str, Any] = {}
         for size in SIZES:
             for direction in DIRECTIONS:
@@ -513,6 +529,11 @@ def summarize(reps: list[dict[str, dict[str, Any]]], paths: Sequence[str]) -> di
                         ratios = [r[path][k]["pps"] / r[ref][k]["pps"] for r in reps
                                   if r[ref][k]["pps"] > 0]
                         row[f"{k}_vs_{ref}"] = statistics.median(ratios) if ratios else 0.0
+                then = path + BEFORE
+                if then in paths:
+                    ratios = [r[path][k]["pps"] / r[then][k]["pps"] for r in reps
+                              if r[then][k]["pps"] > 0]
+                    row[f"{k}_vs_before"] = statistics.median(ratios) if ratios else 0.0
         for d in DIRECTIONS:
             for stat in ("median_us", "p99_us"):
                 values = [r[path][f"latency_{d}"][stat] for r in reps]
@@ -610,6 +631,11 @@ def table(summary: dict[str, Any], paths: Sequence[str]) -> str:
             ratios = [f"{row[f'{c}_vs_{ref}']:.2f}" for ref in refs]
             cells.append(f"{cell} ({' / '.join(ratios)})")
         lines.append(f"| {path} | " + " | ".join(cells) + f" | {_latency_cell(row)} |")
+    for path in paths:
+        if f"{cols[0]}_vs_before" in summary[path]:
+            figures = ", ".join(f"{names[c]} {summary[path][f'{c}_vs_before']:.2f}"
+                                for c in cols)
+            lines.append(f"\n{path} / {path}{BEFORE} (medians of the per-run ratios): {figures}")
     for t in targets(summary, paths):
         lines.append("\n" + _target_line(t, names, cols))
     return "\n".join(lines)
@@ -648,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS),
                     help=f"comma-separated, from {', '.join(PATHS)}")
     ap.add_argument("--json", metavar="PATH", help="write every figure here")
+    ap.add_argument("--before", metavar="DIR", type=Path,
+                    help="a natedit source tree (e.g. a git worktree of an earlier commit): "
+                         "adds natedit-*-before paths running it, side by side")
     args = ap.parse_args(args_in)
     problems = prerequisites()
     if problems:
@@ -656,7 +685,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("bench.datapath: apt-get install netsniff-ng iptables nftables ethtool util-linux")
         return 1
     paths = [p for p in args.paths.split(",") if p]
-    unknown = set(paths) - set(PATHS)
+    if args.before is not None:
+        if not (args.before / "natedit" / "__main__.py").is_file():
+            ap.error(f"--before {args.before}: no natedit source tree there")
+        paths += [p + BEFORE for p in paths if p.startswith("natedit-")
+                  and not p.endswith(BEFORE) and p + BEFORE not in paths]
+    unknown = {p.removesuffix(BEFORE) if args.before else p for p in paths} - set(PATHS)
     if unknown:
         ap.error(f"unknown paths: {', '.join(sorted(unknown))}")
     prefix = f"nb{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
@@ -676,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"[datapath] run {rep + 1}/{args.repeat} {path} ...", end="")
                     t0 = time.monotonic()
                     figures[path] = measure_path(path, prefix, Path(tmpdir), args.seconds,
-                                                 args.probes)
+                                                 args.probes, args.before)
                     f = figures[path]
                     say(" " + " ".join(f"{k}={f[k]['pps'] / 1000:.0f}k" for k in f
                                        if "pps" in f[k])

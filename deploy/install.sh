@@ -147,6 +147,7 @@ unit=$tmp/natedit.service
 sed "s#/opt/natedit/#$PREFIX/#g" "$SRC/deploy/systemd/natedit.service" > "$unit"
 
 for f in README.md deploy/policy.yaml deploy/rules/natedit.iptables deploy/rules/natedit.nft \
+         deploy/rules/natedit-iptables.nft \
          deploy/systemd/natedit.service deploy/prometheus/prometheus.yml \
          deploy/prometheus/natedit-alerts.yml deploy/grafana/provisioning/datasources/natedit.yaml \
          deploy/grafana/provisioning/dashboards/natedit.yaml deploy/grafana/dashboards/natedit.json

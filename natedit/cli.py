@@ -124,7 +124,11 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     else:
         policy = policy.with_public_address(host.public_address(policy))
     ruleset = rules.build_ruleset(policy)
-    render = rules.render_nft if args.flavour == "nft" else rules.render_iptables
+    if args.native and args.flavour != "iptables":
+        raise NateditError("--native is the iptables flavour's table ip natedit "
+                           "(the nft flavour prints it whole)")
+    render = (rules.render_native if args.native else
+              rules.render_nft if args.flavour == "nft" else rules.render_iptables)
     sys.stdout.write(render(ruleset))
     return 0
 
@@ -285,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument(
         "--public-address", type=IPv4Address, metavar="ADDR",
         help="instead of the policy's, or the default route's",
+    )  # fmt: skip
+    show.add_argument(
+        "--native", action="store_true",
+        help="the iptables flavour's nftables part (table ip natedit: the ownership sets "
+             "and the chains that claim natedit's GRE), to load before its iptables part",
     )  # fmt: skip
     show.set_defaults(func=_cmd_rules)
 

@@ -110,11 +110,13 @@ DROP_REASONS = tuple(DropReason)
 """Drops that are not malformed input (the refusals included)."""
 PASS_REASONS = tuple(PassReason)
 """Deliberate pass-throughs: packets, or Call ID fields, natedit leaves as they came."""
-WORKER_ERRORS = ("packet_error", "timer_error", "fastpath_error", "conntrack_error")
+WORKER_ERRORS = ("packet_error", "timer_error", "fastpath_error", "conntrack_error",
+                 "ownership_error")
 """The worker's own trouble (``Dispatcher.counts``); a packet_error drops the packet; a
 fastpath_error is the kernel fast path repairing itself (its GRE goes through the queue);
 a conntrack_error is a failed lookup of a control connection's NAT address (the segment
-goes on with the address its connection had)."""
+goes on with the address its connection had); an ownership_error is the ownership sets
+being rebuilt (:mod:`natedit.owned`)."""
 POLICY_RELOAD_OUTCOMES = ("ok", "failed")
 
 T = TypeVar("T")

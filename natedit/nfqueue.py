@@ -27,7 +27,12 @@ the packet, is counted as ``packet_error`` and reported.
 Packets longer than NetfilterQueue's copy limit (4016 bytes, far above any
 PPTP packet at a normal MTU) arrive truncated; the translator sees an IP
 total length beyond the bytes and drops them. While no worker is bound, or a
-queue is full (:data:`QUEUE_MAXLEN`), the kernel drops (no queue bypass).
+queue is full (:data:`QUEUE_MAXLEN`), the kernel drops (``on_worker_down:
+pass`` lets TCP 1723 through while no worker is bound: :mod:`natedit.rules`).
+
+A packet whose verdict carries call events first hands them to ``settle``
+(the worker puts a new call's keys into the ownership sets of
+:mod:`natedit.owned`), then gets its verdict.
 """
 
 from __future__ import annotations
@@ -103,8 +108,12 @@ class PacketPath:
 
     def __init__(self, translator: Decider, clock: Callable[[], float],
                  counts: Counter[str], on_events: Callable[[Iterable[Event]], None],
-                 on_trouble: Callable[[str, str], None]) -> None:
+                 on_trouble: Callable[[str, str], None],
+                 settle: Callable[[Iterable[Event]], None] | None = None) -> None:
         self.translator = translator
+        self.settle = settle
+        """Called with a verdict's events before the verdict is given (the ownership
+        sets learn a new call before its first GRE can arrive); must not raise."""
         self.clock = clock
         self.counts = counts
         self.on_events = on_events
@@ -182,6 +191,8 @@ class PacketPath:
                 verdict = self.translator.handle_packet(data, direction, now)
             else:
                 verdict = nat[1].handle_packet(data, direction, now, nat[0](data, direction, now))
+            if verdict.events and self.settle is not None:
+                self.settle(verdict.events)
             if verdicts is not None:
                 packet_id = cast(QueuedPacket, packet).id
                 if verdict.action is Action.ACCEPT:

@@ -2,30 +2,58 @@
 
 Theory of operation
 -------------------
-natedit sees every PPTP packet with the *private* client address, in both
-directions, and owns GRE completely:
+natedit claims only what is its own: the control connections its clients
+open to servers outside, and the GRE of its calls. Everything else (GRE and
+TCP 1723 of a port-forwarded inside server, of the gateway's own PPTP
+client or server, GRE version 0 tunnels, GRE of calls natedit has no record
+of) takes the path it would take without natedit: conntrack, NAT, the
+operator's filter.
 
-* TCP 1723 is queued in ``mangle FORWARD``: requests before the kernel's
-  SNAT in POSTROUTING, replies after the kernel un-NATs them in PREROUTING.
-  The kernel keeps doing the ordinary NAT (MASQUERADE) of the control
-  connection; natedit does not add one: the operator's NAT rule stays as
-  it is, and without one the control connection is not translated at all.
-* Enhanced GRE (protocol 47, version 1) is exempt from conntrack in
-  ``raw PREROUTING``: without the kernel's PPTP helper conntrack cannot key
-  GRE v1 by Call ID, so it could neither route replies back nor masquerade
-  two clients talking to one server. Inbound GRE (to the public address) is
-  queued in ``mangle PREROUTING``, before routing, so that the private
-  destination natedit writes is the one the kernel routes. Outbound GRE is
-  queued in ``mangle FORWARD``, where natedit writes the public source.
-* A safety net in ``mangle POSTROUTING`` drops GRE v1 that would leave with
-  a source address still inside: no GRE ever leaves with a private source.
-* No ``--queue-bypass`` (fail closed, policy ``on_worker_down: drop``, the
-  default): with no worker bound, or a full queue, queued packets are
-  dropped. PPTP stalls rather than leaks. With ``on_worker_down: pass`` the
-  TCP 1723 queue rules get ``--queue-bypass``: while no worker is bound the
-  control connection flows as without natedit (conntrack, the operator's
-  MASQUERADE). GRE stays fail closed (it is notracked, so bypassed GRE
-  would get no NAT and the safety net would drop it anyway).
+* TCP 1723 is queued in ``mangle FORWARD`` when it goes from an inside
+  network to outside it (destination port 1723: a client's request) or back
+  (source port 1723: the server's reply): requests before the kernel's SNAT
+  in POSTROUTING, replies after the kernel un-NATs them in PREROUTING. The
+  kernel keeps doing the ordinary NAT (MASQUERADE) of the control
+  connection; natedit does not add one: the operator's NAT rule stays as it
+  is, and without one the control connection is not translated at all. A
+  connection from outside to an inside server (a port forward) is neither,
+  and is never queued; nor is the gateway's own (INPUT, OUTPUT).
+* GRE is natedit's when its call table says so: table ``ip natedit`` holds
+  sets the worker keeps equal to its call table (:mod:`natedit.owned`
+  explains each): ``own_in`` (public address . server . public Call ID:
+  the server's GRE to a call's public Call ID), ``own_out`` (client .
+  server . server Call ID: a natedit client's GRE) and ``own_server``
+  (server . server Call ID: outbound GRE from any inside address to a
+  natedit call's server Call ID, so that the core drops a spoofed source
+  instead of the kernel masquerading it into that call). Inbound GRE from
+  a call's server with a Call ID no call has is not natedit's: the gateway
+  answers it as it would without natedit.
+  Only enhanced GRE (version 1, PPP, key present) is looked up, and no rule
+  names the public address: the sets carry it. Native chains of that table
+  (the *claim* chains, just before the queue rule's hook) exempt an owned
+  packet from conntrack (which could key GRE v1 by Call ID only with the
+  kernel's PPTP helper) and mark it with the bit :data:`CLAIM_MARK`; the
+  queue rule matches the mark (natively, no ``xt`` match: iptables-nft
+  turns ``-m mark`` into nft expressions), and a *settle* chain just after
+  clears the bit again, in the same hook.
+* Inbound GRE of a call is queued in ``raw PREROUTING``, before conntrack
+  and before routing (the private destination natedit writes is the one the
+  kernel routes). Outbound GRE of a call is queued in ``mangle FORWARD``,
+  where natedit writes the public source.
+* A safety net (``guard_postrouting``, after the kernel's source NAT) drops
+  a call's GRE still carrying its client's address: no GRE of natedit's calls
+  ever leaves with a private source.
+* No ``--queue-bypass`` on GRE, ever, and none at all with policy
+  ``on_worker_down: drop`` (the default): with no worker bound, or a full
+  queue, queued packets are dropped: natedit's PPTP stalls rather than
+  leaks, and everything natedit does not own keeps flowing. With
+  ``on_worker_down: pass`` the TCP 1723 queue rules get ``--queue-bypass``:
+  while no worker is bound new control connections flow as without natedit
+  (conntrack, the operator's MASQUERADE), and the GRE of their calls, which
+  no set holds, too. The GRE of natedit's own calls stays claimed and is
+  dropped (their Call IDs are translated: passing them untranslated would
+  reach the wrong call). The sets stay while no worker runs (a crash, a
+  restart): fail-closed needs them; a stop removes them with the rules.
 * GRE version 0 (plain GRE tunnels) is not touched, nor is traffic between
   two inside networks.
 
@@ -33,33 +61,36 @@ What the operator keeps doing, and must know:
 
 * the NAT of TCP 1723 (``-t nat -A POSTROUTING -o <wan> -j MASQUERADE`` or
   SNAT): natedit never adds one, with or without ``natedit run``;
-* the filter: natedit queues in ``mangle``, before ``filter``, so in
-  ``filter FORWARD`` outbound GRE already carries the public source and
-  inbound GRE the private destination, and GRE is conntrack state
-  UNTRACKED: a FORWARD chain that drops by default needs something like
-  ``-p gre -m conntrack --ctstate UNTRACKED -j ACCEPT``;
-* the kernel PPTP helper must not be attached to TCP 1723:
-  :func:`check_no_pptp_helper` refuses to start if it is;
-* GRE v1 to the public address is natedit's: the gateway itself cannot
-  also be a PPTP endpoint on that address. One natedit per network
-  namespace (ownership is by chain name).
+* the filter: natedit queues in ``raw`` and ``mangle``, before ``filter``,
+  so in ``filter FORWARD`` outbound GRE of a call already carries the
+  public source and inbound GRE the private destination, and both are
+  conntrack state UNTRACKED: a FORWARD chain that drops by default needs
+  something like ``-p gre -m conntrack --ctstate UNTRACKED -j ACCEPT``;
+* natedit borrows the packet mark bit :data:`CLAIM_MARK` (0x10000000)
+  between its claim and settle chains (priorities raw - 2 to raw + 1, and
+  mangle - 1 to mangle + 1), for its own calls' GRE only;
+* the kernel PPTP helper must not be attached to TCP 1723 of natedit's
+  clients: :func:`check_no_pptp_helper` refuses to start if it is;
+* one natedit per network namespace (ownership is by chain and table name).
 
-The rules are one :class:`RuleSet` rendered two ways: iptables-restore
-input (``iptables-nft`` turns it into nft rules with ``xt`` matches; the
-native nft ``queue`` statement needs CONFIG_NFT_QUEUE, which some kernels
-lack) and an nft script with a table of its own.
+The rules are one :class:`RuleSet` rendered two ways. The ``iptables``
+flavour (for kernels without CONFIG_NFT_QUEUE, the native nft ``queue``
+statement) is table ``ip natedit`` (the sets and the claim, settle and
+guard chains, :func:`render_native`) plus iptables-restore input for the
+queue rules (:func:`render_iptables`; ``iptables-nft`` turns it into nft
+rules); the ``nft`` flavour is table ``ip natedit`` with the queue rules as
+native chains too (:func:`render_nft`).
 
 Ownership is by name: every iptables chain natedit creates is called
-``NATEDIT-*`` and is entered by one jump from a built-in chain; the nft
-flavour owns table ``ip natedit``. :func:`install` first removes whatever a
-previous (crashed) run left, in the same atomic transaction, and
-:func:`remove` deletes exactly those objects, then the empty base chains
-and tables iptables-nft had to create for them.
+``NATEDIT-*`` and is entered by one jump from a built-in chain; table
+``ip natedit`` is natedit's. :func:`install` first removes whatever a
+previous (crashed) run left, and :func:`remove` deletes exactly those
+objects, then the empty base chains and tables iptables-nft had to create
+for them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import ipaddress
 import itertools
@@ -74,12 +105,24 @@ from . import PPTP_PORT, NateditError, Policy, WorkerDown, host
 CHAIN_PREFIX = "NATEDIT-"
 """Every iptables chain natedit creates starts with this; any chain so named is natedit's."""
 NFT_TABLE = "natedit"
-"""The table (family ip) of the nft flavour."""
-GRE_V1_U32 = "0x0>>0x16&0x3c@0x0>>0x10&0x7=0x1"
-"""xt_u32: skip the IP header (IHL * 4), read the GRE flags word, Ver == 1.
-
-Written as iptables-save prints it, so rendered rules compare equal to saved ones.
-"""
+"""natedit's own table (family ip): the ownership sets and the native chains (both
+flavours)."""
+CLAIM_MARK = 0x10000000
+"""The packet mark bit natedit sets on the GRE of its calls just before a queue rule
+and clears just after, within one hook."""
+ENHANCED_GRE = "@th,0,32 & 0xe007ffff == 0x2001880b"
+"""C=0 R=0 K=1, version 1, protocol PPP (0x880b): what the core takes for PPTP GRE."""
+GRE_CALL_ID = "@th,48,16"
+"""The Call ID of enhanced GRE (the low half of the key field)."""
+OWN_IN = "own_in"
+OWN_OUT = "own_out"
+OWN_IN_TYPE = f"ip daddr . ip saddr . {GRE_CALL_ID}"
+"""Set ``own_in``: public address . server . public Call ID."""
+OWN_OUT_TYPE = f"ip saddr . ip daddr . {GRE_CALL_ID}"
+"""Set ``own_out``: client . server . server Call ID."""
+OWN_SERVER = "own_server"
+OWN_SERVER_TYPE = f"ip daddr . {GRE_CALL_ID}"
+"""Set ``own_server``: server . server Call ID (the ``own_out`` keys without the client)."""
 
 
 class RulesError(NateditError):
@@ -96,8 +139,10 @@ class Hook(enum.Enum):
 
     RAW_PREROUTING = ("raw", "PREROUTING")
     MANGLE_PREROUTING = ("mangle", "PREROUTING")
+    """No longer used; kept so that cleanup prunes what earlier versions made there."""
     MANGLE_FORWARD = ("mangle", "FORWARD")
     MANGLE_POSTROUTING = ("mangle", "POSTROUTING")
+    """No longer used (see MANGLE_PREROUTING)."""
 
     def __init__(self, table: str, chain: str) -> None:
         self.table = table
@@ -111,13 +156,47 @@ class Hook(enum.Enum):
     def nft_chain(self) -> str:
         return f"{self.table}_{self.chain.lower()}"
 
+    @property
+    def priority(self) -> int:
+        return _PRIORITIES[self.table]
+
+
+_PRIORITIES = {"raw": -300, "mangle": -150}
+
+
+class Stage(enum.Enum):
+    """A base chain of table ``ip natedit`` (both flavours): its hook and priority."""
+
+    CLAIM_PREROUTING = ("prerouting", -302)
+    """Before raw (-300), where inbound GRE is queued."""
+    SETTLE_PREROUTING = ("prerouting", -299)
+    """After the raw queue rule, before conntrack (-200)."""
+    CLAIM_FORWARD = ("forward", -151)
+    """Before mangle (-150), where outbound GRE is queued."""
+    SETTLE_FORWARD = ("forward", -149)
+    """After it."""
+    GUARD_POSTROUTING = ("postrouting", 101)
+    """After the kernel's source NAT (100)."""
+
+    def __init__(self, hook: str, priority: int) -> None:
+        self.hook = hook
+        self.priority = priority
+
+    @property
+    def nft_chain(self) -> str:
+        return self.name.lower()
+
 
 class Traffic(enum.Enum):
-    """Which PPTP packets a rule selects."""
+    """Which packets a rule selects."""
 
     CONTROL_TO_SERVER = "tcp, destination port 1723"
     CONTROL_FROM_SERVER = "tcp, source port 1723"
-    GRE_V1 = "enhanced GRE (protocol 47, version 1)"
+    OWNED_GRE_IN = "enhanced GRE of a natedit call, to its public Call ID (set own_in)"
+    OWNED_GRE_OUT = "enhanced GRE of a natedit call, from its client (set own_out)"
+    OWNED_GRE_TO_SERVER = ("enhanced GRE to a natedit call's server Call ID, from whichever "
+                           "address (set own_server)")
+    CLAIMED_GRE = "GRE natedit claimed (mark bit CLAIM_MARK)"
 
 
 class Flow(enum.Enum):
@@ -125,18 +204,23 @@ class Flow(enum.Enum):
 
     OUTBOUND = "source inside, destination not inside"
     INBOUND = "destination inside, source not inside"
-    TO_PUBLIC = "destination is the public address"
+    FROM_INSIDE = "source inside"
+    ANY = "whatever the addresses (the traffic says it all)"
 
 
 class Verb(enum.Enum):
     QUEUE = "queue"
     NOTRACK = "notrack"
     DROP = "drop"
+    CLAIM = "exempt from conntrack and set the mark bit"
+    MARK = "set the mark bit"
+    UNCLAIM = "clear the mark bit"
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    hook: Hook
+    hook: Hook | Stage
+    """A Hook: a queue rule (iptables, or a native queue chain); a Stage: a native rule."""
     traffic: Traffic
     flow: Flow
     verb: Verb
@@ -150,12 +234,13 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class RuleSet:
     public_address: IPv4Address
+    """For the rendered headers only: no rule names it (the ownership sets carry it)."""
     inside_networks: tuple[IPv4Network, ...]
     """Collapsed: no two overlap."""
     rules: tuple[Rule, ...]
     other_public: tuple[IPv4Address, ...] = ()
-    """The policy's other public addresses (several uplinks, an SNAT pool): GRE to
-    each of them is natedit's too."""
+    """The policy's other public addresses (several uplinks, an SNAT pool); like the
+    first, only in the headers (the sets' keys carry each call's)."""
 
     @property
     def public_addresses(self) -> tuple[IPv4Address, ...]:
@@ -163,7 +248,21 @@ class RuleSet:
 
     @property
     def hooks(self) -> tuple[Hook, ...]:
-        return tuple(dict.fromkeys(rule.hook for rule in self.rules))
+        """The iptables (or native queue) hooks the rules use."""
+        return tuple(dict.fromkeys(r.hook for r in self.rules if isinstance(r.hook, Hook)))
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        return tuple(s for s in Stage if any(r.hook is s for r in self.rules))
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """Elements of the ownership sets, as nft reads them (``a . b . n``)."""
+
+    inbound: tuple[str, ...] = ()
+    outbound: tuple[str, ...] = ()
+    servers: tuple[str, ...] = ()
 
 
 def build_ruleset(policy: Policy) -> RuleSet:
@@ -175,33 +274,35 @@ def build_ruleset(policy: Policy) -> RuleSet:
         if policy.is_inside(each):
             raise RulesError(f"public_address {each} is inside inside_networks")
     out, into = policy.queue_outbound, policy.queue_inbound
-    H, T, F, V = Hook, Traffic, Flow, Verb
+    passing = policy.on_worker_down is WorkerDown.PASS
+    H, S, T, F, V = Hook, Stage, Traffic, Flow, Verb
     rules: tuple[Rule, ...] = (
-        Rule(H.RAW_PREROUTING, T.GRE_V1, F.TO_PUBLIC, V.NOTRACK,
-             why="GRE to the public address is natedit's, not conntrack's"),
-        Rule(H.RAW_PREROUTING, T.GRE_V1, F.OUTBOUND, V.NOTRACK,
-             why="GRE from a client is natedit's, not conntrack's (nor MASQUERADE's)"),
-        Rule(H.MANGLE_PREROUTING, T.GRE_V1, F.TO_PUBLIC, V.QUEUE, into,
-             why="inbound GRE, before routing: the private destination written is routed"),
+        Rule(S.CLAIM_PREROUTING, T.OWNED_GRE_IN, F.ANY, V.CLAIM,
+             why="the server's GRE to a natedit call: natedit's, not conntrack's"),
+        Rule(S.CLAIM_PREROUTING, T.OWNED_GRE_OUT, F.ANY, V.NOTRACK,
+             why="a natedit client's GRE: natedit's, not conntrack's (nor MASQUERADE's)"),
+        Rule(H.RAW_PREROUTING, T.CLAIMED_GRE, F.ANY, V.QUEUE, into,
+             why="inbound GRE of a call, before routing: the private destination is routed"),
+        Rule(S.SETTLE_PREROUTING, T.CLAIMED_GRE, F.ANY, V.UNCLAIM,
+             why="the mark bit was natedit's for this hook only"),
         Rule(H.MANGLE_FORWARD, T.CONTROL_TO_SERVER, F.OUTBOUND, V.QUEUE, out,
-             why="control, client to server: private source, before the kernel's SNAT"),
+             why="control, client to server: private source, before the kernel's SNAT",
+             bypass=passing),
         Rule(H.MANGLE_FORWARD, T.CONTROL_FROM_SERVER, F.INBOUND, V.QUEUE, into,
-             why="control, server to client: private destination, after the kernel un-NATs"),
-        Rule(H.MANGLE_FORWARD, T.GRE_V1, F.OUTBOUND, V.QUEUE, out,
-             why="outbound GRE: natedit writes the public source"),
-        Rule(H.MANGLE_POSTROUTING, T.GRE_V1, F.OUTBOUND, V.DROP,
-             why="safety net: no GRE leaves with a private source"),
+             why="control, server to client: private destination, after the kernel un-NATs",
+             bypass=passing),
+        Rule(S.CLAIM_FORWARD, T.OWNED_GRE_TO_SERVER, F.FROM_INSIDE, V.MARK,
+             why="GRE to a natedit call's server Call ID: claimed for the queue "
+                 "(a source that is not its client's is dropped there)"),
+        Rule(H.MANGLE_FORWARD, T.CLAIMED_GRE, F.ANY, V.QUEUE, out,
+             why="outbound GRE of a call: natedit writes the public source"),
+        Rule(S.SETTLE_FORWARD, T.CLAIMED_GRE, F.ANY, V.UNCLAIM,
+             why="the mark bit was natedit's for this hook only"),
+        Rule(S.GUARD_POSTROUTING, T.OWNED_GRE_OUT, F.ANY, V.DROP,
+             why="safety net: no GRE of a natedit call leaves with a private source"),
     )  # fmt: skip
-    if policy.on_worker_down is WorkerDown.PASS:
-        rules = tuple(
-            dataclasses.replace(r, bypass=True) if r.traffic in _CONTROL else r for r in rules
-        )
     inside = tuple(ipaddress.collapse_addresses(policy.inside_networks))
     return RuleSet(public, inside, rules, policy.other_public_addresses)
-
-
-_CONTROL = frozenset({Traffic.CONTROL_TO_SERVER, Traffic.CONTROL_FROM_SERVER})
-"""What ``on_worker_down: pass`` lets through while no worker is bound."""
 
 
 def bypasses(rs: RuleSet) -> bool:
@@ -209,21 +310,23 @@ def bypasses(rs: RuleSet) -> bool:
     return any(rule.bypass for rule in rs.rules)
 
 
-# -- iptables flavour -------------------------------------------------------
+def _bypass_note(rs: RuleSet) -> list[str]:
+    if bypasses(rs):
+        return ["on_worker_down: pass: --queue-bypass on TCP 1723: with no worker bound new",
+                "control connections (and their calls' GRE) go on untranslated; the GRE of",
+                "natedit's own calls is dropped"]
+    return ["no --queue-bypass: with no worker bound, queued PPTP packets are dropped"]
 
+
+# -- iptables flavour (the queue rules) -------------------------------------------------
+
+_MARK_TEXT = f"{CLAIM_MARK:#x}/{CLAIM_MARK:#x}"
 _IPT_TRAFFIC = {
     Traffic.CONTROL_TO_SERVER: f"-p tcp -m tcp --dport {PPTP_PORT}",
     Traffic.CONTROL_FROM_SERVER: f"-p tcp -m tcp --sport {PPTP_PORT}",
-    Traffic.GRE_V1: "-p gre",
+    Traffic.CLAIMED_GRE: f"-p gre -m mark --mark {_MARK_TEXT}",
 }
-"""What selects the traffic natively (iptables-nft turns it into nft expressions)."""
-_IPT_EXACT = {Traffic.GRE_V1: f'-m u32 --u32 "{GRE_V1_U32}"'}
-"""The rest of the selection, through xt compatibility (costly per packet): checked last,
-once the addresses have matched, so GRE that is not natedit's (and GRE the kernel fast
-path already translated) never pays for it."""
-_IPT_TRAFFIC_CHAIN = {Traffic.GRE_V1: "-GRE"}
-"""Flow chains of traffic with an exact part are their own (the part sits on their
-targets)."""
+"""What selects the traffic (iptables-nft turns all of it into native nft expressions)."""
 _IPT_FLOW_CHAIN = {Flow.OUTBOUND: "-OUT", Flow.INBOUND: "-IN"}
 _IPT_FLOW_EXCLUDE = {Flow.OUTBOUND: "-d", Flow.INBOUND: "-s"}
 """The side that must not be inside: those packets RETURN."""
@@ -232,10 +335,10 @@ _IPT_FLOW_SELECT = {Flow.OUTBOUND: "-s", Flow.INBOUND: "-d"}
 
 
 def _ipt_target(rule: Rule) -> str:
-    if rule.verb is Verb.QUEUE:
-        bypass = " --queue-bypass" if rule.bypass else ""
-        return f"-j NFQUEUE --queue-num {rule.queue}{bypass}"
-    return {Verb.NOTRACK: "-j CT --notrack", Verb.DROP: "-j DROP"}[rule.verb]
+    if rule.verb is not Verb.QUEUE:
+        raise RulesError(f"{rule.hook}: only queue rules are iptables rules")
+    bypass = " --queue-bypass" if rule.bypass else ""
+    return f"-j NFQUEUE --queue-num {rule.queue}{bypass}"
 
 
 def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
@@ -243,16 +346,16 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
 
     Each hook gets a chain ``NATEDIT-<CHAIN>`` entered by one jump inserted
     first in the built-in chain. "Inside and the other side not inside" has
-    no single-rule form for several networks, so each (hook, flow) gets a
-    chain ``NATEDIT-<CHAIN>-OUT|IN``: RETURN for the excluded side, then the
-    target for each inside network. GRE's version check (xt ``u32``) comes
-    last: on the targets of its own flow chains ``NATEDIT-<CHAIN>-GRE-OUT``,
-    after the public address in the other rules.
+    no single-rule form for several networks, so each (hook, flow) of the
+    control connection gets a chain ``NATEDIT-<CHAIN>-OUT|IN``: RETURN for
+    the excluded side, then the target for each inside network. GRE needs no
+    addresses: the native chains claimed it (the mark) by the call table.
     """
     chains: dict[str, dict[str, list[str]]] = {}
     jumps: dict[str, list[str]] = {}
-    flow_targets: dict[str, str] = {}
     for rule in rs.rules:
+        if not isinstance(rule.hook, Hook):
+            continue
         table = chains.setdefault(rule.hook.table, {})
         main = rule.hook.own_chain
         if main not in table:
@@ -260,22 +363,14 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
             jumps.setdefault(rule.hook.table, []).append(f"-I {rule.hook.chain} 1 -j {main}")
         target = _ipt_target(rule)
         traffic = _IPT_TRAFFIC[rule.traffic]
-        exact = _IPT_EXACT.get(rule.traffic)
         table[main].append(f"# {rule.why}")
-        if rule.flow is Flow.TO_PUBLIC:
-            table[main] += [f"-A {main} -d {public}/32 {traffic}"
-                            + (f" {exact}" if exact else "") + f" {target}"
-                            for public in rs.public_addresses]
+        if rule.flow is Flow.ANY:
+            table[main].append(f"-A {main} {traffic} {target}")
             continue
-        flow_chain = main + _IPT_TRAFFIC_CHAIN.get(rule.traffic, "") + _IPT_FLOW_CHAIN[rule.flow]
-        if exact:
-            target = f"{exact} {target}"
+        flow_chain = main + _IPT_FLOW_CHAIN[rule.flow]
         table[main].append(f"-A {main} {traffic} -j {flow_chain}")
         if flow_chain in table:
-            if flow_targets[flow_chain] != target:
-                raise RulesError(f"{flow_chain}: two targets for one flow chain")
-            continue
-        flow_targets[flow_chain] = target
+            raise RulesError(f"{flow_chain}: two rules for one flow chain")
         exclude, select = _IPT_FLOW_EXCLUDE[rule.flow], _IPT_FLOW_SELECT[rule.flow]
         nets = rs.inside_networks
         table[flow_chain] = [f"-A {flow_chain} {exclude} {net} -j RETURN" for net in nets]
@@ -289,16 +384,15 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
 
 
 def render_iptables(rs: RuleSet) -> str:
-    """Input for ``iptables-restore --noflush`` that installs ``rs``."""
+    """Input for ``iptables-restore --noflush`` that installs ``rs``'s queue rules (the
+    ``iptables`` flavour; table ``ip natedit`` of :func:`render_native` goes first)."""
     head = [
         "# natedit rules: iptables-restore --noflush < this",
         ("# public address " if not rs.other_public else "# public addresses ")
         + ", ".join(str(a) for a in rs.public_addresses) + ", inside "
         + ", ".join(str(net) for net in rs.inside_networks),
-        "# on_worker_down: pass: --queue-bypass on TCP 1723, with no worker bound it is "
-        "not translated; GRE is dropped"
-        if bypasses(rs) else
-        "# no --queue-bypass: with no worker bound, queued PPTP packets are dropped",
+        *(f"# {line}" for line in _bypass_note(rs)),
+        f"# needs table ip {NFT_TABLE} (natedit rules --flavour iptables --native) loaded first",
     ]
     return _restore_script(iptables_blocks(rs), head)
 
@@ -354,47 +448,61 @@ def _merge(*parts: dict[str, list[str]]) -> dict[str, list[str]]:
     return merged
 
 
-# -- nft flavour ------------------------------------------------------------
 
+# -- nft: table ip natedit --------------------------------------------------------------
+
+_NFT_MARKED = f"meta mark & {CLAIM_MARK:#010x} == {CLAIM_MARK:#010x}"
 _NFT_TRAFFIC = {
     Traffic.CONTROL_TO_SERVER: f"tcp dport {PPTP_PORT}",
     Traffic.CONTROL_FROM_SERVER: f"tcp sport {PPTP_PORT}",
-    Traffic.GRE_V1: "ip protocol gre @th,13,3 1",
+    Traffic.OWNED_GRE_IN: f"ip protocol gre {ENHANCED_GRE} {OWN_IN_TYPE} @{OWN_IN}",
+    Traffic.OWNED_GRE_OUT: f"ip protocol gre {ENHANCED_GRE} {OWN_OUT_TYPE} @{OWN_OUT}",
+    Traffic.OWNED_GRE_TO_SERVER: (f"ip protocol gre {ENHANCED_GRE} {OWN_SERVER_TYPE} "
+                                  f"@{OWN_SERVER}"),
+    Traffic.CLAIMED_GRE: f"ip protocol gre {_NFT_MARKED}",
 }
 _NFT_FLOW = {
     Flow.OUTBOUND: "ip saddr @inside ip daddr != @inside",
     Flow.INBOUND: "ip daddr @inside ip saddr != @inside",
+    Flow.FROM_INSIDE: "ip saddr @inside",
+    Flow.ANY: "",
 }
-_NFT_VERB = {Verb.NOTRACK: "notrack", Verb.DROP: "drop"}
+_NFT_SET_MARK = f"meta mark set meta mark | {CLAIM_MARK:#010x}"
+_NFT_VERB = {
+    Verb.NOTRACK: "notrack",
+    Verb.DROP: "drop",
+    Verb.CLAIM: f"notrack {_NFT_SET_MARK}",
+    Verb.MARK: _NFT_SET_MARK,
+    Verb.UNCLAIM: f"meta mark set meta mark & {~CLAIM_MARK & 0xFFFFFFFF:#010x}",
+}
 
 
-def _nft_statement(rule: Rule, rs: RuleSet) -> str:
-    publics = (str(rs.public_address) if not rs.other_public
-               else "{ " + ", ".join(str(a) for a in rs.public_addresses) + " }")
-    flow = f"ip daddr {publics}" if rule.flow is Flow.TO_PUBLIC else _NFT_FLOW[rule.flow]
+def _nft_statement(rule: Rule) -> str:
     if rule.verb is Verb.QUEUE:
         verb = f"queue num {rule.queue}" + (" bypass" if rule.bypass else "")
     else:
         verb = _NFT_VERB[rule.verb]
-    return f'{_NFT_TRAFFIC[rule.traffic]} {flow} {verb} comment "{rule.why}"'
+    words = [_NFT_TRAFFIC[rule.traffic], _NFT_FLOW[rule.flow], verb, f'comment "{rule.why}"']
+    return " ".join(w for w in words if w)
 
 
-def render_nft(rs: RuleSet) -> str:
-    """An ``nft -f`` script that (re)creates table ``ip natedit`` atomically.
+def _set_lines(name: str, typeof: str, elements: Iterable[str]) -> list[str]:
+    items = list(elements)
+    body = [f"\t\ttypeof {typeof}"]
+    if items:
+        body.append("\t\telements = { " + ", ".join(items) + " }")
+    return [f"\tset {name} {{", *body, "\t}"]
 
-    Needs the nft ``queue`` statement (CONFIG_NFT_QUEUE). Removal is
-    ``nft delete table ip natedit``.
-    """
-    head = (
-        ["# natedit rules, nft flavour; on_worker_down: pass: queue bypass on TCP 1723,",
-         "# with no worker bound it is not translated; GRE is dropped."]
-        if bypasses(rs) else
-        ["# natedit rules, nft flavour; no queue bypass: with no worker bound,",
-         "# queued PPTP packets are dropped."]
-    )
+
+_HOOK_ORDER = {"prerouting": 0, "forward": 1, "postrouting": 2}
+
+
+def _table(rs: RuleSet, owned: Owned | None, *, queues: bool) -> list[str]:
+    """Table ``ip natedit`` created afresh (replacing one left behind): the sets, with
+    ``owned`` in them, the native chains and (``queues``: the nft flavour) the queue
+    chains."""
+    owned = owned or Owned()
     lines = [
-        "#!/usr/sbin/nft -f",
-        *head,
         f"table ip {NFT_TABLE}",
         f"delete table ip {NFT_TABLE}",
         f"table ip {NFT_TABLE} {{",
@@ -403,16 +511,49 @@ def render_nft(rs: RuleSet) -> str:
         "\t\tflags interval",
         "\t\telements = { " + ", ".join(str(n) for n in rs.inside_networks) + " }",
         "\t}",
+        *_set_lines(OWN_IN, OWN_IN_TYPE, owned.inbound),
+        *_set_lines(OWN_OUT, OWN_OUT_TYPE, owned.outbound),
+        *_set_lines(OWN_SERVER, OWN_SERVER_TYPE, owned.servers),
     ]
-    for hook in rs.hooks:
+    chains: list[tuple[str, int, Hook | Stage, str]] = [
+        (s.hook, s.priority, s, str(s.priority)) for s in rs.stages]
+    if queues:
+        chains += [(h.chain.lower(), h.priority, h, h.table) for h in rs.hooks]
+    chains.sort(key=lambda c: (_HOOK_ORDER[c[0]], c[1]))
+    for hook_name, _, hook, priority in chains:
         lines += [
             "",
             f"\tchain {hook.nft_chain} {{",
-            f"\t\ttype filter hook {hook.chain.lower()} priority {hook.table}; policy accept;",
-            *(f"\t\t{_nft_statement(r, rs)}" for r in rs.rules if r.hook is hook),
+            f"\t\ttype filter hook {hook_name} priority {priority}; policy accept;",
+            *(f"\t\t{_nft_statement(r)}" for r in rs.rules if r.hook is hook),
             "\t}",
         ]
-    return "\n".join([*lines, "}"]) + "\n"
+    return [*lines, "}"]
+
+
+def render_native(rs: RuleSet, owned: Owned | None = None) -> str:
+    """The ``iptables`` flavour's table ``ip natedit`` (an ``nft -f`` script): the
+    ownership sets and the claim, settle and guard chains, replacing a table left
+    behind atomically."""
+    head = [
+        "#!/usr/sbin/nft -f",
+        f"# natedit rules, iptables flavour: table ip {NFT_TABLE} (the ownership sets, kept",
+        "# by the worker, and the chains that claim its GRE); load it before the iptables part",
+    ]
+    return "\n".join([*head, *_table(rs, owned, queues=False)]) + "\n"
+
+
+def render_nft(rs: RuleSet, owned: Owned | None = None) -> str:
+    """An ``nft -f`` script that (re)creates table ``ip natedit`` atomically, queue
+    rules included.
+
+    Needs the nft ``queue`` statement (CONFIG_NFT_QUEUE). Removal is
+    ``nft delete table ip natedit``.
+    """
+    note = _bypass_note(rs)
+    head = ["#!/usr/sbin/nft -f", f"# natedit rules, nft flavour; {note[0]}",
+            *(f"# {line}" for line in note[1:])]
+    return "\n".join([*head, *_table(rs, owned, queues=True)]) + "\n"
 
 
 NFT_REMOVAL = f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
@@ -523,36 +664,42 @@ class Installation:
     """Tables and base chains before install; None = unknown (a previous run crashed)."""
 
 
-def install(rs: RuleSet, flavour: Flavour) -> Installation:
-    """Install ``rs``, replacing anything a previous natedit run left behind."""
+def install(rs: RuleSet, flavour: Flavour, owned: Owned | None = None) -> Installation:
+    """Install ``rs`` with ``owned`` in its sets, replacing anything a previous natedit
+    run left behind (its sets too: the call table is the truth)."""
+    if not host.have("nft"):
+        raise RulesError("natedit needs nftables (the nft command) for table ip "
+                         f"{NFT_TABLE}, its ownership sets (Debian: apt-get install nftables)")
     if flavour is Flavour.NFT:
         _remove_iptables(before=None, hooks=tuple(Hook))
         try:
-            host.run(["nft", "-f", "-"], stdin=render_nft(rs))
+            host.run(["nft", "-f", "-"], stdin=render_nft(rs, owned))
         except host.HostError as exc:
             raise RulesError(
                 f"{exc} (the nft queue statement needs CONFIG_NFT_QUEUE: try --flavour iptables)"
             ) from exc
         return Installation(flavour, rs.hooks, None)
-    if host.have("nft"):
-        host.run(["nft", "-f", "-"], stdin=NFT_REMOVAL)
     leftovers = iptables_removal(host.run(["iptables-save"]))
     before = None
-    if not leftovers and host.have("nft") and host.iptables_is_nft():
+    if not leftovers and host.iptables_is_nft():
         before = nft_chains(host.nft_ruleset("ip"))
-    host.run(
-        ["iptables-restore", "--noflush"],
-        stdin=_restore_script(_merge(leftovers, iptables_blocks(rs))),
-    )
+    host.run(["nft", "-f", "-"], stdin=render_native(rs, owned))
+    try:
+        host.run(
+            ["iptables-restore", "--noflush"],
+            stdin=_restore_script(_merge(leftovers, iptables_blocks(rs))),
+        )
+    except BaseException:
+        host.run(["nft", "-f", "-"], stdin=NFT_REMOVAL)
+        raise
     return Installation(flavour, rs.hooks, before)
 
 
 def remove(installation: Installation) -> None:
     """Undo ``installation``: the ruleset is as it was before :func:`install`."""
-    if installation.flavour is Flavour.NFT:
-        host.run(["nft", "-f", "-"], stdin=NFT_REMOVAL)
-    else:
+    if installation.flavour is not Flavour.NFT:
         _remove_iptables(installation.before, installation.hooks)
+    host.run(["nft", "-f", "-"], stdin=NFT_REMOVAL)
 
 
 def cleanup() -> None:

@@ -34,9 +34,16 @@ kernel: each turn's call events update them (one batch per turn), and their
 element counters are read every few seconds and before timers run, so idle
 timers and GRE metrics see that traffic too. A reload may switch datapaths.
 
-Failure is closed everywhere: rules carry no queue bypass, so while no
-worker is bound (not started yet, crashed, stopped without removing its
-rules) or a queue is full PPTP packets are dropped. The per-packet path is
+The rules claim only natedit's own traffic (:mod:`natedit.rules`): GRE
+whose key is in the ownership sets the worker keeps equal to its call table
+(:mod:`natedit.owned`; updated before the verdict of a packet whose events
+changed the table, and at the end of each turn). Failure is closed for
+natedit's own calls: GRE rules carry no queue bypass, so while no worker is
+bound (not started yet, crashed, stopped without removing its rules) or a
+queue is full their GRE is dropped, and with ``on_worker_down: drop`` (the
+default) new control connections too; ``pass`` lets new control connections
+(and so their calls' GRE, which no set holds) through untranslated while no
+worker is bound. The per-packet path is
 :mod:`natedit.nfqueue`: an exception while handling one packet drops that
 packet, is counted and logged (at most once per :data:`ERROR_LOG_INTERVAL`
 per kind), and the worker goes on.
@@ -73,6 +80,7 @@ from . import (
     host,
     metrics,
     nfqueue,
+    owned,
     reload,
     rules,
     state,
@@ -131,10 +139,14 @@ class Dispatcher:
         counters are read before timers; None: every GRE packet comes through the queue."""
         self.events: eventstream.EventHub | None = None
         """Where call events go to ``natedit events`` readers; None: nowhere."""
+        self.ownership: owned.Ownership | None = None
+        """The ownership sets (:mod:`natedit.owned`): call events update them, before the
+        verdict of the packet that made them; None: a translator without a call table."""
         self.packets = nfqueue.PacketPath(
             translator, clock, self.counts,  # late-bound: a test may replace either
             lambda events: self.log_events(events),
-            lambda kind, what: self._log_trouble(kind, what))
+            lambda kind, what: self._log_trouble(kind, what),
+            lambda events: self.settle(events))
         """The per-packet path (:mod:`natedit.nfqueue`): the queues' callbacks."""
 
     def run_timers(self) -> float | None:
@@ -160,13 +172,29 @@ class Dispatcher:
             self._log_trouble("timer_error", "timers failed")
             return now + TIMER_ERROR_BACKOFF
 
+    def settle(self, events: Iterable[Event]) -> None:
+        """Before a packet's verdict: a call its events added or changed is claimed in
+        the kernel's ownership sets first (its GRE may follow the packet at once)."""
+        if self.ownership is not None:
+            self.ownership.note(events)
+            self.ownership.flush()
+
     def flush(self) -> None:
         """Once per turn of the loop: put what the events of this turn changed into the
-        kernel fast path, and persist it."""
+        ownership sets and the kernel fast path, and persist it."""
+        if self.ownership is not None:
+            self.ownership.flush()
         if self.fastpath is not None:
             self.fastpath.flush()
         if self.journal is not None:
             self.journal.commit()
+
+    def ownership_trouble(self, what: str) -> None:
+        """The ownership sets could not be updated (they are rebuilt): count, log."""
+        self.counts["ownership_error"] += 1
+        suppressed = self._throttle.allow("ownership_error")
+        if suppressed is not None:
+            log.error("ownership_error: %s%s", what, held_back(suppressed))
 
     def fastpath_trouble(self, what: str) -> None:
         """The kernel fast path failed at something (it repairs itself): count, log."""
@@ -176,8 +204,11 @@ class Dispatcher:
             log.error("fastpath_error: %s%s", what, held_back(suppressed))
 
     def log_events(self, events: Iterable[Event]) -> None:
-        if self.journal is not None or self.fastpath is not None or self.events is not None:
+        if (self.journal is not None or self.fastpath is not None or self.events is not None
+                or self.ownership is not None):
             events = tuple(events)
+        if self.ownership is not None:
+            self.ownership.note(events)
         if self.events is not None:
             self.events.publish(events)
         if self.journal is not None:
@@ -283,9 +314,14 @@ def run(
 
     reloader = reload.Reloader(policy_path, configured, apply, status)
     hub = eventstream.EventHub()
+    table = getattr(translator, "table", None)
+    if table is not None:
+        dispatcher.ownership = owned.Ownership(translator,  # type: ignore[arg-type]
+                                               report=dispatcher.ownership_trouble)
+    extra = (hub, owned.OwnershipCollector(dispatcher.ownership))
     collector = metrics.worker_collector(translator, dispatcher.counts, status, policy,
                                          queue_maxlen=nfqueue.QUEUE_MAXLEN,
-                                         extra=(hub,) if pair is None else (hub, pair),
+                                         extra=extra if pair is None else (*extra, pair),
                                          kernel=lambda: dispatcher.fastpath)
     queues = {policy.queue_outbound: Direction.OUTBOUND, policy.queue_inbound: Direction.INBOUND}
     verdicts = [nfqueue.Verdicts(number, dispatcher.counts,
@@ -305,7 +341,9 @@ def run(
         if pair is not None and isinstance(translator, Translator):
             pair.snapshot = translator.snapshot
         dispatcher.events = hub if events_socket is not None else None
-        installation = rules.install(ruleset, flavour)
+        ownership = dispatcher.ownership
+        installation = rules.install(ruleset, flavour,
+                                     None if ownership is None else ownership.start())
         try:
             set_datapath(policy.datapath)
             info = _announce_ready(policy, flavour, ready_file, status,
@@ -333,6 +371,8 @@ def run(
                 pair.stopped_by = wakeup.stop
             if wakeup.stop not in (RESTART_SIGNAL.name, pair_mod.DEMOTE):
                 rules.remove(installation)
+            if ownership is not None:
+                ownership.close()
             if pid_file is not None:
                 reload.remove_pid_file(pid_file)
             if ready_file is not None:

@@ -25,11 +25,6 @@ from .scenarios import Gateway, ScenarioResult, Session, session
 FORCED = 0x1234
 GATEWAY_CALL_ID = 0x4321  # the gateway's own pptp-linux call (not natedit's)
 GREV0 = Path(__file__).with_name("grev0.py")
-OWNERSHIP_MISSING = (
-    "issue 16 item 1 (natedit claims only the GRE of its own calls) is not on main: GRE to "
-    "the public address is notracked and queued, so the DNAT never applies, and GRE no "
-    "natedit call owns is dropped as no_call")
-"""Why natedit's variants fail on main today (their xfail reason)."""
 METRICS = "http://127.0.0.1:9723/metrics"
 
 # natedit's counters that would move if it touched a packet (queue ids count every

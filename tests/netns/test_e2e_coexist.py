@@ -43,13 +43,10 @@ def _natedit(name: str, policy: str | None = None) -> Gateway:
 NATEDIT = _natedit("natedit")
 NATEDIT_KERNEL = _natedit("natedit-kernel", "datapath: kernel\n")
 
-OWNERSHIP = pytest.mark.xfail(strict=True, raises=AssertionError,
-                              reason=coexist.OWNERSHIP_MISSING)
-
 PLAIN = pytest.param(MASQUERADE_ONLY, id="plain")
 HELPER = pytest.param(KERNEL_HELPER, id="kernel-helper")
-VARIANTS = [PLAIN, HELPER, pytest.param(NATEDIT, id="natedit", marks=OWNERSHIP),
-            pytest.param(NATEDIT_KERNEL, id="natedit-kernel", marks=OWNERSHIP)]
+VARIANTS = [PLAIN, HELPER, pytest.param(NATEDIT, id="natedit"),
+            pytest.param(NATEDIT_KERNEL, id="natedit-kernel")]
 """The PPTP scenarios' gateways: the baselines and both of natedit's datapaths."""
 NATEDITS = (NATEDIT, NATEDIT_KERNEL)
 

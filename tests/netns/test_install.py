@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
-from tests.unit.test_deploy_files import RULES, rules_body
+from tests.unit.test_deploy_files import FLAGS, RULES, rules_body
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "deploy" / "install.sh"
@@ -36,6 +36,7 @@ LAYOUT = {
     "opt/natedit/share/README.md": "README.md",
     "opt/natedit/share/rules/natedit.iptables": "deploy/rules/natedit.iptables",
     "opt/natedit/share/rules/natedit.nft": "deploy/rules/natedit.nft",
+    "opt/natedit/share/rules/natedit-iptables.nft": "deploy/rules/natedit-iptables.nft",
     "opt/natedit/share/policy.yaml": "deploy/policy.yaml",
 }
 
@@ -82,7 +83,7 @@ def test_installed_natedit_works(root: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "valid" in done.stderr, done.stderr
     for flavour, path in RULES.items():
-        done = subprocess.run([str(natedit), "rules", "--flavour", flavour, "--policy",
+        done = subprocess.run([str(natedit), "rules", *FLAGS[flavour], "--policy",
                                str(root / "etc/natedit/policy.yaml"),
                                "--public-address", "198.51.100.1"],
                               capture_output=True, text=True, timeout=60)

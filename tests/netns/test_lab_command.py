@@ -21,7 +21,7 @@ import pytest
 
 from natedit.lab import demo
 from natedit.lab.topology import REQUIRED_COMMANDS
-from tests.harness import coexist, require_netns
+from tests.harness import require_netns
 from tests.netns.test_systemd import require_nobody_can_run_natedit
 
 LAB_BOUND = 20.0
@@ -153,7 +153,6 @@ def test_not_root() -> None:
 
 
 @pytest.mark.netns
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=coexist.OWNERSHIP_MISSING)
 def test_lab_port_forward_leaves_the_published_servers_calls_alone() -> None:
     """``natedit lab --port-forward``: beside natedit's two inside clients, an inside pptpd
     published by DNAT is called by 2 outside clients and 2 behind one remote NAT; every

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 
@@ -11,7 +12,7 @@ from natedit import host
 from natedit.core.policy import Policy
 from natedit.rules import (
     Flavour,
-    Hook,
+    Owned,
     RulesError,
     build_ruleset,
     check_no_pptp_helper,
@@ -82,8 +83,13 @@ def test_install_then_remove_restores_the_ruleset_exactly(gw: Namespace, operato
     for table in ("raw", "mangle"):
         chains = gw.run(["iptables-save", "-t", table]).splitlines()
         firsts = {ln.split()[1]: ln for ln in reversed(chains) if ln.startswith("-A ")}
-        for hook in (h for h in Hook if h.table == table):
+        for hook in (h for h in rs.hooks if h.table == table):
             assert firsts[hook.chain] == f"-A {hook.chain} -j {hook.own_chain}"
+    # ... and table ip natedit holds the ownership sets and the chains that claim GRE.
+    native = gw.run(["nft", "list", "table", "ip", "natedit"])
+    for name in ("claim_prerouting", "settle_prerouting", "claim_forward", "settle_forward",
+                 "guard_postrouting", "set own_in", "set own_out"):
+        assert name in native
 
     remove(installation)
     assert gw.iptables_save() == before
@@ -108,6 +114,38 @@ def test_crash_then_restart_then_remove_is_clean(gw: Namespace) -> None:
     assert gw.iptables_save() == before
     remove(installation)  # idempotent
     assert gw.iptables_save() == before
+
+
+NFTLIB_SCRIPT = """
+from natedit.nftlib import Nft, NftError
+nft = Nft()
+nft.run("add element ip natedit own_out { 10.0.0.3 . 198.51.100.2 . 7 }\\n"
+        "delete element ip natedit own_in { 198.51.100.1 . 198.51.100.2 . 4660 }\\n")
+try:
+    nft.run("delete element ip natedit own_in { 198.51.100.1 . 198.51.100.2 . 1 }\\n")
+except NftError as exc:
+    assert str(exc).startswith("nft: "), exc
+else:
+    raise AssertionError("a missing element was deleted")
+nft.close()
+"""
+
+
+@pytest.mark.netns
+def test_owned_keys_are_installed_and_updated_in_process(gw: Namespace) -> None:
+    """install() puts the keys it is given in the sets; libnftables (natedit.nftlib, the
+    worker's own process) adds and deletes elements; remove() takes the table away."""
+    owned = Owned(("198.51.100.1 . 198.51.100.2 . 4660",), ("10.0.0.2 . 198.51.100.2 . 128",))
+    installation = install(build_ruleset(POLICY), Flavour.IPTABLES, owned)
+    assert "elements = { 198.51.100.1 . 198.51.100.2 . 0x1234 }" in gw.run(
+        ["nft", "list", "set", "ip", "natedit", "own_in"])
+    gw.run([sys.executable, "-c", NFTLIB_SCRIPT])
+    own_out = gw.run(["nft", "list", "set", "ip", "natedit", "own_out"])
+    assert "10.0.0.3 . 198.51.100.2 . 0x7" in own_out  # (nft prints the Call ID in hex)
+    assert "10.0.0.2 . 198.51.100.2 . 0x80" in own_out
+    assert "elements" not in gw.run(["nft", "list", "set", "ip", "natedit", "own_in"])
+    remove(installation)
+    assert gw.run(["nft", "list", "ruleset"]) == ""
 
 
 @pytest.mark.netns

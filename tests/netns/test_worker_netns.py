@@ -187,6 +187,18 @@ def test_worker_end_to_end(lab: Lab) -> None:
     leak = build_gre("10.0.0.2", "198.51.100.2", 7, b"leak")
     assert lab.gre(lab.client, lab.server, leak, "leak") == b""
 
+    # GRE no call of the table owns (server Call ID 5, not 7) is not claimed: never
+    # queued (the stand-in would have written the source), it takes conntrack and the
+    # operator's MASQUERADE, as without natedit.
+    got = lab.gre(
+        lab.client, lab.server, build_gre("10.0.0.2", "198.51.100.2", 5, b"not-ours"),
+        "not-ours")
+    assert got[12:20] == bytes([198, 51, 100, 1, 198, 51, 100, 2])
+    # (Its reply, to the public address, is not queued either: conntrack without the
+    # kernel's PPTP helper cannot key GRE v1 replies, so it stays on the gateway.)
+    lab.gre(lab.server, lab.client, build_gre("198.51.100.2", "198.51.100.1", 6, b"back"),
+            "back")
+
     # An exception drops that one packet; the worker goes on.
     boom = build_gre("10.0.0.2", "198.51.100.2", 7, b"raise")
     assert lab.gre(lab.client, lab.server, boom, "raise") == b""
@@ -205,8 +217,11 @@ def test_worker_end_to_end(lab: Lab) -> None:
     assert "natedit: error: packet_error: outbound packet dropped" in text
     assert "RuntimeError: stand-in told to fail" in text
     assert "natedit: SIGTERM received, stopping" in text
+    assert "not-ours" not in text and "proto=47 10.0.0.2->198.51.100.2" in text
+    assert text.count("proto=47") == 5  # out-1, in-1, leak, raise, out-2: the owned ones
     assert not (lab.tmp / "w.ready").exists()
     assert lab.gw.iptables_save() == lab.baseline
+    assert "natedit" not in lab.gw.run(["nft", "list", "tables"])
 
 
 def test_fail_closed_crash_restart_and_cleanup(lab: Lab) -> None:

@@ -16,7 +16,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RULES = {
     "iptables": REPO / "deploy" / "rules" / "natedit.iptables",
+    "iptables-native": REPO / "deploy" / "rules" / "natedit-iptables.nft",
     "nft": REPO / "deploy" / "rules" / "natedit.nft",
+}
+FLAGS = {
+    "iptables": ["--flavour", "iptables"],
+    "iptables-native": ["--flavour", "iptables", "--native"],
+    "nft": ["--flavour", "nft"],
 }
 EXAMPLE_ADDRESS = "198.51.100.1"
 
@@ -47,7 +53,7 @@ def test_rules_files_are_what_natedit_rules_prints(flavour: str) -> None:
     header, body = header_and_body(path)
     assert all(line.startswith("#") for line in header)
     argv = made_by(path)
-    assert argv == ["natedit", "rules", "--flavour", flavour, "--policy", "deploy/policy.yaml",
+    assert argv == ["natedit", "rules", *FLAGS[flavour], "--policy", "deploy/policy.yaml",
                     "--public-address", EXAMPLE_ADDRESS]
     done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
                           cwd=REPO, timeout=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -11,6 +12,7 @@ from natedit.core.policy import Policy, WorkerDown
 from natedit.rules import (
     Hook,
     NftChains,
+    Owned,
     RulesError,
     build_ruleset,
     bypasses,
@@ -20,6 +22,7 @@ from natedit.rules import (
     nft_prune,
     pptp_helper_rules,
     render_iptables,
+    render_native,
     render_nft,
 )
 
@@ -29,56 +32,95 @@ POLICY = Policy(public_address=PUBLIC, inside_networks=INSIDE)
 U32 = '-m u32 --u32 "0x0>>0x16&0x3c@0x0>>0x10&0x7=0x1"'
 
 # The whole rendering for the smallest useful policy, as iptables-restore reads it.
+MARKED = "-p gre -m mark --mark 0x10000000/0x10000000"
 EXPECTED_IPTABLES = f"""\
 # natedit rules: iptables-restore --noflush < this
 # public address 198.51.100.1, inside 10.0.0.0/24
 # no --queue-bypass: with no worker bound, queued PPTP packets are dropped
+# needs table ip natedit (natedit rules --flavour iptables --native) loaded first
 *raw
 :NATEDIT-PREROUTING - [0:0]
-:NATEDIT-PREROUTING-GRE-OUT - [0:0]
 -I PREROUTING 1 -j NATEDIT-PREROUTING
-# GRE to the public address is natedit's, not conntrack's
--A NATEDIT-PREROUTING -d 198.51.100.1/32 -p gre {U32} -j CT --notrack
-# GRE from a client is natedit's, not conntrack's (nor MASQUERADE's)
--A NATEDIT-PREROUTING -p gre -j NATEDIT-PREROUTING-GRE-OUT
--A NATEDIT-PREROUTING-GRE-OUT -d 10.0.0.0/24 -j RETURN
--A NATEDIT-PREROUTING-GRE-OUT -s 10.0.0.0/24 {U32} -j CT --notrack
+# inbound GRE of a call, before routing: the private destination is routed
+-A NATEDIT-PREROUTING {MARKED} -j NFQUEUE --queue-num 1724
 COMMIT
 *mangle
-:NATEDIT-PREROUTING - [0:0]
 :NATEDIT-FORWARD - [0:0]
 :NATEDIT-FORWARD-OUT - [0:0]
 :NATEDIT-FORWARD-IN - [0:0]
-:NATEDIT-FORWARD-GRE-OUT - [0:0]
-:NATEDIT-POSTROUTING - [0:0]
-:NATEDIT-POSTROUTING-GRE-OUT - [0:0]
--I PREROUTING 1 -j NATEDIT-PREROUTING
 -I FORWARD 1 -j NATEDIT-FORWARD
--I POSTROUTING 1 -j NATEDIT-POSTROUTING
-# inbound GRE, before routing: the private destination written is routed
--A NATEDIT-PREROUTING -d 198.51.100.1/32 -p gre {U32} -j NFQUEUE --queue-num 1724
 # control, client to server: private source, before the kernel's SNAT
 -A NATEDIT-FORWARD -p tcp -m tcp --dport 1723 -j NATEDIT-FORWARD-OUT
 # control, server to client: private destination, after the kernel un-NATs
 -A NATEDIT-FORWARD -p tcp -m tcp --sport 1723 -j NATEDIT-FORWARD-IN
-# outbound GRE: natedit writes the public source
--A NATEDIT-FORWARD -p gre -j NATEDIT-FORWARD-GRE-OUT
+# outbound GRE of a call: natedit writes the public source
+-A NATEDIT-FORWARD {MARKED} -j NFQUEUE --queue-num 1723
 -A NATEDIT-FORWARD-OUT -d 10.0.0.0/24 -j RETURN
 -A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723
 -A NATEDIT-FORWARD-IN -s 10.0.0.0/24 -j RETURN
 -A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 1724
--A NATEDIT-FORWARD-GRE-OUT -d 10.0.0.0/24 -j RETURN
--A NATEDIT-FORWARD-GRE-OUT -s 10.0.0.0/24 {U32} -j NFQUEUE --queue-num 1723
-# safety net: no GRE leaves with a private source
--A NATEDIT-POSTROUTING -p gre -j NATEDIT-POSTROUTING-GRE-OUT
--A NATEDIT-POSTROUTING-GRE-OUT -d 10.0.0.0/24 -j RETURN
--A NATEDIT-POSTROUTING-GRE-OUT -s 10.0.0.0/24 {U32} -j DROP
 COMMIT
 """
+
+GRE = "ip protocol gre @th,0,32 & 0xe007ffff == 0x2001880b"
+OWN_IN = f"{GRE} ip daddr . ip saddr . @th,48,16 @own_in"
+OWN_OUT = f"{GRE} ip saddr . ip daddr . @th,48,16 @own_out"
+TO_SERVER = f"{GRE} ip daddr . @th,48,16 @own_server ip saddr @inside"
+CLAIMED = "ip protocol gre meta mark & 0x10000000 == 0x10000000"
+SET_MARK = "meta mark set meta mark | 0x10000000"
+CLEAR_MARK = "meta mark set meta mark & 0xefffffff"
 
 
 def test_iptables_rendering_is_exact() -> None:
     assert render_iptables(build_ruleset(POLICY)) == EXPECTED_IPTABLES
+
+
+def test_no_rule_names_the_public_address() -> None:
+    """Inbound GRE is claimed by set own_in alone (its keys carry the public address):
+    several public addresses need no other rules."""
+    rs = build_ruleset(POLICY)
+    for text in (render_iptables(rs), render_native(rs), render_nft(rs)):
+        body = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+        assert not [ln for ln in body if str(PUBLIC) in ln]
+
+
+def test_native_table_claims_only_what_the_sets_hold() -> None:
+    """Chains, hooks and priorities of table ip natedit (iptables flavour), and each rule:
+    only GRE whose key is in a set is exempted from conntrack, marked or dropped."""
+    text = render_native(build_ruleset(POLICY))
+    chains = re.findall(r"chain (\w+) \{\n\t\ttype filter hook (\w+) priority (-?\d+);", text)
+    assert chains == [
+        ("claim_prerouting", "prerouting", "-302"),  # before raw (-300): the queue rule
+        ("settle_prerouting", "prerouting", "-299"),  # before conntrack (-200)
+        ("claim_forward", "forward", "-151"),  # before mangle (-150): the queue rule
+        ("settle_forward", "forward", "-149"),
+        ("guard_postrouting", "postrouting", "101"),  # after the kernel's SNAT (100)
+    ]
+    statements = [ln.strip().split(" comment ")[0] for ln in text.splitlines()
+                  if " comment " in ln]
+    assert statements == [
+        f"{OWN_IN} notrack {SET_MARK}",
+        f"{OWN_OUT} notrack",
+        f"{CLAIMED} {CLEAR_MARK}",
+        f"{TO_SERVER} {SET_MARK}",  # any inside source: the core drops a spoofed one
+        f"{CLAIMED} {CLEAR_MARK}",
+        f"{OWN_OUT} drop",
+    ]
+    assert "set own_server {\n\t\ttypeof ip daddr . @th,48,16\n\t}" in text
+    assert "set own_in {\n\t\ttypeof ip daddr . ip saddr . @th,48,16\n\t}" in text
+    assert "set own_out {\n\t\ttypeof ip saddr . ip daddr . @th,48,16\n\t}" in text
+    assert " queue num " not in text  # the queue rules are iptables rules in this flavour
+
+
+def test_native_table_carries_the_owned_keys() -> None:
+    owned = Owned(("198.51.100.1 . 198.51.100.2 . 4660",),
+                  ("10.0.0.2 . 198.51.100.2 . 7", "10.0.0.3 . 198.51.100.2 . 8"),
+                  ("198.51.100.2 . 7", "198.51.100.2 . 8"))
+    text = render_native(build_ruleset(POLICY), owned)
+    assert "\t\telements = { 198.51.100.1 . 198.51.100.2 . 4660 }" in text
+    assert "\t\telements = { 10.0.0.2 . 198.51.100.2 . 7, 10.0.0.3 . 198.51.100.2 . 8 }" in text
+    assert "\t\telements = { 198.51.100.2 . 7, 198.51.100.2 . 8 }" in text
+    assert render_nft(build_ruleset(POLICY), owned).count("elements = {") == 4
 
 
 def test_no_queue_bypass_anywhere() -> None:
@@ -106,14 +148,17 @@ def test_on_worker_down_pass_bypasses_tcp_1723_only_iptables() -> None:
         "-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723 --queue-bypass",
         "-A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 1724 --queue-bypass",
     ]
-    assert all(U32 in ln for ln in queued if ln not in bypassed)  # GRE stays fail closed
+    # the GRE of natedit's own calls stays fail closed: its Call IDs are translated
+    assert all(MARKED in ln for ln in queued if ln not in bypassed)
     # everything but the bypass and the header is today's rendering
     drop = render_iptables(build_ruleset(POLICY)).splitlines()
-    assert len(drop) == len(text.splitlines())
-    changed = [(a, b) for a, b in zip(drop, text.splitlines(), strict=True) if a != b]
-    assert len(changed) == 3
-    assert changed[0][1].startswith("# on_worker_down: pass")
-    assert [b for _, b in changed[1:]] == bypassed
+    changed = [ln for ln in text.splitlines() if ln not in drop]
+    assert [ln for ln in changed if not ln.startswith("#")] == bypassed
+    assert [ln for ln in drop if ln not in text.splitlines()
+            and not ln.startswith("#")] == [b.removesuffix(" --queue-bypass") for b in bypassed]
+    assert "on_worker_down: pass" in text.splitlines()[2]
+    # the native table is the same in both modes
+    assert render_native(build_ruleset(PASS)) == render_native(build_ruleset(POLICY))
 
 
 def test_on_worker_down_pass_bypasses_tcp_1723_only_nft() -> None:
@@ -125,10 +170,12 @@ def test_on_worker_down_pass_bypasses_tcp_1723_only_nft() -> None:
         f"tcp sport 1723 {IN_FLOW} queue num 1724 bypass comment "
         '"control, server to client: private destination, after the kernel un-NATs"',
     ]
-    assert all(ln.startswith("ip protocol gre") for ln in queued if "bypass" not in ln)
+    assert all(ln.startswith(CLAIMED) for ln in queued if "bypass" not in ln)
     assert "on_worker_down: pass" in text.splitlines()[1]
     drop = render_nft(build_ruleset(POLICY))
-    assert text.replace(" bypass comment", " comment").splitlines()[3:] == drop.splitlines()[3:]
+    body = [ln for ln in text.replace(" bypass comment", " comment").splitlines()
+            if not ln.startswith("#")]
+    assert body == [ln for ln in drop.splitlines() if not ln.startswith("#")]
 
 
 OUT_FLOW = "ip saddr @inside ip daddr != @inside"
@@ -161,6 +208,8 @@ def test_queue_numbers_come_from_the_policy() -> None:
     text = render_iptables(build_ruleset(policy))
     assert "-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 7" in text
     assert "-A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 0" in text
+    assert f"-A NATEDIT-PREROUTING {MARKED} -j NFQUEUE --queue-num 0" in text
+    assert f"-A NATEDIT-FORWARD {MARKED} -j NFQUEUE --queue-num 7" in text
 
 
 def test_unresolved_public_address_is_refused() -> None:
@@ -174,9 +223,10 @@ def test_public_address_inside_is_refused() -> None:
         build_ruleset(policy)
 
 
-def test_several_public_addresses_each_get_the_inbound_gre_rules() -> None:
-    """GRE to every public address is natedit's (notracked, queued inbound); nothing
-    else changes, and one address renders as before."""
+def test_several_public_addresses_need_no_other_rules() -> None:
+    """GRE to every public address is natedit's when a call's key (which carries the
+    call's public address) is in the sets: the rules are those of one address, only the
+    headers list them all."""
     other = IPv4Address("198.51.100.3")
     policy = Policy(public_address=PUBLIC, other_public_addresses=(other,),
                     inside_networks=INSIDE)
@@ -184,16 +234,14 @@ def test_several_public_addresses_each_get_the_inbound_gre_rules() -> None:
     assert rs.public_addresses == (PUBLIC, other)
     text = render_iptables(rs)
     assert "# public addresses 198.51.100.1, 198.51.100.3, inside 10.0.0.0/24" in text
-    for public in (PUBLIC, other):
-        assert f"-A NATEDIT-PREROUTING -d {public}/32 -p gre {U32} -j CT --notrack" in text
-        assert (f"-A NATEDIT-PREROUTING -d {public}/32 -p gre {U32} "
-                "-j NFQUEUE --queue-num 1724") in text
-    one = render_iptables(build_ruleset(POLICY)).splitlines()
+    one = build_ruleset(POLICY)
     assert [ln for ln in text.splitlines() if "198.51.100.3" not in ln] == [
-        ln for ln in one if not ln.startswith("# public address")]
-    nft = render_nft(rs)
-    assert nft.count("ip daddr { 198.51.100.1, 198.51.100.3 }") == 2
-    assert "ip daddr 198.51.100.1 " not in nft
+        ln for ln in render_iptables(one).splitlines() if not ln.startswith("# public address")]
+    assert render_native(rs) == render_native(one)
+    assert render_nft(rs) == render_nft(one)
+    for body in (render_iptables(rs), render_native(rs), render_nft(rs)):
+        assert not [ln for ln in body.splitlines() if not ln.lstrip().startswith("#")
+                    and ("198.51.100.3" in ln or "198.51.100.1" in ln)]
     with pytest.raises(RulesError, match=r"10\.0\.0\.9 is inside"):
         build_ruleset(Policy(public_address=PUBLIC, inside_networks=INSIDE,
                              other_public_addresses=(IPv4Address("10.0.0.9"),)))
@@ -203,19 +251,21 @@ def test_nft_rendering() -> None:
     text = render_nft(build_ruleset(POLICY))
     lines = [ln.strip() for ln in text.splitlines()]
     # The create-delete-create idiom: one atomic replace, whether or not it existed.
-    assert lines[3:6] == ["table ip natedit", "delete table ip natedit", "table ip natedit {"]
+    assert lines[2:5] == ["table ip natedit", "delete table ip natedit", "table ip natedit {"]
     assert "elements = { 10.0.0.0/24 }" in lines
     assert "type filter hook prerouting priority raw; policy accept;" in lines
-    gre = "ip protocol gre @th,13,3 1"
     statements = [ln.split(" comment ")[0] for ln in lines if " comment " in ln]
     assert statements == [
-        f"{gre} ip daddr 198.51.100.1 notrack",
-        f"{gre} ip saddr @inside ip daddr != @inside notrack",
-        f"{gre} ip daddr 198.51.100.1 queue num 1724",
-        "tcp dport 1723 ip saddr @inside ip daddr != @inside queue num 1723",
+        f"{OWN_IN} notrack {SET_MARK}",  # claim_prerouting -302
+        f"{OWN_OUT} notrack",
+        f"{CLAIMED} queue num 1724",  # raw_prerouting -300
+        f"{CLAIMED} {CLEAR_MARK}",  # settle_prerouting -299
+        f"{TO_SERVER} {SET_MARK}",  # claim_forward -151
+        "tcp dport 1723 ip saddr @inside ip daddr != @inside queue num 1723",  # mangle_forward
         "tcp sport 1723 ip daddr @inside ip saddr != @inside queue num 1724",
-        f"{gre} ip saddr @inside ip daddr != @inside queue num 1723",
-        f"{gre} ip saddr @inside ip daddr != @inside drop",
+        f"{CLAIMED} queue num 1723",
+        f"{CLAIMED} {CLEAR_MARK}",  # settle_forward -149
+        f"{OWN_OUT} drop",  # guard_postrouting 101
     ]
 
 

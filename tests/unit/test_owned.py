@@ -1,0 +1,179 @@
+"""natedit.owned: the ownership sets follow the call table, one transaction per flush, a
+new call's keys in the kernel before its packet's verdict, repair after a failure."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from natedit import worker
+from natedit.core.wire import MessageType
+from natedit.nftlib import NftError
+from natedit.owned import Ownership, OwnershipCollector, key_text
+from tests.harness.queued import FakePacket
+from tests.pptp_flows import IN, OUT, PUBLIC, SERVER, Conversation, establish, make_translator, msg
+
+CLIENT = "10.0.0.11"
+
+
+class FakeNft:
+    """Records every transaction; ``fail`` makes the next ones raise."""
+
+    def __init__(self) -> None:
+        self.transactions: list[str] = []
+        self.fail = 0
+
+    def run(self, commands: str, *, json_output: bool = False, handles: bool = False) -> str:
+        if self.fail:
+            self.fail -= 1
+            raise NftError("nft: Error: Could not process rule: No such file or directory")
+        self.transactions.append(commands)
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+def test_keys_follow_the_call_table_one_transaction_per_flush() -> None:
+    tr = make_translator()
+    nft = FakeNft()
+    own = Ownership(tr, nft=nft)
+    assert own.start().inbound == ()
+    conv = Conversation(tr, CLIENT)
+    conv.open()
+    own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
+    own.flush()
+    ((public_key,),) = [list(tr.table.by_public)]
+    assert nft.transactions == [f"add element ip natedit own_in {{ {key_text(public_key)} }}\n"]
+    assert key_text(public_key).startswith(f"{PUBLIC} . {SERVER} . ")
+    reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public_key[2])
+    own.note(conv.send(IN, reply).events)
+    own.flush()
+    assert nft.transactions[1] == (
+        f"add element ip natedit own_out {{ {CLIENT} . {SERVER} . 128 }}\n"
+        f"add element ip natedit own_server {{ {SERVER} . 128 }}\n")
+    assert own.owned == {"own_in": 1, "own_out": 1, "own_server": 1}
+    own.flush()  # nothing noted: nothing sent
+    assert len(nft.transactions) == 2
+
+
+def test_start_reads_every_call_of_a_restored_table() -> None:
+    tr = make_translator()
+    conv = Conversation(tr, CLIENT)
+    conv.open()
+    public = establish(conv, 0x1234, 0x80)
+    owned = Ownership(tr, nft=FakeNft()).start()
+    assert owned.inbound == (f"{PUBLIC} . {SERVER} . {public}",)
+    assert owned.outbound == (f"{CLIENT} . {SERVER} . 128",)
+    assert owned.servers == (f"{SERVER} . 128",)
+
+
+def test_a_failed_update_is_reported_and_the_sets_are_rebuilt() -> None:
+    tr = make_translator()
+    nft = FakeNft()
+    reports: list[str] = []
+    own = Ownership(tr, nft=nft, report=reports.append)
+    own.start()
+    conv = Conversation(tr, CLIENT)
+    conv.open()
+    nft.fail = 2  # the update and the first rebuild fail
+    own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=1)).events)
+    own.flush()
+    assert len(reports) == 2 and "rebuilding" in reports[0] and "trying again" in reports[1]
+    assert own.pending and nft.transactions == []
+    own.flush()  # the next turn rebuilds from the whole table
+    ((key,),) = [list(tr.table.by_public)]
+    assert nft.transactions == [
+        "flush set ip natedit own_in\n"
+        f"add element ip natedit own_in {{ {key_text(key)} }}\n"
+        "flush set ip natedit own_out\nflush set ip natedit own_server\n"]
+    assert not own.pending and own.owned["own_in"] == 1
+
+
+def test_the_worker_claims_a_new_call_before_the_verdict_of_its_packet() -> None:
+    tr = make_translator()
+    nft = FakeNft()
+    dispatcher = worker.Dispatcher(tr)
+    dispatcher.ownership = Ownership(tr, nft=nft)
+    dispatcher.ownership.start()
+    order: list[str] = []
+    nft_run = nft.run
+
+    def run(commands: str, **kw: bool) -> str:
+        order.append("nft")
+        return nft_run(commands, **kw)
+
+    nft.run = run  # type: ignore[method-assign]
+    conv = Conversation(tr, CLIENT)
+    conv.open()
+    request = conv.segment(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234))
+
+    class Watched(FakePacket):
+        def accept(self) -> None:
+            order.append("accept")
+            super().accept()
+
+    dispatcher.packets.packet(Watched(request), OUT)
+    assert order == ["nft", "accept"]
+    dispatcher.flush()
+    assert order == ["nft", "accept"]
+
+
+def test_a_released_call_leaves_the_sets() -> None:
+    tr = make_translator()
+    nft = FakeNft()
+    own = Ownership(tr, nft=nft)
+    own.start()
+    conv = Conversation(tr, CLIENT)
+    conv.open()
+    own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
+    ((public_key,),) = [list(tr.table.by_public)]
+    reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public_key[2])
+    own.note(conv.send(IN, reply).events)
+    own.flush()
+    assert own.owned == {"own_in": 1, "own_out": 1, "own_server": 1}
+    clear = msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)
+    own.note(conv.send(IN, clear).events)
+    own.flush()
+    assert not tr.table.by_public and not tr.table.by_server
+    assert nft.transactions[-1] == (
+        f"delete element ip natedit own_in {{ {key_text(public_key)} }}\n"
+        f"delete element ip natedit own_out {{ {CLIENT} . {SERVER} . 128 }}\n"
+        f"delete element ip natedit own_server {{ {SERVER} . 128 }}\n")
+    assert own.owned == {"own_in": 0, "own_out": 0, "own_server": 0}
+
+
+def test_own_server_goes_with_the_last_call_that_names_it() -> None:
+    """Two clients' calls with one server Call ID share an own_server element: it stays
+    until both are gone."""
+    tr = make_translator()
+    nft = FakeNft()
+    own = Ownership(tr, nft=nft)
+    own.start()
+    convs = []
+    for client in (CLIENT, "10.0.0.12"):
+        conv = Conversation(tr, client)
+        conv.open()
+        own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
+        [public] = [k[2] for k, c in tr.table.by_public.items()
+                    if c.client_ip == IPv4Address(client).packed]
+        reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public)
+        own.note(conv.send(IN, reply).events)
+        convs.append(conv)
+    own.flush()
+    assert (own.owned["own_out"], own.owned["own_server"], own.owned["own_in"]) == (2, 1, 2)
+    own.note(convs[0].send(IN, msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)).events)
+    own.flush()
+    assert (own.owned["own_out"], own.owned["own_server"], own.owned["own_in"]) == (1, 1, 1)
+    assert "own_server" not in nft.transactions[-1]
+    own.note(convs[1].send(IN, msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)).events)
+    own.flush()
+    assert (own.owned["own_out"], own.owned["own_server"], own.owned["own_in"]) == (0, 0, 0)
+    assert f"delete element ip natedit own_server {{ {SERVER} . 128 }}" in nft.transactions[-1]
+
+
+def test_collector_tells_the_keys() -> None:
+    own = Ownership(make_translator(), nft=FakeNft())
+    families = {f.name: f for f in OwnershipCollector(own).collect()}
+    keys = {s.labels["set"]: s.value for s in families["natedit_owned_keys"].samples}
+    assert keys == {"own_in": 0, "own_out": 0, "own_server": 0}
+    assert {f.name for f in OwnershipCollector(None).collect()} == {"natedit_owned_keys"}
