@@ -44,3 +44,19 @@ def test_with_plain_the_added_latency_and_its_target() -> None:
     assert "out +60 vs +25 us (2.40x)" in text and "MISSED" in text
     faster = [{**reps[0], "natedit-userspace": figures(170_000, 55)}]
     assert datapath.targets(datapath.summarize(faster, paths), paths)[1]["met"] is True
+
+
+def test_before_paths_get_the_ratio_to_them() -> None:
+    """``--before DIR``: each natedit-* path is set beside its -before (another source
+    tree's natedit), the median of the per-run ratios."""
+    paths = ["nfq-accept", "natedit-userspace", "natedit-userspace-before"]
+    reps = [{"nfq-accept": figures(200_000, 40), "natedit-userspace": figures(90_000, 55),
+             "natedit-userspace-before": figures(100_000, 50)},
+            {"nfq-accept": figures(200_000, 40), "natedit-userspace": figures(110_000, 55),
+             "natedit-userspace-before": figures(100_000, 50)}]
+    summary = datapath.summarize(reps, paths)
+    assert summary["natedit-userspace"]["out_64_vs_before"] == 1.0  # median of 0.9, 1.1
+    assert "out_64_vs_before" not in summary["nfq-accept"]
+    text = datapath.table(summary, paths)
+    assert ("natedit-userspace / natedit-userspace-before (medians of the per-run ratios): "
+            "out 64 B 1.00, in 64 B 1.00, out 1400 B 1.00, in 1400 B 1.00") in text
