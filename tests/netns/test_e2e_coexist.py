@@ -159,8 +159,7 @@ NATEDIT_POOL_OF_THE_GATEWAYS_ID = _natedit(
     reason="natedit does not see the gateway's own control connections (they leave through "
            "OUTPUT), so it may give an inside call the public Call ID the gateway's own "
            "pptp-linux uses toward the same server; natedit then claims that call's GRE "
-           "(measured on the ownership WIP: the gateway's call 0/30, its GRE delivered to "
-           "the inside client)",
+           "(measured: the gateway's call 0/30, its GRE delivered to the inside client)",
 )
 def test_gateway_own_call_id_is_not_given_to_an_inside_call() -> None:
     """The collision forced: natedit's pool is the one Call ID (0x4321) the gateway's own
