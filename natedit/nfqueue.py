@@ -259,6 +259,10 @@ class Verdicts:
     is sent at the latest when the turn's reading ends (:meth:`Reader.drain`), before
     the loop does anything else; a turn holds at most :data:`BATCH` packets.
 
+    While the queue is quiet (the last turn took at most one packet) each verdict is
+    sent at once (:attr:`limit` 0): a lone packet does not wait for the ``recv`` that
+    tells the turn is over. A turn that takes more turns the batches back on.
+
     ``room`` counts down what the turn may still take; at 0 ``on_full`` is called
     (the :class:`Reader` ends the turn). ``on_trouble(what)`` reports verdicts the
     kernel would not take (each then counted in ``counts['packet_error']``).
@@ -281,6 +285,9 @@ class Verdicts:
         self.pending = 0
         """Verdicts in :attr:`parts`."""
         self.room = BATCH
+        self.limit = CHUNK
+        """Bytes pending that make it send at once: :data:`CHUNK`, or 0 while the queue
+        is quiet (see :meth:`Reader.drain`)."""
         self.on_full: Callable[[], None] = _nothing
         self.sent = 0
         """Verdicts handed to the kernel so far."""
@@ -301,7 +308,7 @@ class Verdicts:
             self.size += 36 + n
         self.pending += 1
         self.room -= 1
-        if self.size >= CHUNK or self.room <= 0:
+        if self.size >= self.limit or self.room <= 0:
             self._took()
 
     def drop(self, packet_id: int) -> None:
@@ -309,11 +316,11 @@ class Verdicts:
         self.size += 32
         self.pending += 1
         self.room -= 1
-        if self.size >= CHUNK or self.room <= 0:
+        if self.size >= self.limit or self.room <= 0:
             self._took()
 
     def _took(self) -> None:
-        if self.size >= CHUNK:
+        if self.size >= self.limit:
             self.send()
         if self.room <= 0:
             self.on_full()
@@ -422,6 +429,8 @@ class Reader:
             self.queue.run_socket(self)
         finally:
             verdicts.send()
+            # quiet (at most one packet this turn): the next turn's verdicts go at once
+            verdicts.limit = 0 if verdicts.room >= self.batch - 1 else CHUNK
 
     def close(self) -> None:
         self._sock.close()

@@ -391,3 +391,50 @@ def test_the_batched_reader_ends_its_turn_after_batch_verdicts_and_sends_them() 
         reader.close()
         queue.a.close()
         queue.b.close()
+
+
+def test_a_quiet_queue_sends_each_verdict_at_once_a_busy_one_batches() -> None:
+    """After a turn of at most one packet, verdicts go out as they are given (a lone
+    packet does not wait for the recv that ends the turn); a turn of more packets
+    turns the batches back on."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    v = nfqueue.Verdicts(1723)
+    seen_at_verdict: list[int] = []
+
+    class Queue:
+        def get_fd(self) -> int:
+            return a.fileno()
+
+        def run_socket(self, s: nfqueue.Reader) -> None:
+            n = 0
+            while True:
+                try:
+                    s.recv(4096)
+                except BlockingIOError:
+                    break
+                n += 1
+                v.accept(n)
+                seen_at_verdict.append(len(sink.writes))  # written by now
+
+    reader = nfqueue.Reader(Queue(), verdicts=v)
+    v.sock = sink = Sink()
+    try:
+        b.send(b"x")
+        reader.drain()  # the first turn batches: written at its end
+        assert seen_at_verdict == [0] and len(sink.writes) == 1 and v.limit == 0
+        seen_at_verdict.clear()
+        for _ in range(3):
+            b.send(b"x")
+        reader.drain()  # quiet before: each verdict written as given
+        assert seen_at_verdict == [2, 3, 4] and len(sink.writes) == 4
+        assert v.limit == nfqueue.CHUNK  # three packets: busy again
+        seen_at_verdict.clear()
+        for _ in range(3):
+            b.send(b"x")
+        reader.drain()
+        assert seen_at_verdict == [4, 4, 4] and len(sink.writes) == 5
+        assert [m[2] for w in sink.writes for m in parse_verdicts(w)] == [1, 1, 2, 3, 1, 2, 3]
+    finally:
+        reader.close()
+        a.close()
+        b.close()
