@@ -32,7 +32,9 @@ pass`` lets TCP 1723 through while no worker is bound: :mod:`natedit.rules`).
 
 A packet whose verdict carries call events first hands them to ``settle``
 (the worker puts a new call's keys into the ownership sets of
-:mod:`natedit.owned`), then gets its verdict.
+:mod:`natedit.owned`), then gets its verdict; with batched verdicts the sets
+are updated once per batch, by ``Verdicts.before_send``, before the batch goes
+to the kernel.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class PacketPath:
     def __init__(self, translator: Decider, clock: Callable[[], float],
                  counts: Counter[str], on_events: Callable[[Iterable[Event]], None],
                  on_trouble: Callable[[str, str], None],
-                 settle: Callable[[Iterable[Event]], None] | None = None) -> None:
+                 settle: Callable[[Iterable[Event], bool], None] | None = None) -> None:
         self.translator = translator
         self.settle = settle
         """Called with a verdict's events before the verdict is given (the ownership
@@ -192,7 +194,7 @@ class PacketPath:
             else:
                 verdict = nat[1].handle_packet(data, direction, now, nat[0](data, direction, now))
             if verdict.events and self.settle is not None:
-                self.settle(verdict.events)
+                self.settle(verdict.events, verdicts is None)  # batched: before the send
             if verdicts is not None:
                 packet_id = cast(QueuedPacket, packet).id
                 if verdict.action is Action.ACCEPT:
@@ -289,6 +291,9 @@ class Verdicts:
         """Bytes pending that make it send at once: :data:`CHUNK`, or 0 while the queue
         is quiet (see :meth:`Reader.drain`)."""
         self.on_full: Callable[[], None] = _nothing
+        self.before_send: Callable[[], None] = _nothing
+        """Called before the verdicts go to the kernel (the worker's ownership sets learn
+        the new calls of the batch first: one transaction for the batch)."""
         self.sent = 0
         """Verdicts handed to the kernel so far."""
 
@@ -330,9 +335,10 @@ class Verdicts:
         refuses is tried again message by message; a message still refused is counted
         (``packet_error``) and reported: that packet stays queued until the worker
         unbinds, and the kernel then drops it."""
-        parts = self.parts
-        if not parts:
+        if not self.parts:
             return
+        self.before_send()
+        parts = self.parts
         pending = self.pending
         self.parts, self.size, self.pending = [], 0, 0
         try:

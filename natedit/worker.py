@@ -146,7 +146,7 @@ class Dispatcher:
             translator, clock, self.counts,  # late-bound: a test may replace either
             lambda events: self.log_events(events),
             lambda kind, what: self._log_trouble(kind, what),
-            lambda events: self.settle(events))
+            lambda events, at_once: self.settle(events, at_once))
         """The per-packet path (:mod:`natedit.nfqueue`): the queues' callbacks."""
 
     def run_timers(self) -> float | None:
@@ -172,11 +172,20 @@ class Dispatcher:
             self._log_trouble("timer_error", "timers failed")
             return now + TIMER_ERROR_BACKOFF
 
-    def settle(self, events: Iterable[Event]) -> None:
+    def settle(self, events: Iterable[Event], at_once: bool = True) -> None:
         """Before a packet's verdict: a call its events added or changed is claimed in
-        the kernel's ownership sets first (its GRE may follow the packet at once)."""
+        the kernel's ownership sets first (its GRE may follow the packet at once).
+        ``at_once`` False: the verdict waits in a batch, which calls
+        :meth:`settle_pending` before it is sent (one transaction for the batch)."""
         if self.ownership is not None:
             self.ownership.note(events)
+            if at_once:
+                self.ownership.flush()
+
+    def settle_pending(self) -> None:
+        """Before a batch of verdicts goes to the kernel: what its packets' events
+        changed goes into the ownership sets."""
+        if self.ownership is not None and self.ownership.pending:
             self.ownership.flush()
 
     def flush(self) -> None:
@@ -327,6 +336,8 @@ def run(
     verdicts = [nfqueue.Verdicts(number, dispatcher.counts,
                                  lambda what: dispatcher._log_trouble("packet_error", what))
                 for number in queues]  # one batch of verdicts per queue and turn
+    for batch in verdicts:
+        batch.before_send = dispatcher.settle_pending
     with (
         state.journal(translator, state_path, dispatcher.counts,
                       pair.followed if pair is not None else None) as journal,

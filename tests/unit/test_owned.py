@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from natedit import worker
+from natedit import nfqueue, worker
 from natedit.core.wire import MessageType
 from natedit.nftlib import NftError
 from natedit.owned import Ownership, OwnershipCollector, key_text
@@ -116,6 +116,47 @@ def test_the_worker_claims_a_new_call_before_the_verdict_of_its_packet() -> None
     assert order == ["nft", "accept"]
     dispatcher.flush()
     assert order == ["nft", "accept"]
+
+
+def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent() -> None:
+    """The worker's verdicts go to the kernel once per queue and turn (nfqueue.Verdicts):
+    the new calls of the whole batch go into the sets in one transaction, just before."""
+    tr = make_translator()
+    nft = FakeNft()
+    dispatcher = worker.Dispatcher(tr)
+    dispatcher.ownership = Ownership(tr, nft=nft)
+    dispatcher.ownership.start()
+    order: list[str] = []
+    nft_run = nft.run
+
+    def run(commands: str, **kw: bool) -> str:
+        order.append("nft")
+        return nft_run(commands, **kw)
+
+    class Sock:
+        def sendmsg(self, parts: list[bytes]) -> int:
+            order.append("verdicts")
+            return sum(map(len, parts))
+
+    nft.run = run  # type: ignore[method-assign]
+    batch = nfqueue.Verdicts(1723)
+    batch.sock = Sock()
+    batch.before_send = dispatcher.settle_pending
+
+    class Queued(FakePacket):
+        id = 1
+
+    for client in (CLIENT, "10.0.0.12"):
+        conv = Conversation(tr, client)
+        conv.open()
+        request = conv.segment(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234))
+        dispatcher.packets.packet(Queued(request), OUT, verdicts=batch)
+    assert order == []  # nothing sent yet, nothing claimed yet
+    batch.send()
+    assert order == ["nft", "verdicts"]
+    assert nft.transactions[0].count("198.51.100.2 . ") == 2  # both calls, one transaction
+    dispatcher.flush()
+    assert order == ["nft", "verdicts"]
 
 
 def test_a_released_call_leaves_the_sets() -> None:
