@@ -9,8 +9,9 @@ rule file; scrape and evaluation every second), scraping the worker's default
 
 While the calls are live the test makes every kind of thing happen: GRE both ways, a
 call ended by its client, a call refused because the pool is full, a kernel queue
-overflow (the worker is paused with SIGSTOP while GRE that no call owns floods the
-public address; Prometheus sees the worker down meanwhile), a policy reload that
+overflow (the worker is paused with SIGSTOP while an inside host floods the server with
+GRE keyed with another client's call, claimed and then dropped as no_call; Prometheus
+sees the worker down meanwhile), a policy reload that
 works and one that is rejected. Then every panel query of
 deploy/grafana/dashboards/natedit.json and every alert expression of
 deploy/prometheus/natedit-alerts.yml is evaluated through Prometheus' HTTP API: each
@@ -52,7 +53,7 @@ FORCED = 0x1234
 POOL = 3
 TARGET = "127.0.0.1:9723"
 PROMETHEUS = "127.0.0.1:9090"  # inside the gateway namespace: nothing else listens there
-FLOOD = 6000  # GRE packets that no call owns, more than a queue holds (QUEUE_MAXLEN 4096)
+FLOOD = 6000  # claimed GRE packets no call of the sender owns, more than a queue holds (4096)
 
 # Alerts whose expression must hold at the end (pending: their "for" has not passed in
 # a test of seconds; firing would do too), and those that must not.
@@ -95,10 +96,14 @@ for path, params in job["requests"]:
 json.dump(out, sys.stdout)
 """
 
-# Runs inside the server namespace: enhanced GRE to the public address, Call ID 0xBEEF.
+# Runs inside a client namespace: enhanced GRE to the server, keyed with a live call's
+# server Call ID, from an inside address that is not that call's client. natedit claims
+# it (set own_server: GRE to a call's server Call ID is queued, whoever sends it) and
+# drops it (no call of this client has that key): GRE that no call owns is not queued
+# at all, so it could not fill a queue.
 _FLOOD = """
 import socket, struct, sys
-pkt = struct.pack("!BBHHH", 0x20, 0x01, 0x880B, 0, 0xBEEF)
+pkt = struct.pack("!BBHHH", 0x20, 0x01, 0x880B, 0, int(sys.argv[3]))
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
 for _ in range(int(sys.argv[2])):
     s.sendto(pkt, (sys.argv[1], 0))
@@ -207,12 +212,16 @@ def test_prometheus_scrapes_worker_with_real_calls(datapath: str) -> None:
         prom.wait("a refusal", lambda: (prom.value(
             'natedit_calls_refused_total{reason="pool_exhausted"}') or 0) >= 1)
 
-        # the worker stops answering (SIGSTOP) while the server floods the public address
-        # with GRE no call owns: scrapes fail, the inbound queue overflows
+        # the worker stops answering (SIGSTOP) while client 3 (no live call) floods the
+        # server with GRE keyed with another client's server Call ID: scrapes fail, the
+        # outbound queue overflows
+        rows = prom.vector('natedit_call_info{state="established"}')
+        server_call_id = rows[0]["metric"]["server_call_id"]
+        assert lab.clients[2].addr not in {r["metric"]["client_address"] for r in rows}, rows
         os.kill(worker.pid, signal.SIGSTOP)
         try:
-            lab.exec(lab.server_ns, [sys.executable, "-c", _FLOOD, PUBLIC, str(FLOOD)],
-                     timeout=30)
+            lab.exec(lab.clients[2].ns, [sys.executable, "-c", _FLOOD, lab.server_addr,
+                                         str(FLOOD), server_call_id], timeout=30)
             prom.wait("the worker seen down", lambda: prom.value(
                 'up{job="natedit"}') == 0, timeout=10)
             prom.wait("NateditWorkerDown pending", lambda: prom.alert_states().get(
@@ -267,7 +276,7 @@ def test_prometheus_scrapes_worker_with_real_calls(datapath: str) -> None:
         assert (prom.value('sum(natedit_gre_packets_total{direction="inbound"})') or 0) >= 60
         assert (prom.value('sum(natedit_gre_packets_total{direction="outbound"})') or 0) >= 60
         assert prom.value('sum(natedit_queue_bound)') == 2
-        assert (prom.value('natedit_queue_packets_total{direction="inbound"}') or 0) >= 4096
+        assert (prom.value('natedit_queue_packets_total{direction="outbound"}') or 0) >= 4096
         assert (prom.value("process_resident_memory_bytes") or 0) > 0
         assert prom.vector('natedit_policy_info{source=~".*natedit-policy.yaml"}')
 
