@@ -17,7 +17,7 @@ indexes:
   (``no_call``) instead of the kernel masquerading it into that call.
 
 Every other GRE takes the path it would take without natedit (GRE of calls
-natedit never saw, of the gateway's own PPTP, to other servers, of other
+natedit never saw, of a pptpd on the gateway, to other servers, of other
 clients). Not claimed either: GRE from a natedit call's server with a Call ID
 no call has (a call that just ended); the gateway answers it as it would
 without natedit (ICMP protocol-unreachable, when nothing on the gateway takes

@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 natedit claims only what is its own: the control connections its clients
-open to servers outside, and the GRE of its calls. Everything else (GRE and
-TCP 1723 of a port-forwarded inside server, of the gateway's own PPTP
-client or server, GRE version 0 tunnels, GRE of calls natedit has no record
+open to servers outside (the gateway's own client among them), and the GRE of
+its calls. Everything else (GRE and
+TCP 1723 of a port-forwarded inside server, of a pptpd on the gateway,
+GRE version 0 tunnels, GRE of calls natedit has no record
 of) takes the path it would take without natedit: conntrack, NAT, the
 operator's filter.
 
@@ -17,7 +18,17 @@ operator's filter.
   connection; natedit does not add one: the operator's NAT rule stays as it
   is, and without one the control connection is not translated at all. A
   connection from outside to an inside server (a port forward) is neither,
-  and is never queued; nor is the gateway's own (INPUT, OUTPUT).
+  and is never queued; nor is one to a pptpd on the gateway (INPUT with
+  destination port 1723).
+* The gateway's own PPTP client is one more client, its "private" address a
+  public one: its requests are queued in ``mangle OUTPUT`` (destination port
+  1723, to neither an inside network nor loopback) and the server's replies
+  in ``mangle INPUT`` (source port 1723, likewise), so that its calls get
+  public Call IDs from the same pools and no inside call is given the one it
+  uses toward the same server. Its inbound GRE is then claimed by ``own_in``
+  like any call's (translated back to its own Call ID, delivered locally);
+  its outbound GRE leaves through OUTPUT with the public source already and
+  is not claimed (the guard below drops only inside sources).
 * GRE is natedit's when its call table says so: table ``ip natedit`` holds
   sets the worker keeps equal to its call table (:mod:`natedit.owned`
   explains each): ``own_in`` (public address . server . public Call ID:
@@ -41,8 +52,8 @@ operator's filter.
   kernel routes). Outbound GRE of a call is queued in ``mangle FORWARD``,
   where natedit writes the public source.
 * A safety net (``guard_postrouting``, after the kernel's source NAT) drops
-  a call's GRE still carrying its client's address: no GRE of natedit's calls
-  ever leaves with a private source.
+  a call's GRE still carrying its client's (inside) address: no GRE of
+  natedit's calls ever leaves with a private source.
 * No ``--queue-bypass`` on GRE, ever, and none at all with policy
   ``on_worker_down: drop`` (the default): with no worker bound, or a full
   queue, queued packets are dropped: natedit's PPTP stalls rather than
@@ -143,6 +154,10 @@ class Hook(enum.Enum):
     MANGLE_FORWARD = ("mangle", "FORWARD")
     MANGLE_POSTROUTING = ("mangle", "POSTROUTING")
     """No longer used (see MANGLE_PREROUTING)."""
+    MANGLE_OUTPUT = ("mangle", "OUTPUT")
+    """The gateway's own PPTP client: its requests."""
+    MANGLE_INPUT = ("mangle", "INPUT")
+    """The gateway's own PPTP client: its server's replies."""
 
     def __init__(self, table: str, chain: str) -> None:
         self.table = table
@@ -205,6 +220,8 @@ class Flow(enum.Enum):
     OUTBOUND = "source inside, destination not inside"
     INBOUND = "destination inside, source not inside"
     FROM_INSIDE = "source inside"
+    FROM_GATEWAY = "the gateway's own, destination neither inside nor local (loopback)"
+    TO_GATEWAY = "to the gateway, source neither inside nor local (loopback)"
     ANY = "whatever the addresses (the traffic says it all)"
 
 
@@ -298,7 +315,15 @@ def build_ruleset(policy: Policy) -> RuleSet:
              why="outbound GRE of a call: natedit writes the public source"),
         Rule(S.SETTLE_FORWARD, T.CLAIMED_GRE, F.ANY, V.UNCLAIM,
              why="the mark bit was natedit's for this hook only"),
-        Rule(S.GUARD_POSTROUTING, T.OWNED_GRE_OUT, F.ANY, V.DROP,
+        Rule(H.MANGLE_OUTPUT, T.CONTROL_TO_SERVER, F.FROM_GATEWAY, V.QUEUE, out,
+             why="control, the gateway's own client to a server: its calls get public "
+                 "Call IDs from the same pools",
+             bypass=passing),
+        Rule(H.MANGLE_INPUT, T.CONTROL_FROM_SERVER, F.TO_GATEWAY, V.QUEUE, into,
+             why="control, a server to the gateway's own client (not to a pptpd on the "
+                 "gateway: destination port 1723 is never queued here)",
+             bypass=passing),
+        Rule(S.GUARD_POSTROUTING, T.OWNED_GRE_OUT, F.FROM_INSIDE, V.DROP,
              why="safety net: no GRE of a natedit call leaves with a private source"),
     )  # fmt: skip
     inside = tuple(ipaddress.collapse_addresses(policy.inside_networks))
@@ -327,11 +352,15 @@ _IPT_TRAFFIC = {
     Traffic.CLAIMED_GRE: f"-p gre -m mark --mark {_MARK_TEXT}",
 }
 """What selects the traffic (iptables-nft turns all of it into native nft expressions)."""
-_IPT_FLOW_CHAIN = {Flow.OUTBOUND: "-OUT", Flow.INBOUND: "-IN"}
-_IPT_FLOW_EXCLUDE = {Flow.OUTBOUND: "-d", Flow.INBOUND: "-s"}
+_IPT_FLOW_CHAIN = {Flow.OUTBOUND: "-OUT", Flow.INBOUND: "-IN",
+                   Flow.FROM_GATEWAY: "-OUT", Flow.TO_GATEWAY: "-IN"}
+_IPT_FLOW_EXCLUDE = {Flow.OUTBOUND: "-d", Flow.INBOUND: "-s",
+                     Flow.FROM_GATEWAY: "-d", Flow.TO_GATEWAY: "-s"}
 """The side that must not be inside: those packets RETURN."""
 _IPT_FLOW_SELECT = {Flow.OUTBOUND: "-s", Flow.INBOUND: "-d"}
-"""The side that must be inside."""
+"""The side that must be inside (the gateway's own flows: none, the hook says it)."""
+_IPT_FLOW_LOOPBACK = {Flow.FROM_GATEWAY: "-o lo", Flow.TO_GATEWAY: "-i lo"}
+"""The gateway's own flows: loopback RETURNs too (the gateway calling itself)."""
 
 
 def _ipt_target(rule: Rule) -> str:
@@ -371,10 +400,15 @@ def iptables_blocks(rs: RuleSet) -> dict[str, list[str]]:
         table[main].append(f"-A {main} {traffic} -j {flow_chain}")
         if flow_chain in table:
             raise RulesError(f"{flow_chain}: two rules for one flow chain")
-        exclude, select = _IPT_FLOW_EXCLUDE[rule.flow], _IPT_FLOW_SELECT[rule.flow]
+        exclude, select = _IPT_FLOW_EXCLUDE[rule.flow], _IPT_FLOW_SELECT.get(rule.flow)
         nets = rs.inside_networks
-        table[flow_chain] = [f"-A {flow_chain} {exclude} {net} -j RETURN" for net in nets]
-        table[flow_chain] += [f"-A {flow_chain} {select} {net} {target}" for net in nets]
+        loopback = _IPT_FLOW_LOOPBACK.get(rule.flow)
+        table[flow_chain] = [f"-A {flow_chain} {loopback} -j RETURN"] if loopback else []
+        table[flow_chain] += [f"-A {flow_chain} {exclude} {net} -j RETURN" for net in nets]
+        if select is None:
+            table[flow_chain].append(f"-A {flow_chain} {target}")
+        else:
+            table[flow_chain] += [f"-A {flow_chain} {select} {net} {target}" for net in nets]
     return {
         name: [f":{chain} - [0:0]" for chain in table]
         + jumps[name]
@@ -465,6 +499,8 @@ _NFT_FLOW = {
     Flow.OUTBOUND: "ip saddr @inside ip daddr != @inside",
     Flow.INBOUND: "ip daddr @inside ip saddr != @inside",
     Flow.FROM_INSIDE: "ip saddr @inside",
+    Flow.FROM_GATEWAY: 'oifname != "lo" ip daddr != @inside',
+    Flow.TO_GATEWAY: 'iifname != "lo" ip saddr != @inside',
     Flow.ANY: "",
 }
 _NFT_SET_MARK = f"meta mark set meta mark | {CLAIM_MARK:#010x}"
@@ -494,7 +530,7 @@ def _set_lines(name: str, typeof: str, elements: Iterable[str]) -> list[str]:
     return [f"\tset {name} {{", *body, "\t}"]
 
 
-_HOOK_ORDER = {"prerouting": 0, "forward": 1, "postrouting": 2}
+_HOOK_ORDER = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 
 
 def _table(rs: RuleSet, owned: Owned | None, *, queues: bool) -> list[str]:

@@ -39,17 +39,21 @@ class Admission:
         if policy.new_calls_per_second <= 0:
             self._buckets.clear()
 
-    def connection_refusal(self, client_ip: bytes, server_ip: bytes) -> Refusal | None:
+    def connection_refusal(self, client_ip: bytes, server_ip: bytes, *,
+                           gateway: bool = False) -> Refusal | None:
         """Why a new control connection from ``client_ip`` to ``server_ip`` may not be
         tracked (and its packets go no further), or None."""
-        return self.acl_refusal(client_ip, server_ip)
+        return self.acl_refusal(client_ip, server_ip, gateway=gateway)
 
-    def acl_refusal(self, client_ip: bytes, server_ip: bytes) -> Refusal | None:
-        """One of :data:`~natedit.core.errors.ACL_REFUSALS`, or None."""
+    def acl_refusal(self, client_ip: bytes, server_ip: bytes, *,
+                    gateway: bool = False) -> Refusal | None:
+        """One of :data:`~natedit.core.errors.ACL_REFUSALS`, or None. ``gateway``: the
+        client is the gateway itself (on a public address), which the client ACL does
+        not name: only the server ACL applies."""
         if self._open:
             return None
         p = self.policy
-        if not p.client_allowed(IPv4Address(client_ip)):
+        if not gateway and not p.client_allowed(IPv4Address(client_ip)):
             return Refusal.CLIENT_DENIED
         if not p.server_allowed(IPv4Address(server_ip)):
             return Refusal.SERVER_DENIED

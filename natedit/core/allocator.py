@@ -98,6 +98,10 @@ class Allocator:
         if len(used) + n <= size:
             return True
         first, last, mine = p.call_id_first, p.call_id_last, p.owns_call_id
+        if conn.client_ip == public_ip:  # the gateway's own: outside the range too
+            outside = p.share_size(1, 0xFFFF) - size
+            if sum(not first <= cid <= last and mine(cid) for cid in used) + n <= outside:
+                return True
         # (live IDs outside a range changed by a reload, or not this node's, are not in it)
         return sum(first <= cid <= last and mine(cid) for cid in used) + n <= size
 
@@ -115,6 +119,10 @@ class Allocator:
         used = self.used.setdefault(pool, set())
         blocks = self.blocks.setdefault(pool, Counter())
         mine = self.policy.owns_call_id
+        if conn.client_ip == public_ip:
+            own = self._outside_range(used)
+            if own is not None:
+                return own
         want = {c.public_call_id >> 8 for c in conn.calls if c.client_call_hi == client_call_hi}
         avoid = {c.public_call_id >> 8 for c in conn.calls}
         first, last = self.policy.call_id_first, self.policy.call_id_last
@@ -154,6 +162,27 @@ class Allocator:
             cid = pick(_any)
         self.relaxed += cid is not None
         return cid
+
+    def _outside_range(self, used: set[int]) -> int | None:
+        """A free ID of this node's share outside the policy's range, scanned from a
+        random start (None: the range is the whole Call ID space, or no such ID is free).
+
+        For the gateway's own client (its calls' client address is their public one):
+        the inside clients' calls get the range, so a policy that narrows it (a pair's
+        ranges, a range kept clear of the gateway's own Call IDs) leaves it to them."""
+        p = self.policy
+        first, last, mine = p.call_id_first, p.call_id_last, p.owns_call_id
+        n = 0xFFFF - (last - first + 1)
+        if n <= 0:
+            return None
+        start = self.rng.randrange(n)
+        for i in range(n):
+            cid = 1 + (start + i) % n  # 1..first-1, then last+1..0xFFFF
+            if cid >= first:
+                cid += last - first + 1
+            if cid not in used and mine(cid):
+                return cid
+        return None
 
     def _in_block(self, hi: int, ok: Callable[[int], bool]) -> int | None:
         """A free ID of block ``hi`` in the range, scanned from a random start."""

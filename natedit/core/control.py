@@ -144,7 +144,12 @@ class Control:
         if conn is None:
             if not (flags & TCP_SYN or payload) or flags & TCP_RST:
                 return ACCEPT  # nothing to follow: a bare ACK/FIN/RST of no known connection
-            denied = self.admission.connection_refusal(key[0], key[2])
+            if key[0] not in self.publics and not table.policy.is_inside(IPv4Address(key[0])):
+                # the gateway's own client on an address that is none of the public ones
+                # (its own calls are natedit's only from a public address)
+                return self.outbox.verdict(Action.ACCEPT, PassReason.NOT_OURS)
+            denied = self.admission.connection_refusal(key[0], key[2],
+                                                       gateway=key[0] in self.publics)
             if denied is not None:
                 if d is OUT and flags & (TCP_SYN | TCP_ACK) == TCP_SYN:
                     self.stats.connections_refused[denied] += 1
@@ -157,6 +162,8 @@ class Control:
                 return self.outbox.verdict(Action.DROP, table.connection_refusal(key[0])
                                      or DropReason.TOO_MANY_CONNECTIONS)
         conn.last_seen = now
+        if key[0] in self.publics:  # the gateway's own client: its address is its public one
+            public = key[0]
         if public is not None and public != conn.public_ip:
             if conn.calls:  # NATed elsewhere now (uplink failover): the calls are wrong
                 table.end_calls(conn, ReleaseReason.PUBLIC_ADDRESS_CHANGED)
@@ -277,7 +284,8 @@ class Control:
             public = conn.public_ip = self.public_ip
         reason = ((None if started else Refusal.NOT_STARTED)
                   or (None if public in self.publics else Refusal.NOT_PUBLIC)
-                  or admission.acl_refusal(conn.client_ip, conn.server_ip)
+                  or admission.acl_refusal(conn.client_ip, conn.server_ip,
+                                           gateway=conn.client_ip in self.publics)
                   or self.table.refusal(conn, public, client_his)
                   or admission.rate_refusal(conn.client_ip, n, now))
         if reason is None:

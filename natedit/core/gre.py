@@ -186,9 +186,11 @@ class Gre:
 
     def route(self, call: Call) -> GreRoute | None:
         """How to translate ``call``'s GRE, or None: not established (nor closing) with
-        both Call IDs known."""
+        both Call IDs known, or a call of the gateway's own client (its client address is
+        a public one: its GRE is delivered locally, which a datapath that redirects to an
+        interface cannot do; it stays here)."""
         if (call.state not in _ROUTED or call.client_call_id is None
-                or call.server_call_id is None):
+                or call.server_call_id is None or call.client_ip in self.publics):
             return None
         owns = self._by_server.get((call.client_ip, call.server_ip,
                                     call.server_call_id)) is call

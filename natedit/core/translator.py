@@ -177,7 +177,8 @@ class Translator:
 
         Returns how many were ``restored`` and, by reason, how many were not: a
         public address that is none of the policy's (``public_address``), a client the
-        running policy does not put inside (0.0.0.0, a public address, outside ``inside_networks``:
+        running policy does not put inside (0.0.0.0, a public address but the call's own,
+        which is the gateway's own client's, outside ``inside_networks``:
         ``client_address``), a server that is inside, 0.0.0.0 or a public address
         (``server_address``), or a record that would break the table's invariants
         (see :meth:`CallTable.restore`). A restored
@@ -190,8 +191,9 @@ class Translator:
             client, server = rec.client_address, rec.server_address
             if rec.public_address.packed not in publics:
                 reason: RestoreOutcome | None = RestoreOutcome.PUBLIC_ADDRESS
-            elif (client.is_unspecified or client.packed in publics
-                  or not policy.is_inside(client)):
+            elif (client.is_unspecified
+                  or (client.packed in publics and client != rec.public_address)
+                  or not (policy.is_inside(client) or client == rec.public_address)):
                 reason = RestoreOutcome.CLIENT_ADDRESS
             elif (server.is_unspecified or server.packed in publics
                   or policy.is_inside(server)):

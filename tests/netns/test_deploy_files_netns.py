@@ -20,8 +20,9 @@ def test_iptables_file_loads_and_natedit_cleanup_removes_it() -> None:
         ns.run(["nft", "-f", str(RULES["iptables-native"])])
         ns.run(["iptables-restore", "--noflush", str(RULES["iptables"])])
         saved = ns.iptables_save()
-        # 3 networks x (TCP out, TCP in), and GRE out and in (claimed by the native table)
-        assert len(re.findall(r"-j NFQUEUE --queue-num 172[34]", saved)) == 8, saved
+        # 3 networks x (TCP out, TCP in), the gateway's own client's TCP out and in, and
+        # GRE out and in (claimed by the native table)
+        assert len(re.findall(r"-j NFQUEUE --queue-num 172[34]", saved)) == 10, saved
         assert "set own_in" in ns.run(["nft", "list", "table", "ip", "natedit"])
         ns.run([sys.executable, "-m", "natedit", "cleanup"])
         assert ns.iptables_save() == before

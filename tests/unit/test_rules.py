@@ -33,6 +33,10 @@ U32 = '-m u32 --u32 "0x0>>0x16&0x3c@0x0>>0x10&0x7=0x1"'
 
 # The whole rendering for the smallest useful policy, as iptables-restore reads it.
 MARKED = "-p gre -m mark --mark 0x10000000/0x10000000"
+GATEWAY_OUT_WHY = ("control, the gateway's own client to a server: its calls get public "
+                   "Call IDs from the same pools")
+GATEWAY_WHY = ("control, a server to the gateway's own client (not to a pptpd on the "
+               "gateway: destination port 1723 is never queued here)")
 EXPECTED_IPTABLES = f"""\
 # natedit rules: iptables-restore --noflush < this
 # public address 198.51.100.1, inside 10.0.0.0/24
@@ -48,7 +52,13 @@ COMMIT
 :NATEDIT-FORWARD - [0:0]
 :NATEDIT-FORWARD-OUT - [0:0]
 :NATEDIT-FORWARD-IN - [0:0]
+:NATEDIT-OUTPUT - [0:0]
+:NATEDIT-OUTPUT-OUT - [0:0]
+:NATEDIT-INPUT - [0:0]
+:NATEDIT-INPUT-IN - [0:0]
 -I FORWARD 1 -j NATEDIT-FORWARD
+-I OUTPUT 1 -j NATEDIT-OUTPUT
+-I INPUT 1 -j NATEDIT-INPUT
 # control, client to server: private source, before the kernel's SNAT
 -A NATEDIT-FORWARD -p tcp -m tcp --dport 1723 -j NATEDIT-FORWARD-OUT
 # control, server to client: private destination, after the kernel un-NATs
@@ -59,6 +69,16 @@ COMMIT
 -A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723
 -A NATEDIT-FORWARD-IN -s 10.0.0.0/24 -j RETURN
 -A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 1724
+# {GATEWAY_OUT_WHY}
+-A NATEDIT-OUTPUT -p tcp -m tcp --dport 1723 -j NATEDIT-OUTPUT-OUT
+-A NATEDIT-OUTPUT-OUT -o lo -j RETURN
+-A NATEDIT-OUTPUT-OUT -d 10.0.0.0/24 -j RETURN
+-A NATEDIT-OUTPUT-OUT -j NFQUEUE --queue-num 1723
+# {GATEWAY_WHY}
+-A NATEDIT-INPUT -p tcp -m tcp --sport 1723 -j NATEDIT-INPUT-IN
+-A NATEDIT-INPUT-IN -i lo -j RETURN
+-A NATEDIT-INPUT-IN -s 10.0.0.0/24 -j RETURN
+-A NATEDIT-INPUT-IN -j NFQUEUE --queue-num 1724
 COMMIT
 """
 
@@ -104,7 +124,7 @@ def test_native_table_claims_only_what_the_sets_hold() -> None:
         f"{CLAIMED} {CLEAR_MARK}",
         f"{TO_SERVER} {SET_MARK}",  # any inside source: the core drops a spoofed one
         f"{CLAIMED} {CLEAR_MARK}",
-        f"{OWN_OUT} drop",
+        f"{OWN_OUT} ip saddr @inside drop",  # not the gateway's own client's (public source)
     ]
     assert "set own_server {\n\t\ttypeof ip daddr . @th,48,16\n\t}" in text
     assert "set own_in {\n\t\ttypeof ip daddr . ip saddr . @th,48,16\n\t}" in text
@@ -147,6 +167,8 @@ def test_on_worker_down_pass_bypasses_tcp_1723_only_iptables() -> None:
     assert bypassed == [
         "-A NATEDIT-FORWARD-OUT -s 10.0.0.0/24 -j NFQUEUE --queue-num 1723 --queue-bypass",
         "-A NATEDIT-FORWARD-IN -d 10.0.0.0/24 -j NFQUEUE --queue-num 1724 --queue-bypass",
+        "-A NATEDIT-OUTPUT-OUT -j NFQUEUE --queue-num 1723 --queue-bypass",
+        "-A NATEDIT-INPUT-IN -j NFQUEUE --queue-num 1724 --queue-bypass",
     ]
     # the GRE of natedit's own calls stays fail closed: its Call IDs are translated
     assert all(MARKED in ln for ln in queued if ln not in bypassed)
@@ -165,10 +187,16 @@ def test_on_worker_down_pass_bypasses_tcp_1723_only_nft() -> None:
     text = render_nft(build_ruleset(PASS))
     queued = [ln.strip() for ln in text.splitlines() if " queue num " in ln]
     assert [ln for ln in queued if "bypass" in ln] == [
+        f"tcp sport 1723 {GATEWAY_IN_FLOW} queue num 1724 bypass comment "
+        '"control, a server to the gateway\'s own client (not to a pptpd on the gateway: '
+        'destination port 1723 is never queued here)"',
         f"tcp dport 1723 {OUT_FLOW} queue num 1723 bypass comment "
         '"control, client to server: private source, before the kernel\'s SNAT"',
         f"tcp sport 1723 {IN_FLOW} queue num 1724 bypass comment "
         '"control, server to client: private destination, after the kernel un-NATs"',
+        f"tcp dport 1723 {GATEWAY_OUT_FLOW} queue num 1723 bypass comment "
+        '"control, the gateway\'s own client to a server: its calls get public Call IDs '
+        'from the same pools"',
     ]
     assert all(ln.startswith(CLAIMED) for ln in queued if "bypass" not in ln)
     assert "on_worker_down: pass" in text.splitlines()[1]
@@ -180,6 +208,8 @@ def test_on_worker_down_pass_bypasses_tcp_1723_only_nft() -> None:
 
 OUT_FLOW = "ip saddr @inside ip daddr != @inside"
 IN_FLOW = "ip daddr @inside ip saddr != @inside"
+GATEWAY_OUT_FLOW = 'oifname != "lo" ip daddr != @inside'
+GATEWAY_IN_FLOW = 'iifname != "lo" ip saddr != @inside'
 
 
 def test_inside_networks_are_collapsed_and_each_gets_a_return_and_a_target() -> None:
@@ -260,12 +290,16 @@ def test_nft_rendering() -> None:
         f"{OWN_OUT} notrack",
         f"{CLAIMED} queue num 1724",  # raw_prerouting -300
         f"{CLAIMED} {CLEAR_MARK}",  # settle_prerouting -299
+        # mangle_input: the server's replies to the gateway's own client
+        f"tcp sport 1723 {GATEWAY_IN_FLOW} queue num 1724",
         f"{TO_SERVER} {SET_MARK}",  # claim_forward -151
         "tcp dport 1723 ip saddr @inside ip daddr != @inside queue num 1723",  # mangle_forward
         "tcp sport 1723 ip daddr @inside ip saddr != @inside queue num 1724",
         f"{CLAIMED} queue num 1723",
         f"{CLAIMED} {CLEAR_MARK}",  # settle_forward -149
-        f"{OWN_OUT} drop",  # guard_postrouting 101
+        # mangle_output: the gateway's own client's requests
+        f"tcp dport 1723 {GATEWAY_OUT_FLOW} queue num 1723",
+        f"{OWN_OUT} ip saddr @inside drop",  # guard_postrouting 101
     ]
 
 
@@ -404,5 +438,5 @@ def test_prune_keeps_a_base_chain_with_a_drop_policy() -> None:
 
 
 def test_prune_only_looks_at_natedit_hooks() -> None:
-    objects = [{"table": {"family": "ip", "name": "mangle"}}, _chain("mangle", "INPUT", "input")]
+    objects = [{"table": {"family": "ip", "name": "raw"}}, _chain("raw", "OUTPUT", "output")]
     assert nft_prune(objects, None, tuple(Hook)) == ""

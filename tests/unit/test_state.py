@@ -187,7 +187,6 @@ def test_restore_takes_back_two_calls_sharing_a_server_call_id() -> None:
     ([rec(client_port=0)], "invalid"),
     ([rec(server_call_id=-1)], "invalid"),
     ([rec(client_address=IPv4Address("0.0.0.0"))], "client_address"),
-    ([rec(client_address=IPv4Address("198.51.100.1"))], "client_address"),  # the public one
     ([rec(client_address=IPv4Address("192.0.2.7"))], "client_address"),  # not inside
     ([rec(server_address=IPv4Address("10.9.9.9"))], "server_address"),  # inside
     ([rec(server_address=IPv4Address("0.0.0.0"))], "server_address"),
@@ -196,6 +195,15 @@ def test_restore_keeps_the_invariants(records: list[CallRecord], reason: str) ->
     tr = make_translator()
     outcome = tr.restore(records, 0.0)
     assert outcome[reason] == 1 and outcome["restored"] == len(records) - 1
+    assert_table_consistent(tr.table)
+
+
+def test_restore_takes_back_a_call_whose_client_is_its_public_address() -> None:
+    """The gateway's own client's call (issue 16 item 3: its "private" address is the
+    public one) was refused as ``client_address`` before natedit mapped such calls."""
+    tr = make_translator()
+    assert tr.restore([rec(client_address=IPv4Address("198.51.100.1"))], 0.0) == {
+        "restored": 1}
     assert_table_consistent(tr.table)
 
 
