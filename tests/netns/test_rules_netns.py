@@ -209,3 +209,46 @@ def test_on_worker_down_pass_installs_queue_bypass_exactly_and_removes_cleanly(
     assert len([ln for ln in ours if ln.endswith("--queue-bypass")]) == 4
     remove(installation)
     assert gw.iptables_save() == before
+
+
+OWNERSHIP_SCRIPT = """
+from natedit.core.wire import MessageType
+from natedit.nftset import SetElements, SetError, key
+from natedit.owned import Ownership
+from tests.pptp_flows import IN, OUT, Conversation, make_translator, msg
+tr = make_translator()
+own = Ownership(tr)
+own.start()
+conv = Conversation(tr, "10.0.0.11")
+conv.open()
+own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
+[(public, server, public_id)] = list(tr.table.by_public)
+reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public_id)
+own.note(conv.send(IN, reply).events)
+own.flush()
+assert own.transactions == 1, own.transactions
+print(public_id)
+sets = SetElements("natedit")
+try:  # a batch the kernel refuses changes nothing
+    sets.apply([(True, "own_in", [key(public, server, (1).to_bytes(2, "big"))]),
+                (False, "own_in", [key(public, server, (2).to_bytes(2, "big"))])])
+except SetError as exc:
+    assert "No such file" in str(exc), exc
+else:
+    raise AssertionError("refused batch applied")
+"""
+
+
+@pytest.mark.netns
+def test_ownership_sets_follow_the_call_table_through_netlink(gw: Namespace) -> None:
+    """natedit.owned's default transport (nf_tables netlink batches, natedit.nftset): a
+    real call's keys land in the real sets, in the spelling nft prints; a refused batch
+    applies nothing."""
+    installation = install(build_ruleset(POLICY), Flavour.IPTABLES)
+    public_id = int(gw.run([sys.executable, "-c", OWNERSHIP_SCRIPT]).strip())
+    table = gw.run(["nft", "list", "table", "ip", "natedit"])
+    assert f"elements = {{ 198.51.100.1 . 198.51.100.2 . {public_id:#x} }}" in table, table
+    assert "elements = { 10.0.0.11 . 198.51.100.2 . 0x80 }" in table, table
+    assert "elements = { 198.51.100.2 . 0x80 }" in table, table
+    assert table.count("elements = {") == 4  # inside, and the three sets: nothing else
+    remove(installation)
