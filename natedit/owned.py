@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :mod:`natedit.rules` claims GRE for the queues only when its key is in one of
-the sets of table ``ip natedit``, all three derived from the call table's
+the sets of table ``ip natedit``, all four derived from the call table's
 indexes:
 
 * ``own_in`` (public address . server . public Call ID): the keys of
@@ -15,15 +15,21 @@ indexes:
   those keys. Outbound GRE from any inside address to a natedit call's
   server Call ID is claimed, so that the core drops a spoofed source
   (``no_call``) instead of the kernel masquerading it into that call.
+* ``own_peer`` (server . public address): the (server, public address) part
+  of the ``by_public`` keys. Inbound GRE from a natedit call's server to
+  that public address with a Call ID no call has (a late packet of a call
+  that just ended, a spoofed one) is claimed and dropped as ``no_call``:
+  left to conntrack it would get the gateway's ICMP protocol-unreachable,
+  which reaches every pptpd GRE socket toward the public address on that
+  server, and pptpd would end all its calls with the gateway. (The
+  gateway's own PPTP client is a natedit client: its calls are in
+  ``own_in``.)
 
 Every other GRE takes the path it would take without natedit (GRE of calls
-natedit never saw, of a pptpd on the gateway, to other servers, of other
-clients). Not claimed either: GRE from a natedit call's server with a Call ID
-no call has (a call that just ended); the gateway answers it as it would
-without natedit (ICMP protocol-unreachable, when nothing on the gateway takes
-GRE, and pptpd then ends its calls with the gateway's address). The call table
-stays the single source of truth: :class:`Ownership` only mirrors it (the
-exact keys, and how many of them name each own_server element, which goes
+natedit never saw from servers it has no call with, of a pptpd on the
+gateway, to other servers, of other clients). The call table stays the
+single source of truth: :class:`Ownership` only mirrors it (the exact keys,
+and how many of them name each own_server or own_peer element, which goes
 with the last).
 
 * At start, :meth:`Ownership.start` reads every key of the (restored) table;
@@ -73,8 +79,8 @@ log = logging.getLogger("natedit")
 Key = tuple[bytes, bytes, int]
 """by_public: (public address, server, public Call ID); by_server: (client, server,
 server Call ID); addresses packed, as the call table keys them."""
-Pair = tuple[bytes, int]
-"""own_server's element: (server, server Call ID)."""
+Pair = tuple[bytes, int] | tuple[bytes, bytes]
+"""own_server's element: (server, server Call ID); own_peer's: (server, public address)."""
 BATCH = 512
 """Elements per ``add element`` line."""
 
@@ -105,11 +111,17 @@ def server(key: Key) -> Pair:
     return (key[1], key[2])
 
 
+def peer(key: Key) -> Pair:
+    """own_peer's element of a by_public key."""
+    return (key[1], key[0])
+
+
 def _key(k: Key | Pair) -> bytes:
     """An element's bytes as nf_tables compares them (:func:`natedit.nftset.key`)."""
     if len(k) == 3:
         return key(k[0], k[1], k[2].to_bytes(2, "big"))
-    return key(k[0], k[1].to_bytes(2, "big"))
+    last = k[1]
+    return key(k[0], last if isinstance(last, bytes) else last.to_bytes(2, "big"))
 
 
 def element_lines(verb: str, name: str, keys: Iterable[Key | Pair]) -> list[str]:
@@ -195,7 +207,7 @@ class Ownership:
         batches (:mod:`natedit.nftset`, no ruleset cache to read)."""
         self._sets: SetElements | None = None
         self.report = report or (lambda what: log.error("ownership sets: %s", what))
-        self._in = _Mirror(rules.OWN_IN)
+        self._in = _Mirror(rules.OWN_IN, rules.OWN_PEER, peer)
         self._out = _Mirror(rules.OWN_OUT, rules.OWN_SERVER, server)
         self._broken = False
         self.transactions = 0
@@ -219,7 +231,7 @@ class Ownership:
     def owned(self) -> dict[str, int]:
         """Elements per set, as the kernel has them."""
         return {rules.OWN_IN: len(self._in.keys), rules.OWN_OUT: len(self._out.keys),
-                rules.OWN_SERVER: len(self._out.counts)}
+                rules.OWN_SERVER: len(self._out.counts), rules.OWN_PEER: len(self._in.counts)}
 
     def start(self) -> rules.Owned:
         """Every element for the table now (the sets :func:`rules.install` creates); opens
@@ -232,7 +244,8 @@ class Ownership:
         self._broken = False
         return rules.Owned(tuple(map(key_text, sorted(self._in.keys))),
                            tuple(map(key_text, sorted(self._out.keys))),
-                           tuple(map(key_text, sorted(self._out.counts))))
+                           tuple(map(key_text, sorted(self._out.counts))),
+                           tuple(map(key_text, sorted(self._in.counts))))
 
     def close(self) -> None:
         if self._nft is not None:
@@ -307,8 +320,9 @@ class OwnershipCollector:
             "natedit_owned_keys",
             "Elements in the kernel's ownership sets (own_in: public address, server, "
             "public Call ID; own_out: client, server, server Call ID; own_server: server, "
-            "server Call ID): the GRE natedit claims.", labels=["set"])
+            "server Call ID; own_peer: server, public address): the GRE natedit claims.",
+            labels=["set"])
         counts = {} if self.ownership is None else self.ownership.owned
-        for name in (rules.OWN_IN, rules.OWN_OUT, rules.OWN_SERVER):
+        for name in (rules.OWN_IN, rules.OWN_OUT, rules.OWN_SERVER, rules.OWN_PEER):
             owned.add_metric([name], counts.get(name, 0))
         yield owned

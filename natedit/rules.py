@@ -33,12 +33,15 @@ operator's filter.
   sets the worker keeps equal to its call table (:mod:`natedit.owned`
   explains each): ``own_in`` (public address . server . public Call ID:
   the server's GRE to a call's public Call ID), ``own_out`` (client .
-  server . server Call ID: a natedit client's GRE) and ``own_server``
+  server . server Call ID: a natedit client's GRE), ``own_server``
   (server . server Call ID: outbound GRE from any inside address to a
   natedit call's server Call ID, so that the core drops a spoofed source
-  instead of the kernel masquerading it into that call). Inbound GRE from
-  a call's server with a Call ID no call has is not natedit's: the gateway
-  answers it as it would without natedit.
+  instead of the kernel masquerading it into that call) and ``own_peer``
+  (server . public address: inbound GRE from a call's server to its public
+  address with a Call ID no call has, a late or spoofed packet, is claimed
+  too and dropped as ``no_call``; left to conntrack it would get the
+  gateway's ICMP protocol-unreachable, and pptpd ends every call toward
+  that address when one arrives).
   Only enhanced GRE (version 1, PPP, key present) is looked up, and no rule
   names the public address: the sets carry it. Native chains of that table
   (the *claim* chains, just before the queue rule's hook) exempt an owned
@@ -134,6 +137,9 @@ OWN_OUT_TYPE = f"ip saddr . ip daddr . {GRE_CALL_ID}"
 OWN_SERVER = "own_server"
 OWN_SERVER_TYPE = f"ip daddr . {GRE_CALL_ID}"
 """Set ``own_server``: server . server Call ID (the ``own_out`` keys without the client)."""
+OWN_PEER = "own_peer"
+OWN_PEER_TYPE = "ip saddr . ip daddr"
+"""Set ``own_peer``: server . public address (the ``own_in`` keys without the Call ID)."""
 
 
 class RulesError(NateditError):
@@ -211,6 +217,8 @@ class Traffic(enum.Enum):
     OWNED_GRE_OUT = "enhanced GRE of a natedit call, from its client (set own_out)"
     OWNED_GRE_TO_SERVER = ("enhanced GRE to a natedit call's server Call ID, from whichever "
                            "address (set own_server)")
+    PEER_GRE_IN = ("enhanced GRE from a natedit call's server to its public address, "
+                   "whatever the Call ID (set own_peer)")
     CLAIMED_GRE = "GRE natedit claimed (mark bit CLAIM_MARK)"
 
 
@@ -280,6 +288,7 @@ class Owned:
     inbound: tuple[str, ...] = ()
     outbound: tuple[str, ...] = ()
     servers: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
 
 
 def build_ruleset(policy: Policy) -> RuleSet:
@@ -296,6 +305,9 @@ def build_ruleset(policy: Policy) -> RuleSet:
     rules: tuple[Rule, ...] = (
         Rule(S.CLAIM_PREROUTING, T.OWNED_GRE_IN, F.ANY, V.CLAIM,
              why="the server's GRE to a natedit call: natedit's, not conntrack's"),
+        Rule(S.CLAIM_PREROUTING, T.PEER_GRE_IN, F.ANY, V.CLAIM,
+             why="a natedit call's server, a Call ID no call has: natedit's (no_call), "
+                 "no ICMP that would end pptpd's calls"),
         Rule(S.CLAIM_PREROUTING, T.OWNED_GRE_OUT, F.ANY, V.NOTRACK,
              why="a natedit client's GRE: natedit's, not conntrack's (nor MASQUERADE's)"),
         Rule(H.RAW_PREROUTING, T.CLAIMED_GRE, F.ANY, V.QUEUE, into,
@@ -493,6 +505,7 @@ _NFT_TRAFFIC = {
     Traffic.OWNED_GRE_OUT: f"ip protocol gre {ENHANCED_GRE} {OWN_OUT_TYPE} @{OWN_OUT}",
     Traffic.OWNED_GRE_TO_SERVER: (f"ip protocol gre {ENHANCED_GRE} {OWN_SERVER_TYPE} "
                                   f"@{OWN_SERVER}"),
+    Traffic.PEER_GRE_IN: f"ip protocol gre {ENHANCED_GRE} {OWN_PEER_TYPE} @{OWN_PEER}",
     Traffic.CLAIMED_GRE: f"ip protocol gre {_NFT_MARKED}",
 }
 _NFT_FLOW = {
@@ -550,6 +563,7 @@ def _table(rs: RuleSet, owned: Owned | None, *, queues: bool) -> list[str]:
         *_set_lines(OWN_IN, OWN_IN_TYPE, owned.inbound),
         *_set_lines(OWN_OUT, OWN_OUT_TYPE, owned.outbound),
         *_set_lines(OWN_SERVER, OWN_SERVER_TYPE, owned.servers),
+        *_set_lines(OWN_PEER, OWN_PEER_TYPE, owned.peers),
     ]
     chains: list[tuple[str, int, Hook | Stage, str]] = [
         (s.hook, s.priority, s, str(s.priority)) for s in rs.stages]

@@ -7,7 +7,8 @@ acknowledgement and their calls are not disturbed):
 
 * a fragment: one packet of the call cut into two IP fragments, inbound and outbound;
 * IP options: a packet of the call with a 24-byte IP header, inbound and outbound;
-* an unknown Call ID, outbound and inbound;
+* an unknown Call ID, outbound and inbound (from an outside address with no call,
+  and from the call's server);
 * a spoofed source: an inside address with no call, the call's server Call ID;
 * an expired TTL (1), outbound and inbound.
 
@@ -18,10 +19,14 @@ reassembled by the gateway and the packet translated by the queue, so is the pac
 with IP options (the worker's full path, options kept); natedit's rules claim
 only GRE the ownership sets name (natedit/owned.py): the unknown Call IDs are
 no call's and take the path they would take without natedit (outbound
-MASQUERADEd to the server; inbound, here from an outside address with no call,
-left to the gateway itself, never reaching a client), while the spoofed one
-names a call's server Call ID (set own_server): it is claimed and dropped as
-``no_call`` (counted in natedit_packets_dropped); an
+MASQUERADEd to the server; inbound from an outside address with no call, left
+to the gateway itself, never reaching a client), except inbound from the call's
+server (set own_peer: server . public address): claimed and dropped as
+``no_call``, so that the gateway never answers it with ICMP protocol-unreachable
+(the server's receiver watches for one: pptpd would end its calls), and the
+calls still pass frames afterwards; the spoofed one names a call's server Call
+ID (set own_server): it is claimed and dropped as ``no_call`` too (counted in
+natedit_packets_dropped); an
 expired TTL is answered with ICMP time-exceeded (the inbound one after the queue
 translated it, as the kernel forwards it) and delivered nowhere. With the
 kernel datapath, the queues saw each of them, and the call's own GRE still went
@@ -92,6 +97,12 @@ while end is None or time.monotonic() < end:
                 got.append({"kind": "time_exceeded", "tag": t,
                             "src": socket.inet_ntoa(d[12:16]),
                             "inner_dst": socket.inet_ntoa(inner[16:20])})
+        elif d[ihl] == 3 and d[ihl + 1] == 2:  # protocol unreachable: the header follows
+            inner = d[ihl + 8:]
+            t = tag(inner, (inner[0] & 15) * 4 + 8)
+            if t:
+                got.append({"kind": "unreachable", "tag": t,
+                            "src": socket.inet_ntoa(d[12:16])})
 print(json.dumps(got), flush=True)
 """
 
@@ -120,28 +131,31 @@ for case in json.loads(sys.argv[1]):
 EXPECTED: dict[str, dict[str, Any]] = {
     # what userspace does (and so what the kernel datapath must do), per case
     "FRGO": {"at_server": [{"src": PUBLIC_GW_ADDR, "cid": "server"}] * N, "at_client": [],
-             "time_exceeded": []},
+             "time_exceeded": [], "unreachable": []},
     "FRGI": {"at_server": [], "at_client": [{"src": SERVER_ADDR, "cid": FORCED}] * N,
-             "time_exceeded": []},
+             "time_exceeded": [], "unreachable": []},
     "OPTO": {"at_server": [{"src": PUBLIC_GW_ADDR, "cid": "server"}] * N, "at_client": [],
-             "time_exceeded": []},
+             "time_exceeded": [], "unreachable": []},
     "OPTI": {"at_server": [], "at_client": [{"src": SERVER_ADDR, "cid": FORCED}] * N,
-             "time_exceeded": []},
+             "time_exceeded": [], "unreachable": []},
     "UNKO": {"at_server": [{"src": PUBLIC_GW_ADDR, "cid": "unknown"}] * N, "at_client": [],
-             "time_exceeded": []},  # not natedit's: MASQUERADE, as without natedit
-    "UNKI": {"at_server": [], "at_client": [], "time_exceeded": []},
-    "SPOO": {"at_server": [], "at_client": [], "time_exceeded": []},
+             "time_exceeded": [], "unreachable": []},  # not natedit's: MASQUERADE
+    "UNKI": {"at_server": [], "at_client": [], "time_exceeded": [], "unreachable": []},
+    # from the call's server, a Call ID no call has (own_peer): no_call, no ICMP back
+    "UNKS": {"at_server": [], "at_client": [], "time_exceeded": [], "unreachable": []},
+    "SPOO": {"at_server": [], "at_client": [], "time_exceeded": [], "unreachable": []},
     "TTLO": {"at_server": [], "at_client": [],
-             "time_exceeded": [{"at": "client", "inner_dst": SERVER_ADDR}]},
+             "time_exceeded": [{"at": "client", "inner_dst": SERVER_ADDR}],
+             "unreachable": []},
     "TTLI": {"at_server": [], "at_client": [],
-             "time_exceeded": [{"at": "server", "inner_dst": "client"}]},
+             "time_exceeded": [{"at": "server", "inner_dst": "client"}],
+             "unreachable": []},
 }
-NO_CALL = N
-"""natedit_packets_dropped{reason="no_call"}: SPOO (UNKO and UNKI are not natedit's)."""
+NO_CALL = 2 * N
+"""natedit_packets_dropped{reason="no_call"}: SPOO and UNKS (UNKO and UNKI are not
+natedit's)."""
 STRANGER = "198.51.100.77"
-"""An outside address with no call (UNKI's source: from the call's server, an unknown
-Call ID would be answered with ICMP protocol-unreachable, as without natedit, and
-pptpd would end its calls)."""
+"""An outside address with no call (UNKI's source: not natedit's, left to the gateway)."""
 
 
 def gateway(datapath: str) -> Gateway:
@@ -211,6 +225,8 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
              "ttl": 64, "frag": False, "opts": True},
             {"tag": "UNKI", "src": STRANGER, "dst": PUBLIC_GW_ADDR, "cid": unknown_in,
              "ttl": 64, "frag": False},
+            {"tag": "UNKS", "src": SERVER_ADDR, "dst": PUBLIC_GW_ADDR, "cid": unknown_in,
+             "ttl": 64, "frag": False},
             {"tag": "TTLI", "src": SERVER_ADDR, "dst": PUBLIC_GW_ADDR, "cid": public_cid,
              "ttl": 1, "frag": False},
         ]
@@ -244,6 +260,7 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
                     rx.wait()
         drops_after, queued_after = dropped(lab), queued(lab)
         maps_after = kernel_maps(lab.exec, lab.gw_ns)
+        after = s.phase("after", [0, 1], 5)  # pptpd ended no call: frames still pass
         r = s.finish(f"not_owned_{datapath}", {})
     names = {"server": server_cid, "client": client.addr}
     seen: dict[str, dict[str, Any]] = {}
@@ -259,6 +276,8 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
                   else p["inner_dst"]}
                  for where in ("client", "server") for p in got[where]
                  if p["kind"] == "time_exceeded" and p["tag"] == tag), key=str)[:1],
+            "unreachable": [{"src": p["src"]} for p in got["server"]
+                            if p["kind"] == "unreachable" and p["tag"] == tag],
         }
     drops = {k: drops_after.get(k, 0) - v for k, v in drops_before.items()
              if drops_after.get(k, 0) != v}
@@ -266,13 +285,13 @@ def test_gre_the_kernel_does_not_own_gets_todays_verdict(datapath: str) -> None:
     info = (f"{datapath}: {json.dumps(seen, indent=1)}\ndrops {drops}\nqueued "
             f"{through}\nmaps {maps_before} -> {maps_after}\n"
             f"raw {got}\n{r.describe()}")
-    assert own and all(c.clean for c in r.calls.values()), info
+    assert own and after and all(c.clean for c in r.calls.values()), info
     assert seen == EXPECTED, info
     assert drops == {"no_call": NO_CALL}, info  # nothing else dropped, fragment included
-    # the queues saw them (a reassembled packet once): inbound FRGI, OPTI, TTLI; outbound
-    # OPTO, SPOO (FRGO too, but see above), not TTLO: forwarding answers it before any
-    # rule; not UNKO, UNKI: no set names them
-    assert through[1724] >= 3 * N and through[1723] >= 2 * N, info
+    # the queues saw them (a reassembled packet once): inbound FRGI, OPTI, TTLI, UNKS;
+    # outbound OPTO, SPOO (FRGO too, but see above), not TTLO: forwarding answers it
+    # before any rule; not UNKO, UNKI: no set names them
+    assert through[1724] >= 4 * N and through[1723] >= 2 * N, info
     if datapath == "kernel":  # the program translated the calls' own 2 x 10 frames each way
         for m in ("out_saddr", "in_daddr"):
             assert sum(maps_after[m].values()) >= sum(maps_before[m].values()) + 20, info

@@ -250,5 +250,6 @@ def test_ownership_sets_follow_the_call_table_through_netlink(gw: Namespace) -> 
     assert f"elements = {{ 198.51.100.1 . 198.51.100.2 . {public_id:#x} }}" in table, table
     assert "elements = { 10.0.0.11 . 198.51.100.2 . 0x80 }" in table, table
     assert "elements = { 198.51.100.2 . 0x80 }" in table, table
-    assert table.count("elements = {") == 4  # inside, and the three sets: nothing else
+    assert "elements = { 198.51.100.2 . 198.51.100.1 }" in table, table  # own_peer
+    assert table.count("elements = {") == 5  # inside, and the four sets: nothing else
     remove(installation)

@@ -194,10 +194,13 @@ def test_worker_end_to_end(lab: Lab) -> None:
         lab.client, lab.server, build_gre("10.0.0.2", "198.51.100.2", 5, b"not-ours"),
         "not-ours")
     assert got[12:20] == bytes([198, 51, 100, 1, 198, 51, 100, 2])
-    # (Its reply, to the public address, is not queued either: conntrack without the
-    # kernel's PPTP helper cannot key GRE v1 replies, so it stays on the gateway.)
-    lab.gre(lab.server, lab.client, build_gre("198.51.100.2", "198.51.100.1", 6, b"back"),
-            "back")
+    # Its reply, from the call's server to the public address with a Call ID no call
+    # has, is claimed (set own_peer: server . public address) and queued, so that the
+    # gateway never answers it with ICMP protocol-unreachable (pptpd would end its calls);
+    # the real translator drops it as no_call, the stand-in (blind to Call IDs) delivers it.
+    got = lab.gre(lab.server, lab.client,
+                  build_gre("198.51.100.2", "198.51.100.1", 6, b"back"), "back")
+    assert got[12:20] == bytes([198, 51, 100, 2, 10, 0, 0, 2])
 
     # An exception drops that one packet; the worker goes on.
     boom = build_gre("10.0.0.2", "198.51.100.2", 7, b"raise")
@@ -218,7 +221,7 @@ def test_worker_end_to_end(lab: Lab) -> None:
     assert "RuntimeError: stand-in told to fail" in text
     assert "natedit: SIGTERM received, stopping" in text
     assert "not-ours" not in text and "proto=47 10.0.0.2->198.51.100.2" in text
-    assert text.count("proto=47") == 5  # out-1, in-1, leak, raise, out-2: the owned ones
+    assert text.count("proto=47") == 6  # out-1, in-1, back, leak, raise, out-2: the owned ones
     assert not (lab.tmp / "w.ready").exists()
     assert lab.gw.iptables_save() == lab.baseline
     assert "natedit" not in lab.gw.run(["nft", "list", "tables"])

@@ -43,7 +43,8 @@ def test_keys_follow_the_call_table_one_transaction_per_flush() -> None:
     own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
     own.flush()
     ((public_key,),) = [list(tr.table.by_public)]
-    assert nft.transactions == [f"add element ip natedit own_in {{ {key_text(public_key)} }}\n"]
+    assert nft.transactions == [f"add element ip natedit own_in {{ {key_text(public_key)} }}\n"
+                                f"add element ip natedit own_peer {{ {SERVER} . {PUBLIC} }}\n"]
     assert key_text(public_key).startswith(f"{PUBLIC} . {SERVER} . ")
     reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public_key[2])
     own.note(conv.send(IN, reply).events)
@@ -51,7 +52,7 @@ def test_keys_follow_the_call_table_one_transaction_per_flush() -> None:
     assert nft.transactions[1] == (
         f"add element ip natedit own_out {{ {CLIENT} . {SERVER} . 128 }}\n"
         f"add element ip natedit own_server {{ {SERVER} . 128 }}\n")
-    assert own.owned == {"own_in": 1, "own_out": 1, "own_server": 1}
+    assert own.owned == {"own_in": 1, "own_out": 1, "own_server": 1, "own_peer": 1}
     own.flush()  # nothing noted: nothing sent
     assert len(nft.transactions) == 2
 
@@ -65,6 +66,7 @@ def test_start_reads_every_call_of_a_restored_table() -> None:
     assert owned.inbound == (f"{PUBLIC} . {SERVER} . {public}",)
     assert owned.outbound == (f"{CLIENT} . {SERVER} . 128",)
     assert owned.servers == (f"{SERVER} . 128",)
+    assert owned.peers == (f"{SERVER} . {PUBLIC}",)
 
 
 def test_a_failed_update_is_reported_and_the_sets_are_rebuilt() -> None:
@@ -83,8 +85,9 @@ def test_a_failed_update_is_reported_and_the_sets_are_rebuilt() -> None:
     own.flush()  # the next turn rebuilds from the whole table
     ((key,),) = [list(tr.table.by_public)]
     assert nft.transactions == [
-        "flush set ip natedit own_in\n"
+        "flush set ip natedit own_in\nflush set ip natedit own_peer\n"
         f"add element ip natedit own_in {{ {key_text(key)} }}\n"
+        f"add element ip natedit own_peer {{ {SERVER} . {PUBLIC} }}\n"
         "flush set ip natedit own_out\nflush set ip natedit own_server\n"]
     assert not own.pending and own.owned["own_in"] == 1
 
@@ -154,7 +157,7 @@ def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent()
     assert order == []  # nothing sent yet, nothing claimed yet
     batch.send()
     assert order == ["nft", "verdicts"]
-    assert nft.transactions[0].count("198.51.100.2 . ") == 2  # both calls, one transaction
+    assert nft.transactions[0].count("198.51.100.2 . ") == 3  # both calls (+ own_peer), once
     dispatcher.flush()
     assert order == ["nft", "verdicts"]
 
@@ -171,16 +174,17 @@ def test_a_released_call_leaves_the_sets() -> None:
     reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public_key[2])
     own.note(conv.send(IN, reply).events)
     own.flush()
-    assert own.owned == {"own_in": 1, "own_out": 1, "own_server": 1}
+    assert own.owned == {"own_in": 1, "own_out": 1, "own_server": 1, "own_peer": 1}
     clear = msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)
     own.note(conv.send(IN, clear).events)
     own.flush()
     assert not tr.table.by_public and not tr.table.by_server
     assert nft.transactions[-1] == (
         f"delete element ip natedit own_in {{ {key_text(public_key)} }}\n"
+        f"delete element ip natedit own_peer {{ {SERVER} . {PUBLIC} }}\n"
         f"delete element ip natedit own_out {{ {CLIENT} . {SERVER} . 128 }}\n"
         f"delete element ip natedit own_server {{ {SERVER} . 128 }}\n")
-    assert own.owned == {"own_in": 0, "own_out": 0, "own_server": 0}
+    assert own.owned == {"own_in": 0, "own_out": 0, "own_server": 0, "own_peer": 0}
 
 
 def test_own_server_goes_with_the_last_call_that_names_it() -> None:
@@ -216,5 +220,40 @@ def test_collector_tells_the_keys() -> None:
     own = Ownership(make_translator(), nft=FakeNft())
     families = {f.name: f for f in OwnershipCollector(own).collect()}
     keys = {s.labels["set"]: s.value for s in families["natedit_owned_keys"].samples}
-    assert keys == {"own_in": 0, "own_out": 0, "own_server": 0}
+    assert keys == {"own_in": 0, "own_out": 0, "own_server": 0, "own_peer": 0}
     assert {f.name for f in OwnershipCollector(None).collect()} == {"natedit_owned_keys"}
+
+
+def test_own_peer_follows_own_in_and_goes_with_the_last_call_to_its_server() -> None:
+    """own_peer (server . public address) is own_in's keys without the Call ID: two calls
+    to one server from one public address share an element, which goes with the last;
+    a call to another server has its own."""
+    tr = make_translator()
+    nft = FakeNft()
+    own = Ownership(tr, nft=nft)
+    own.start()
+    other = "198.51.100.3"
+    convs = []
+    for client, server in ((CLIENT, SERVER), ("10.0.0.12", SERVER), ("10.0.0.13", other)):
+        conv = Conversation(tr, client, server=server)
+        conv.open()
+        own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
+        [public] = [k[2] for k, c in tr.table.by_public.items()
+                    if c.client_ip == IPv4Address(client).packed]
+        reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public)
+        own.note(conv.send(IN, reply).events)
+        convs.append(conv)
+    own.flush()
+    assert (own.owned["own_in"], own.owned["own_peer"]) == (3, 2)
+    assert nft.transactions[-1].count("own_peer") == 1
+    assert f"{SERVER} . {PUBLIC}, {other} . {PUBLIC}" in nft.transactions[-1]
+    own.note(convs[0].send(IN, msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)).events)
+    own.flush()
+    assert (own.owned["own_in"], own.owned["own_peer"]) == (2, 2)
+    assert "own_peer" not in nft.transactions[-1]
+    for conv in convs[1:]:
+        own.note(conv.send(IN, msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)).events)
+    own.flush()
+    assert (own.owned["own_in"], own.owned["own_peer"]) == (0, 0)
+    assert nft.transactions[-1].count("delete element ip natedit own_peer") == 1
+    assert f"{SERVER} . {PUBLIC}, {other} . {PUBLIC}" in nft.transactions[-1]

@@ -86,6 +86,7 @@ GRE = "ip protocol gre @th,0,32 & 0xe007ffff == 0x2001880b"
 OWN_IN = f"{GRE} ip daddr . ip saddr . @th,48,16 @own_in"
 OWN_OUT = f"{GRE} ip saddr . ip daddr . @th,48,16 @own_out"
 TO_SERVER = f"{GRE} ip daddr . @th,48,16 @own_server ip saddr @inside"
+PEER = f"{GRE} ip saddr . ip daddr @own_peer"
 CLAIMED = "ip protocol gre meta mark & 0x10000000 == 0x10000000"
 SET_MARK = "meta mark set meta mark | 0x10000000"
 CLEAR_MARK = "meta mark set meta mark & 0xefffffff"
@@ -120,6 +121,7 @@ def test_native_table_claims_only_what_the_sets_hold() -> None:
                   if " comment " in ln]
     assert statements == [
         f"{OWN_IN} notrack {SET_MARK}",
+        f"{PEER} notrack {SET_MARK}",  # a call's server, unknown Call ID: no_call, no ICMP
         f"{OWN_OUT} notrack",
         f"{CLAIMED} {CLEAR_MARK}",
         f"{TO_SERVER} {SET_MARK}",  # any inside source: the core drops a spoofed one
@@ -127,6 +129,7 @@ def test_native_table_claims_only_what_the_sets_hold() -> None:
         f"{OWN_OUT} ip saddr @inside drop",  # not the gateway's own client's (public source)
     ]
     assert "set own_server {\n\t\ttypeof ip daddr . @th,48,16\n\t}" in text
+    assert "set own_peer {\n\t\ttypeof ip saddr . ip daddr\n\t}" in text
     assert "set own_in {\n\t\ttypeof ip daddr . ip saddr . @th,48,16\n\t}" in text
     assert "set own_out {\n\t\ttypeof ip saddr . ip daddr . @th,48,16\n\t}" in text
     assert " queue num " not in text  # the queue rules are iptables rules in this flavour
@@ -135,12 +138,14 @@ def test_native_table_claims_only_what_the_sets_hold() -> None:
 def test_native_table_carries_the_owned_keys() -> None:
     owned = Owned(("198.51.100.1 . 198.51.100.2 . 4660",),
                   ("10.0.0.2 . 198.51.100.2 . 7", "10.0.0.3 . 198.51.100.2 . 8"),
-                  ("198.51.100.2 . 7", "198.51.100.2 . 8"))
+                  ("198.51.100.2 . 7", "198.51.100.2 . 8"), ("198.51.100.2 . 198.51.100.1",))
     text = render_native(build_ruleset(POLICY), owned)
     assert "\t\telements = { 198.51.100.1 . 198.51.100.2 . 4660 }" in text
     assert "\t\telements = { 10.0.0.2 . 198.51.100.2 . 7, 10.0.0.3 . 198.51.100.2 . 8 }" in text
     assert "\t\telements = { 198.51.100.2 . 7, 198.51.100.2 . 8 }" in text
-    assert render_nft(build_ruleset(POLICY), owned).count("elements = {") == 4
+    assert ("\tset own_peer {\n\t\ttypeof ip saddr . ip daddr\n"
+            "\t\telements = { 198.51.100.2 . 198.51.100.1 }") in text
+    assert render_nft(build_ruleset(POLICY), owned).count("elements = {") == 5
 
 
 def test_no_queue_bypass_anywhere() -> None:
@@ -287,6 +292,7 @@ def test_nft_rendering() -> None:
     statements = [ln.split(" comment ")[0] for ln in lines if " comment " in ln]
     assert statements == [
         f"{OWN_IN} notrack {SET_MARK}",  # claim_prerouting -302
+        f"{PEER} notrack {SET_MARK}",
         f"{OWN_OUT} notrack",
         f"{CLAIMED} queue num 1724",  # raw_prerouting -300
         f"{CLAIMED} {CLEAR_MARK}",  # settle_prerouting -299
@@ -440,3 +446,12 @@ def test_prune_keeps_a_base_chain_with_a_drop_policy() -> None:
 def test_prune_only_looks_at_natedit_hooks() -> None:
     objects = [{"table": {"family": "ip", "name": "raw"}}, _chain("raw", "OUTPUT", "output")]
     assert nft_prune(objects, None, tuple(Hook)) == ""
+
+
+def test_every_comment_fits_nft() -> None:
+    """nft refuses a comment longer than 128 characters (and so the whole table)."""
+    for policy in (POLICY, PASS):
+        rs = build_ruleset(policy)
+        for text in (render_native(rs), render_nft(rs)):
+            comments = re.findall(r'comment "([^"]*)"', text)
+            assert comments and max(map(len, comments)) <= 128
