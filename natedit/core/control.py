@@ -279,9 +279,7 @@ class Control:
             return None
         n = len(client_his)
         admission = self.admission
-        public = conn.public_ip
-        if public is None:  # the edge has told none: the policy's first, from now on
-            public = conn.public_ip = self.public_ip
+        public = conn.public_ip = conn.public_or(self.public_ip)  # pinned from now on
         reason = ((None if started else Refusal.NOT_STARTED)
                   or (None if public in self.publics else Refusal.NOT_PUBLIC)
                   or admission.acl_refusal(conn.client_ip, conn.server_ip,
@@ -316,7 +314,7 @@ class Control:
                 new_ids.add(value)
             elif (kind is _OWN and value not in new_ids
                   and conn.call_by_client_id(value) is None):
-                public = self.public_ip if conn.public_ip is None else conn.public_ip
+                public = conn.public_or(self.public_ip)
                 other = self.table.by_public.get((public, conn.server_ip, value))
                 if other is not None and other.conn is not conn:
                     return True

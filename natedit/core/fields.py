@@ -82,7 +82,7 @@ class CallIdFields:
         full = (hi << 8 | msg[f + 1]) if f + 1 < end else None
         out: list[tuple[int, int]] = []
         if kind is _NEW:
-            public = self.public_ip if conn.public_ip is None else conn.public_ip
+            public = conn.public_or(self.public_ip)
             call = (self.table.allocate(conn, hi, public, now) if has_hi
                     else stream.partial.pop(f, None))
             if not isinstance(call, Call):
@@ -159,7 +159,7 @@ class CallIdFields:
         if d is Direction.OUTBOUND and value is not None and leaving != value:
             return DropReason.SPLIT_CALL_ID  # a live call's private Call ID would leave
         if d is Direction.OUTBOUND and field.kind is _OWN and named is None:
-            public = self.public_ip if conn.public_ip is None else conn.public_ip
+            public = conn.public_or(self.public_ip)
             other = self.table.by_public.get((public, conn.server_ip, full))
             if other is not None and other.conn is not conn:
                 return DropReason.FOREIGN_CALL_ID

@@ -93,6 +93,11 @@ class ControlConnection:
         (either way), or natedit did not see the connection start (picked up
         mid-stream, or restored after a restart), so it cannot know."""
 
+    def public_or(self, default: bytes) -> bytes:
+        """The address its calls have (or get): the edge's, else ``default`` (the
+        policy's first public address) while it has told none."""
+        return default if self.public_ip is None else self.public_ip
+
     def expires(self, policy: Policy) -> float:
         return self.last_seen + policy.control_idle_timeout
 
