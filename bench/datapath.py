@@ -25,7 +25,11 @@ address, right Call ID), for each gateway:
   worktree`` of an earlier commit), for a before/after in one run: the table
   then has the ratio of each ``natedit-*`` path to its ``-before``.
 
-Queue workers run on CPU 1 (``taskset``). A PPTP control conversation through
+Queue workers run on CPU 1 (``taskset``); the flood sender and the latency
+probes' sender and receiver on CPU 0, so that every probe crosses to the
+worker's CPU as the flood does (left to the scheduler, a probe sent from the
+worker's own CPU skipped the cross-CPU wake-up, and a path's median latency
+moved 2x between runs). A PPTP control conversation through
 the gateway (Start-Control-Connection, Outgoing-Call-Request/Reply, from
 sockets in the two outer namespaces) sets up the call first, so the
 helper and natedit both know it. Each path is measured for small (64 B
@@ -395,10 +399,10 @@ def latency(topo: Topology, flow: Flow, direction: str, probes: int) -> dict[str
     sender, receiver = ((topo.ns_in, topo.ns_out) if direction == "out"
                         else (topo.ns_out, topo.ns_in))
     rx = topo.popen(receiver, [sys.executable, "-m", "bench.datapath", "_probe_rx",
-                               str(probes)], stdout=subprocess.PIPE)
+                               str(probes)], stdout=subprocess.PIPE, cpu=SENDER_CPU)
     _wait_line(rx, "listening", 10)
     tx = topo.popen(sender, [sys.executable, "-m", "bench.datapath", "_probe_tx", flow.src,
-                             flow.dst, str(flow.call_id), str(probes)])
+                             flow.dst, str(flow.call_id), str(probes)], cpu=SENDER_CPU)
     line = _wait_line(rx, "{", 10 + probes * 0.01)
     tx.wait(10)
     samples = json.loads(line)["us"]

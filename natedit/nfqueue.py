@@ -301,11 +301,11 @@ class Verdicts:
         """Accept the packet, with ``payload`` as its new bytes (None: as it came)."""
         parts = self.parts
         if payload is None:
-            parts.append(_BARE.pack(32, self._accept, socket.htonl(packet_id)))
+            parts.append(_BARE.pack(32, self._accept, _htonl(packet_id)))
             self.size += 32
         else:
             n = len(payload)
-            parts.append(_WITH_PAYLOAD.pack(36 + n, self._accept, socket.htonl(packet_id),
+            parts.append(_WITH_PAYLOAD.pack(36 + n, self._accept, _htonl(packet_id),
                                             4 + n, NFQA_PAYLOAD))
             parts.append(payload)
             if n & 3:
@@ -317,7 +317,7 @@ class Verdicts:
             self._took()
 
     def drop(self, packet_id: int) -> None:
-        self.parts.append(_BARE.pack(32, self._drop, socket.htonl(packet_id)))
+        self.parts.append(_BARE.pack(32, self._drop, _htonl(packet_id)))
         self.size += 32
         self.pending += 1
         self.room -= 1
@@ -363,7 +363,8 @@ class Verdicts:
             at = end
 
 
-_ACCEPT_BE, _DROP_BE = socket.htonl(NF_ACCEPT), socket.htonl(NF_DROP)
+_htonl = socket.htonl
+_ACCEPT_BE, _DROP_BE = _htonl(NF_ACCEPT), _htonl(NF_DROP)
 _U32 = struct.Struct("=I")
 _PAD = (0, 3, 2, 1)
 

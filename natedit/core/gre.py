@@ -20,7 +20,7 @@ datapath's counts). Two ways lead to them:
   worker tries first (``Translator.gre_in_fast``/``gre_out_fast``), which takes
   only the packet that is the point of a running call (a
   20-byte IP header, no fragment, the total length equal to the bytes, the
-  usual enhanced GRE flags: :data:`FAST_HEADS`) and declines (None) anything else,
+  usual enhanced GRE flags: :data:`FAST_GRE`) and declines (None) anything else,
   which then goes to the full path. A property test holds the two to the same
   bytes, counters and timers (``tests/unit/test_gre_fast.py``).
 
@@ -53,13 +53,20 @@ _IN_HEAD = struct.Struct("!10sH4s4s6sH")
 """A 20-byte IP header to the checksum, checksum, source, destination; GRE to the
 Call ID, Call ID."""
 _OUT_HEAD = struct.Struct("!10sH4s")
+_FAST = struct.Struct("!HH2xHxBH4s4sI2xH")
+"""The shortcut's one read of a 28-byte head: version and header length with the TOS,
+total length, flags and fragment offset, protocol, checksum, source, destination, the
+first four GRE bytes, Call ID."""
+_FULL20 = struct.Struct("!10xH4s4s6xH")
+"""The full path's read of a 20-byte IP header's packet (checked already): checksum,
+source, destination, Call ID."""
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _IN, _OUT = Direction.INBOUND, Direction.OUTBOUND
 _ROUTED = (CallState.ESTABLISHED, CallState.CLOSING)
 
-FAST_HEADS = frozenset(_U32.pack(ENHANCED_GRE_VALUE | s | a)
-                       for s in (0, GRE_SEQ_BIT) for a in (0, GRE_ACK_BIT))
+FAST_GRE = frozenset(ENHANCED_GRE_VALUE | s | a for s in (0, GRE_SEQ_BIT)
+                     for a in (0, GRE_ACK_BIT))
 """The first four GRE bytes the shortcut takes (enhanced GRE, with or without a
 sequence and an acknowledgement number, no other flag); other valid ones go the
 full way."""
@@ -81,19 +88,22 @@ class Gre:
     def inbound(self, data: bytes, now: float, ihl: int = 0) -> bytes | None:
         """The packet for the client, or None: no call of the public Call ID.
 
-        ``ihl`` 0 is the shortcut: only the usual packet (:data:`FAST_HEADS`, a 20-byte
+        ``ihl`` 0 is the shortcut: only the usual packet (:data:`FAST_GRE`, a 20-byte
         IP header, no fragment, the total length equal to the bytes), None for any
         other, which then takes the full path (:meth:`decide`, which checked it and
         gives its IP header length).
         """
+        n = len(data)
         if not ihl:
-            n = len(data)
-            if (n < 28 or data[0] != 0x45 or data[9] != IPPROTO_GRE or data[6] & 0x3F
-                    or data[7] or data[20:24] not in FAST_HEADS or data[2] << 8 | data[3] != n):
+            if n < 28:
+                return None
+            vt, total, frag, proto, csum, src, dst, gre, call_id = _FAST.unpack_from(data)
+            if (vt >> 8 != 0x45 or total != n or frag & 0x3FFF or proto != IPPROTO_GRE
+                    or gre not in FAST_GRE):
                 return None
             ihl = 20
-        if ihl == 20:
-            head, csum, src, dst, gre, call_id = _IN_HEAD.unpack_from(data)
+        elif ihl == 20:
+            csum, src, dst, call_id = _FULL20.unpack_from(data)
         else:
             csum, src, dst = data[10] << 8 | data[11], data[12:16], data[16:20]
             at = ihl + GRE_CALL_ID_AT
@@ -108,13 +118,12 @@ class Gre:
         c = (c & 0xFFFF) + (c >> 16)
         c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
         if ihl == 20:
-            out = _IN_HEAD.pack(head, c, src, call.client_ip, gre, cid) + data[28:]
+            out = _IN_HEAD.pack(data[:10], c, src, call.client_ip, data[20:26], cid) + data[28:]
         else:
             at = ihl + GRE_CALL_ID_AT
             out = b"".join((data[:10], _U16.pack(c), src, call.client_ip, data[20:at],
                             _U16.pack(cid), data[at + 2:]))
         call.last_seen = now  # (the one per-packet count: Gre.count's, inlined for speed)
-        n = len(data)
         call.gre_packets[1] += 1
         call.gre_bytes[1] += n
         stats = self.stats
@@ -125,16 +134,19 @@ class Gre:
     def outbound(self, data: bytes, now: float, ihl: int = 0) -> bytes | None:
         """The packet with the public source address, or None: no call of the server's
         Call ID. ``ihl`` 0 is the shortcut, as for :meth:`inbound`."""
+        n = len(data)
         if not ihl:
-            n = len(data)
-            if (n < 28 or data[0] != 0x45 or data[9] != IPPROTO_GRE or data[6] & 0x3F
-                    or data[7] or data[20:24] not in FAST_HEADS or data[2] << 8 | data[3] != n):
+            if n < 28:
+                return None
+            vt, total, frag, proto, csum, src, dst, gre, call_id = _FAST.unpack_from(data)
+            if (vt >> 8 != 0x45 or total != n or frag & 0x3FFF or proto != IPPROTO_GRE
+                    or gre not in FAST_GRE):
                 return None
             ihl = 20
-        if ihl == 20:
-            head, csum, src, dst, _gre, call_id = _IN_HEAD.unpack_from(data)
+        elif ihl == 20:
+            csum, src, dst, call_id = _FULL20.unpack_from(data)
         else:
-            head, csum, src, dst = data[:10], data[10] << 8 | data[11], data[12:16], data[16:20]
+            csum, src, dst = data[10] << 8 | data[11], data[12:16], data[16:20]
             at = ihl + GRE_CALL_ID_AT
             call_id = data[at] << 8 | data[at + 1]
         call = self._by_server.get((src, dst, call_id))
@@ -143,9 +155,8 @@ class Gre:
         c = (~csum & 0xFFFF) + call.out_csum_delta
         c = (c & 0xFFFF) + (c >> 16)
         c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
-        out = _OUT_HEAD.pack(head, c, call.public_ip) + data[16:]
+        out = _OUT_HEAD.pack(data[:10], c, call.public_ip) + data[16:]
         call.last_seen = now  # (as in inbound)
-        n = len(data)
         call.gre_packets[0] += 1
         call.gre_bytes[0] += n
         stats = self.stats
