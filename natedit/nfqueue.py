@@ -6,9 +6,11 @@ This is the per-packet path of the user-space datapath. :func:`bound` binds
 one NetfilterQueue per queue number, each with the callback that
 :meth:`PacketPath.callback` made for its direction; the worker's loop
 (:mod:`natedit.worker`) reads the queue sockets when they are readable, at most
-:data:`BATCH` packets per queue per turn (:class:`Reader`), and
-NetfilterQueue calls the callback once per packet, which must give every
-packet a verdict and must never raise. The worker's verdicts do not go through
+:data:`BATCH` packets per queue per turn (:class:`Reader`, through the
+library's own loop in C, ``run(block=False)``), and NetfilterQueue calls the
+callback once per packet, which must give every packet a verdict and must
+never raise, except :class:`TurnOver` once the turn's batch is full (which
+ends the library's loop). The worker's verdicts do not go through
 NetfilterQueue's ``accept`` (one ``sendmsg`` per packet, which cost as much as
 the rest of the worker's work on a packet): they are put into the queue's
 :class:`Verdicts`, the same netlink verdict messages one after the other,
@@ -40,7 +42,6 @@ to the kernel.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -135,7 +136,8 @@ class PacketPath:
         """The queue's callback for ``direction``: the GRE of live calls through the
         translator's shortcut, in as few Python steps as possible, everything else
         through :meth:`packet`. With ``verdicts`` (the worker's), every verdict goes
-        into that batch, sent once per turn; without, each packet's own ``accept`` or
+        into that batch, sent once per turn, and the callback raises :class:`TurnOver`
+        after the packet that fills it; without, each packet's own ``accept`` or
         ``drop`` gives it at once."""
         fast, slow, clock = self._gre_fast[direction], self.packet, self.clock
         failed = self._failed
@@ -166,14 +168,16 @@ class PacketPath:
                 out = fast(data, now)
             except Exception:
                 slow(packet, direction, verdicts=verdicts)
-                return
-            if out is None:
-                slow(packet, direction, data, now, verdicts)
-                return
-            try:  # (as above: counted, never decided again)
-                accept(packet.id, out)
-            except Exception:
-                failed(packet, direction, verdicts)
+            else:
+                if out is None:
+                    slow(packet, direction, data, now, verdicts)
+                else:
+                    try:  # (as above: counted, never decided again)
+                        accept(packet.id, out)
+                    except Exception:
+                        failed(packet, direction, verdicts)
+            if verdicts.room <= 0:  # the batch is full: the Reader ends the turn
+                raise TurnOver
 
         return cast(Callback, on_batched)
 
@@ -265,8 +269,8 @@ class Verdicts:
     sent at once (:attr:`limit` 0): a lone packet does not wait for the ``recv`` that
     tells the turn is over. A turn that takes more turns the batches back on.
 
-    ``room`` counts down what the turn may still take; at 0 ``on_full`` is called
-    (the :class:`Reader` ends the turn). ``on_trouble(what)`` reports verdicts the
+    ``room`` counts down what the turn may still take (at 0 the callback ends the
+    turn: :class:`TurnOver`). ``on_trouble(what)`` reports verdicts the
     kernel would not take (each then counted in ``counts['packet_error']``).
     """
 
@@ -290,7 +294,6 @@ class Verdicts:
         self.limit = CHUNK
         """Bytes pending that make it send at once: :data:`CHUNK`, or 0 while the queue
         is quiet (see :meth:`Reader.drain`)."""
-        self.on_full: Callable[[], None] = _nothing
         self.before_send: Callable[[], None] = _nothing
         """Called before the verdicts go to the kernel (the worker's ownership sets learn
         the new calls of the batch first: one transaction for the batch)."""
@@ -313,22 +316,16 @@ class Verdicts:
             self.size += 36 + n
         self.pending += 1
         self.room -= 1
-        if self.size >= self.limit or self.room <= 0:
-            self._took()
+        if self.size >= self.limit:
+            self.send()
 
     def drop(self, packet_id: int) -> None:
         self.parts.append(_BARE.pack(32, self._drop, _htonl(packet_id)))
         self.size += 32
         self.pending += 1
         self.room -= 1
-        if self.size >= self.limit or self.room <= 0:
-            self._took()
-
-    def _took(self) -> None:
         if self.size >= self.limit:
             self.send()
-        if self.room <= 0:
-            self.on_full()
 
     def send(self) -> None:
         """Hand the kernel every verdict not sent yet. Never raises: a write the kernel
@@ -381,59 +378,42 @@ other queue then wait for good. 256 packets are ~0.3 ms of work here; the queue 
 :data:`QUEUE_MAXLEN`."""
 
 
+class TurnOver(BaseException):
+    """Raised by a batched callback after the packet that fills the turn's batch: it
+    ends NetfilterQueue's ``run`` (an exception in a callback stops the library's
+    loop and comes out of ``run``), and :meth:`Reader.drain` takes it. Not an
+    ``Exception``, so that no handler on the per-packet path mistakes it for
+    trouble."""
+
+
 class Reader:
-    """Reads one bound queue at most :data:`BATCH` packets at a time, through the
-    library's ``run_socket`` (its loop stops when ``recv`` says EAGAIN; this socket
-    says it once the batch is done).
+    """Reads one bound queue at most :data:`BATCH` packets a turn, through the library's
+    own loop in C (``run(block=False)``: ``recv`` into a buffer of its own until the
+    socket is empty, no Python step per packet but the callback), which the callback
+    stops with :class:`TurnOver` once ``verdicts`` (the :class:`Verdicts` it fills) has
+    taken ``batch`` packets. The turn's verdicts are sent before :meth:`drain` returns."""
 
-    With ``verdicts`` (the :class:`Verdicts` its callback fills), ``recv`` is the
-    socket's own (no Python step per packet): the batch ends when ``verdicts`` has
-    taken ``batch`` packets, and its verdicts are sent before :meth:`drain` returns.
-    Without, every ``recv`` is counted."""
-
-    def __init__(self, queue: Any, batch: int = BATCH,
-                 verdicts: Verdicts | None = None) -> None:
-        if verdicts is not None and batch * 3 > IOV_MAX:
+    def __init__(self, queue: Any, verdicts: Verdicts, batch: int = BATCH) -> None:
+        if batch * 3 > IOV_MAX:
             raise ValueError(f"a batch of {batch} verdicts may not fit one sendmsg")
         self.queue = queue
         self.batch = batch
         self._sock = socket.socket(fileno=os.dup(queue.get_fd()))
         self._sock.setblocking(False)
-        self._recv = self._sock.recv
-        self._left = 0
         self.verdicts = verdicts
-        self.recv: Callable[[int], bytes] = self._counted
-        if verdicts is not None:
-            verdicts.sock = self._sock
-            verdicts.on_full = self._full
+        verdicts.sock = self._sock
         self.full_turns = 0
         """Turns that ended on the bound with packets perhaps still waiting."""
 
-    def _counted(self, size: int) -> bytes:
-        if self._left <= 0:
-            return self._spent(size)
-        self._left -= 1
-        return self._recv(size)
-
-    def _spent(self, size: int) -> bytes:
-        self.full_turns += 1
-        raise BlockingIOError(errno.EAGAIN, "batch done")
-
-    def _full(self) -> None:
-        self.recv = self._spent
-
     def drain(self) -> None:
-        """Hand the callback what is waiting, at most ``batch`` packets (and, with
-        verdicts, send them)."""
+        """Hand the callback what is waiting, at most ``batch`` packets, and send their
+        verdicts."""
         verdicts = self.verdicts
-        if verdicts is None:
-            self._left = self.batch
-            self.queue.run_socket(self)
-            return
         verdicts.room = self.batch
-        self.recv = self._recv
         try:
-            self.queue.run_socket(self)
+            self.queue.run(False)
+        except TurnOver:
+            self.full_turns += 1
         finally:
             verdicts.send()
             # quiet (at most one packet this turn): the next turn's verdicts go at once

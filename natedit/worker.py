@@ -419,18 +419,14 @@ def _read_nat(policy: Policy, translator: PacketTranslator,
 
 
 def _loop(queues: list[Any], wakeup: _Wakeup, dispatcher: Dispatcher,
-          on_hangup: Callable[[], None],
-          verdicts: list[nfqueue.Verdicts] | None = None) -> None:
-    """``verdicts``: each queue's batch its callback fills (None: none, the packets
-    give their own verdicts)."""
-    batches: list[nfqueue.Verdicts | None] = (
-        [None] * len(queues) if verdicts is None else list(verdicts))
+          on_hangup: Callable[[], None], verdicts: Iterable[nfqueue.Verdicts] = ()) -> None:
+    """``verdicts``: each queue's batch its callback fills."""
     with contextlib.ExitStack() as readers:
         poller = select.epoll()
         readers.callback(poller.close)
         by_fd: dict[int, nfqueue.Reader | None] = {}
-        for queue, batch in zip(queues, batches, strict=True):
-            reader = nfqueue.Reader(queue, verdicts=batch)
+        for queue, batch in zip(queues, verdicts, strict=True):
+            reader = nfqueue.Reader(queue, batch)
             readers.callback(reader.close)
             by_fd[queue.get_fd()] = reader
         by_fd[wakeup.fd] = None

@@ -114,76 +114,102 @@ def test_trouble_on_the_full_path_drops_and_counts(setup: Setup) -> None:
 # -- the bounded reader (the loop's liveness under a flood) ---------------------------------
 
 
-class FloodQueue:
-    """A queue that always has packets: run_socket as NetfilterQueue 1.1 has it (recv
-    until EAGAIN/EWOULDBLOCK, ENOBUFS skipped), counting what it handed the callback."""
+class LibQueue:
+    """A bound queue stood in for: ``run(block=False)`` as NetfilterQueue 1.1 has it
+    (``recv`` until EAGAIN, the callback once per message; an exception in the callback
+    ends the loop and comes out of ``run``). ``flood``: another packet is always
+    waiting, a copy of ``flood``."""
 
-    def __init__(self) -> None:
+    def __init__(self, flood: bytes | None = None) -> None:
         self.a, self.b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.a.setblocking(False)
+        self.flood = flood
+        self.callback: Callable[[FakePacket], None] = lambda packet: None
         self.handled = 0
 
     def get_fd(self) -> int:
         return self.a.fileno()
 
-    def run_socket(self, s: nfqueue.Reader) -> None:
+    def run(self, block: bool = True) -> None:
+        assert not block
         while True:
-            self.b.send(b"p" * 60)  # the flood: another packet is always waiting
+            if self.flood is not None:
+                self.b.send(self.flood)
             try:
-                s.recv(4096)
-            except OSError as e:
-                if e.args[0] == errno.ENOBUFS:
-                    continue
-                if e.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    break
-                raise
+                data = self.a.recv(4096)
+            except BlockingIOError:
+                return
             self.handled += 1
+            self.callback(FakePacket(data, id=self.handled))
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
 
 
-def test_the_reader_returns_to_the_loop_under_a_flood() -> None:
-    """run(block=False) returns only once the socket is empty: under a steady flood the
-    loop never came back to its timers, flush or signals. A Reader hands the callback
-    at most BATCH packets per turn, whatever is waiting."""
-    queue = FloodQueue()
-    reader = nfqueue.Reader(queue)
+def test_the_reader_returns_to_the_loop_under_a_flood(setup: Setup) -> None:
+    """The library's run(block=False) returns only once the socket is empty: under a
+    steady flood the loop never came back to its timers, flush or signals. The batched
+    callback ends the library's loop (TurnOver) once the turn's batch is full, and the
+    Reader sends the batch: BATCH packets per turn, whatever is waiting."""
+    queue = LibQueue(flood=build_gre(CLIENT, SERVER, SERVER_CALL_ID, bytes(64)))
+    v = nfqueue.Verdicts(1723)
+    queue.callback = setup.path.callback(OUT, v)
+    reader = nfqueue.Reader(queue, v)
+    v.sock = sink = Sink()  # (the Reader gave it the queue's socket; stand one in)
     try:
         for turn in range(1, 4):
             reader.drain()
             assert queue.handled == turn * nfqueue.BATCH
+            assert v.sent == turn * nfqueue.BATCH and not v.parts
         assert reader.full_turns == 3
+        ids = [m[2] for w in sink.writes for m in parse_verdicts(w)]
+        assert ids == list(range(1, 3 * nfqueue.BATCH + 1))
+        assert setup.translator.stats.gre_packets == [3 * nfqueue.BATCH, 0]
+        assert not setup.counts and not setup.trouble  # ending a turn is no trouble
     finally:
         reader.close()
-        queue.a.close()
-        queue.b.close()
+        queue.close()
 
 
-def test_the_reader_stops_when_the_queue_is_empty() -> None:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    class Quiet:
-        def get_fd(self) -> int:
-            return a.fileno()
-
-        def run_socket(self, s: nfqueue.Reader) -> None:
-            n = 0
-            while True:
-                try:
-                    s.recv(4096)
-                except BlockingIOError:
-                    break
-                n += 1
-            self.n = n
-
-    for _ in range(3):
-        b.send(b"x")
-    quiet = Quiet()
-    reader = nfqueue.Reader(quiet)
+def test_the_reader_stops_when_the_queue_is_empty(setup: Setup) -> None:
+    queue = LibQueue()
+    v = nfqueue.Verdicts(1723)
+    queue.callback = setup.path.callback(OUT, v)
+    reader = nfqueue.Reader(queue, v)
+    v.sock = sink = Sink()
     try:
+        for _ in range(3):
+            queue.b.send(build_gre(CLIENT, SERVER, SERVER_CALL_ID, bytes(64)))
         reader.drain()
-        assert quiet.n == 3 and reader.full_turns == 0
+        assert queue.handled == 3 and reader.full_turns == 0
+        assert [m[2] for w in sink.writes for m in parse_verdicts(w)] == [1, 2, 3]
     finally:
         reader.close()
-        a.close()
-        b.close()
+        queue.close()
+
+
+def test_the_batched_callback_ends_the_turn_after_the_packet_that_fills_it(
+        setup: Setup) -> None:
+    """TurnOver comes after the packet's verdict and, on the full path, after its
+    events were handed on; it is no Exception, so nothing on the way counts it."""
+    v = nfqueue.Verdicts(1723)
+    v.sock = sink = Sink()
+    v.room = 2
+    callback = setup.path.callback(IN, v)
+    callback(FakePacket(build_gre(SERVER, PUBLIC, setup.public_call_id, bytes(64)), id=1))
+    conv = Conversation(setup.translator, "10.0.0.12", client_port=40001)
+    conv.open()
+    request = conv.segment(OUT, build_control_message(MessageType.OUTGOING_CALL_REQUEST,
+                                                      call_id=0x55))
+    before = len(setup.events)
+    with pytest.raises(nfqueue.TurnOver):
+        setup.path.callback(OUT, v)(FakePacket(request, id=2))  # the full path's packet
+    assert not issubclass(nfqueue.TurnOver, Exception)
+    assert len(setup.events) > before  # its events were handed on before
+    v.send()
+    assert [m[2] for m in parse_verdicts(sink.writes[0])] == [1, 2]
+    assert not setup.counts and not setup.trouble
 
 
 # -- verdicts in batches (one netlink write per queue and turn) ----------------------------
@@ -258,11 +284,9 @@ def test_verdicts_are_the_kernels_messages_one_after_the_other() -> None:
     assert len(sink.writes) == 1
 
 
-def test_verdicts_go_out_in_chunks_and_say_when_the_turn_is_full() -> None:
-    full: list[int] = []
+def test_verdicts_go_out_in_chunks_and_count_down_the_turns_room() -> None:
     v = nfqueue.Verdicts(1723)
     v.sock = sink = Sink()
-    v.on_full = lambda: full.append(v.room)
     v.room = 200
     big = bytes(1400)
     for i in range(100):
@@ -270,10 +294,10 @@ def test_verdicts_go_out_in_chunks_and_say_when_the_turn_is_full() -> None:
     assert sink.writes and all(len(w) <= nfqueue.CHUNK + 1440 for w in sink.writes)
     v.send()
     assert [m[2] for w in sink.writes for m in parse_verdicts(w)] == list(range(100))
-    assert not full
+    assert v.room == 100
     for i in range(100, 200):
         v.drop(i)
-    assert full == [0]
+    assert v.room == 0  # the batched callback ends the turn here (TurnOver)
 
 
 def test_a_refused_write_is_retried_message_by_message_and_counted() -> None:
@@ -354,87 +378,37 @@ def test_batched_full_path_trouble_after_its_verdict_gives_no_second(setup: Setu
     assert setup.counts == Counter(packet_error=1)
 
 
-class BatchedFloodQueue(FloodQueue):
-    """As FloodQueue, each message handed to a callback that gives its verdict."""
-
-    def __init__(self, verdicts: nfqueue.Verdicts) -> None:
-        super().__init__()
-        self.verdicts = verdicts
-
-    def run_socket(self, s: nfqueue.Reader) -> None:
-        while True:
-            self.b.send(b"p" * 60)
-            try:
-                s.recv(4096)
-            except OSError as e:
-                if e.args[0] in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    break
-                raise
-            self.handled += 1
-            self.verdicts.accept(self.handled)
-
-
-def test_the_batched_reader_ends_its_turn_after_batch_verdicts_and_sends_them() -> None:
-    v = nfqueue.Verdicts(1723)
-    queue = BatchedFloodQueue(v)
-    reader = nfqueue.Reader(queue, verdicts=v)
-    v.sock = sink = Sink()  # (the Reader gave it the queue's socket; stand one in)
-    try:
-        for turn in range(1, 4):
-            reader.drain()
-            assert queue.handled == turn * nfqueue.BATCH
-            assert v.sent == turn * nfqueue.BATCH and not v.parts
-        assert reader.full_turns == 3
-        ids = [m[2] for w in sink.writes for m in parse_verdicts(w)]
-        assert ids == list(range(1, 3 * nfqueue.BATCH + 1))
-    finally:
-        reader.close()
-        queue.a.close()
-        queue.b.close()
-
-
 def test_a_quiet_queue_sends_each_verdict_at_once_a_busy_one_batches() -> None:
     """After a turn of at most one packet, verdicts go out as they are given (a lone
     packet does not wait for the recv that ends the turn); a turn of more packets
     turns the batches back on."""
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    queue = LibQueue()
     v = nfqueue.Verdicts(1723)
     seen_at_verdict: list[int] = []
 
-    class Queue:
-        def get_fd(self) -> int:
-            return a.fileno()
+    def callback(packet: FakePacket) -> None:
+        v.accept(packet.id)
+        seen_at_verdict.append(len(sink.writes))  # written by now
 
-        def run_socket(self, s: nfqueue.Reader) -> None:
-            n = 0
-            while True:
-                try:
-                    s.recv(4096)
-                except BlockingIOError:
-                    break
-                n += 1
-                v.accept(n)
-                seen_at_verdict.append(len(sink.writes))  # written by now
-
-    reader = nfqueue.Reader(Queue(), verdicts=v)
+    queue.callback = callback
+    reader = nfqueue.Reader(queue, v)
     v.sock = sink = Sink()
     try:
-        b.send(b"x")
+        queue.b.send(b"x")
         reader.drain()  # the first turn batches: written at its end
         assert seen_at_verdict == [0] and len(sink.writes) == 1 and v.limit == 0
         seen_at_verdict.clear()
         for _ in range(3):
-            b.send(b"x")
+            queue.b.send(b"x")
         reader.drain()  # quiet before: each verdict written as given
         assert seen_at_verdict == [2, 3, 4] and len(sink.writes) == 4
         assert v.limit == nfqueue.CHUNK  # three packets: busy again
         seen_at_verdict.clear()
         for _ in range(3):
-            b.send(b"x")
+            queue.b.send(b"x")
         reader.drain()
         assert seen_at_verdict == [4, 4, 4] and len(sink.writes) == 5
-        assert [m[2] for w in sink.writes for m in parse_verdicts(w)] == [1, 1, 2, 3, 1, 2, 3]
+        assert [m[2] for w in sink.writes for m in parse_verdicts(w)] == list(range(1, 8))
     finally:
         reader.close()
-        a.close()
-        b.close()
+        queue.close()
