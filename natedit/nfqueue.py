@@ -288,9 +288,9 @@ class Verdicts:
         self.parts: list[bytes] = []
         self.size = 0
         """Bytes in :attr:`parts`."""
-        self.pending = 0
-        """Verdicts in :attr:`parts`."""
         self.room = BATCH
+        self._counted = BATCH
+        """:attr:`room` when verdicts were last counted as sent (:meth:`send`)."""
         self.limit = CHUNK
         """Bytes pending that make it send at once: :data:`CHUNK`, or 0 while the queue
         is quiet (see :meth:`Reader.drain`)."""
@@ -300,21 +300,20 @@ class Verdicts:
         self.sent = 0
         """Verdicts handed to the kernel so far."""
 
+    def turn(self, room: int) -> None:
+        """A new turn, which may take ``room`` verdicts."""
+        self.room = self._counted = room
+
     def accept(self, packet_id: int, payload: bytes | None = None) -> None:
         """Accept the packet, with ``payload`` as its new bytes (None: as it came)."""
-        parts = self.parts
         if payload is None:
-            parts.append(_BARE.pack(32, self._accept, _htonl(packet_id)))
+            self.parts.append(_BARE.pack(32, self._accept, _htonl(packet_id)))
             self.size += 32
         else:
             n = len(payload)
-            parts.append(_WITH_PAYLOAD.pack(36 + n, self._accept, _htonl(packet_id),
-                                            4 + n, NFQA_PAYLOAD))
-            parts.append(payload)
-            if n & 3:
-                parts.append(_PADS[n & 3])
+            self.parts += (_WITH_PAYLOAD.pack(36 + n, self._accept, _htonl(packet_id), 4 + n,
+                                              NFQA_PAYLOAD), payload, _PADS[n & 3])
             self.size += 36 + n
-        self.pending += 1
         self.room -= 1
         if self.size >= self.limit:
             self.send()
@@ -322,7 +321,6 @@ class Verdicts:
     def drop(self, packet_id: int) -> None:
         self.parts.append(_BARE.pack(32, self._drop, _htonl(packet_id)))
         self.size += 32
-        self.pending += 1
         self.room -= 1
         if self.size >= self.limit:
             self.send()
@@ -335,9 +333,8 @@ class Verdicts:
         if not self.parts:
             return
         self.before_send()
-        parts = self.parts
-        pending = self.pending
-        self.parts, self.size, self.pending = [], 0, 0
+        parts, pending = self.parts, self._counted - self.room
+        self.parts, self.size, self._counted = [], 0, self.room
         try:
             self.sock.sendmsg(parts)  # gathered by the kernel: no copy into one buffer
         except OSError:
@@ -409,7 +406,7 @@ class Reader:
         """Hand the callback what is waiting, at most ``batch`` packets, and send their
         verdicts."""
         verdicts = self.verdicts
-        verdicts.room = self.batch
+        verdicts.turn(self.batch)
         try:
             self.queue.run(False)
         except TurnOver:

@@ -33,16 +33,22 @@ def address_delta(old: bytes, new: bytes) -> int:
 
 
 def address_deltas(a: bytes, b: bytes) -> tuple[int, int]:
-    """(``address_delta(a, b)``, ``address_delta(b, a)``) in one go."""
+    """(``address_delta(a, b)``, ``address_delta(b, a)``) in one go, each folded to 16
+    bits (:func:`fold`): ``(~HC & 0xFFFF) + delta`` then needs one fold only."""
     x, y = int.from_bytes(a, "big"), int.from_bytes(b, "big")
     xh, xl, yh, yl = x >> 16, x & 0xFFFF, y >> 16, y & 0xFFFF
-    return ((xh ^ 0xFFFF) + yh + (xl ^ 0xFFFF) + yl,
-            (yh ^ 0xFFFF) + xh + (yl ^ 0xFFFF) + xl)
+    return (fold((xh ^ 0xFFFF) + yh + (xl ^ 0xFFFF) + yl),
+            fold((yh ^ 0xFFFF) + xh + (yl ^ 0xFFFF) + xl))
+
+
+def fold(total: int) -> int:
+    """A one's-complement sum with its carries added back in: 16 bits, never 0 for a
+    sum that was not (end-around carry)."""
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
 
 
 def apply_delta(checksum: int, delta: int) -> int:
     """RFC 1624 eqn. 3: the checksum after changes whose summed delta is ``delta``."""
-    total = (~checksum & 0xFFFF) + delta
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    return ~fold((~checksum & 0xFFFF) + delta) & 0xFFFF

@@ -115,8 +115,7 @@ class Gre:
         if cid is None:
             return None
         c = (~csum & 0xFFFF) + call.in_csum_delta  # RFC 1624 eqn. 3, the call's delta
-        c = (c & 0xFFFF) + (c >> 16)
-        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF  # (the delta is folded: one fold)
         if ihl == 20:
             out = _IN_HEAD.pack(data[:10], c, src, call.client_ip, data[20:26], cid) + data[28:]
         else:
@@ -153,8 +152,7 @@ class Gre:
         if call is None:
             return None
         c = (~csum & 0xFFFF) + call.out_csum_delta
-        c = (c & 0xFFFF) + (c >> 16)
-        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF
+        c = ~((c & 0xFFFF) + (c >> 16)) & 0xFFFF  # (the delta is folded: one fold)
         out = _OUT_HEAD.pack(data[:10], c, call.public_ip) + data[16:]
         call.last_seen = now  # (as in inbound)
         call.gre_packets[0] += 1
