@@ -57,6 +57,7 @@ from natedit.core.translator import Translator
 from natedit.core.wire import MAGIC_COOKIE, MESSAGE_LENGTH, parse_control_header
 from natedit.core.wire import parse_control_message as _parse_message
 from natedit.worker import Dispatcher
+from tests.harness.queued import give
 from tests.pptp_flows import assert_table_consistent
 from tests.unit.test_fuzz_quick import PROTOCOL_REASONS, check_verdict
 
@@ -183,6 +184,7 @@ class _Packet:
     """What the Dispatcher needs of a queued packet."""
 
     __slots__ = ("data",)
+    id = 1
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -279,7 +281,7 @@ class Fuzzer:
             i += 3 + length
             now[0] += (0.0, 0.5, 61.0, 301.0)[flags & 0x03]
             dispatcher.run_timers()
-            dispatcher.packets.packet(_Packet(packet), IN if flags & 0x80 else OUT)
+            give(dispatcher.packets, _Packet(packet), IN if flags & 0x80 else OUT)
         assert not dispatcher.counts, dispatcher.counts  # no packet_error, no timer_error
         for (_action, reason), n in tr.stats.verdicts.items():
             self.reasons[reason] += n

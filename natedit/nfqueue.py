@@ -19,8 +19,8 @@ written once the turn's reading ends (or every :data:`CHUNK` bytes).
 The callback first tries the translator's shortcut for the GRE of live
 calls (``gre_out_fast``/``gre_in_fast``: bytes, or None for anything else);
 the shortcut counts what it translates, so once it has returned bytes the
-packet is never decided again: should ``set_payload`` or ``accept`` then
-raise, the packet is dropped and counted as ``packet_error``. Anything the
+packet is never decided again: should putting its verdict into the batch
+then raise, the packet is dropped and counted as ``packet_error``. Anything the
 shortcut does not take (None, or an exception before it decided) goes
 through :meth:`PacketPath.packet`, the full path (``handle_packet``): its
 verdict is applied, its events go to the worker, and any exception drops
@@ -33,10 +33,10 @@ queue is full (:data:`QUEUE_MAXLEN`), the kernel drops (``on_worker_down:
 pass`` lets TCP 1723 through while no worker is bound: :mod:`natedit.rules`).
 
 A packet whose verdict carries call events first hands them to ``settle``
-(the worker puts a new call's keys into the ownership sets of
-:mod:`natedit.owned`), then gets its verdict; with batched verdicts the sets
-are updated once per batch, by ``Verdicts.before_send``, before the batch goes
-to the kernel.
+(the worker notes a new call's keys for the ownership sets of
+:mod:`natedit.owned`), then gets its verdict; the sets are updated once per
+batch, by ``Verdicts.before_send``, before the batch goes to the kernel (for
+a lone packet on a quiet queue, at once, just before its verdict).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import struct
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from . import Action, Direction, Event, Verdict, host, wire
 
@@ -64,17 +64,10 @@ SOCKET_BUFFER = QUEUE_MAXLEN * 4800 // 2
 
 
 class Packet(Protocol):
-    """What the adapter uses of a ``netfilterqueue.Packet``."""
+    """What the adapter uses of a ``netfilterqueue.Packet``: its bytes, and the id the
+    kernel gave it (what its verdict in a :class:`Verdicts` batch names)."""
 
     def get_payload(self) -> bytes: ...
-    def set_payload(self, payload: bytes) -> None: ...
-    def accept(self) -> None: ...
-    def drop(self) -> None: ...
-
-
-class QueuedPacket(Packet, Protocol):
-    """A packet whose verdict goes into a :class:`Verdicts` batch: it names the id the
-    kernel gave it."""
 
     @property
     def id(self) -> int: ...
@@ -112,11 +105,12 @@ class PacketPath:
     def __init__(self, translator: Decider, clock: Callable[[], float],
                  counts: Counter[str], on_events: Callable[[Iterable[Event]], None],
                  on_trouble: Callable[[str, str], None],
-                 settle: Callable[[Iterable[Event], bool], None] | None = None) -> None:
+                 settle: Callable[[Iterable[Event]], None] | None = None) -> None:
         self.translator = translator
         self.settle = settle
-        """Called with a verdict's events before the verdict is given (the ownership
-        sets learn a new call before its first GRE can arrive); must not raise."""
+        """Called with a verdict's events before the verdict goes into the batch (the
+        ownership sets learn a new call before its first GRE can arrive: the batch's
+        ``before_send`` puts them in); must not raise."""
         self.clock = clock
         self.counts = counts
         self.on_events = on_events
@@ -132,60 +126,38 @@ class PacketPath:
         address as ``lookup`` finds it (several public addresses)."""
         self._nat = (lookup, translator)
 
-    def callback(self, direction: Direction, verdicts: Verdicts | None = None) -> Callback:
+    def callback(self, direction: Direction, verdicts: Verdicts) -> Callback:
         """The queue's callback for ``direction``: the GRE of live calls through the
         translator's shortcut, in as few Python steps as possible, everything else
-        through :meth:`packet`. With ``verdicts`` (the worker's), every verdict goes
-        into that batch, sent once per turn, and the callback raises :class:`TurnOver`
-        after the packet that fills it; without, each packet's own ``accept`` or
-        ``drop`` gives it at once."""
+        through :meth:`packet`. Every verdict goes into ``verdicts`` (the worker's
+        batch, sent once per turn), and the callback raises :class:`TurnOver` after the
+        packet that fills it."""
         fast, slow, clock = self._gre_fast[direction], self.packet, self.clock
-        failed = self._failed
-        if verdicts is None:
+        failed, accept = self._failed, verdicts.accept
 
-            def on_packet(packet: Packet) -> None:
-                try:
-                    data, now = packet.get_payload(), clock()
-                    out = fast(data, now)
-                except Exception:
-                    slow(packet, direction)  # not decided yet: the full path decides, counts
-                    return
-                if out is None:
-                    slow(packet, direction, data, now)  # the bytes and the time already read
-                    return
-                try:  # the shortcut counted this packet: it is never decided again
-                    packet.set_payload(out)
-                    packet.accept()
-                except Exception:
-                    failed(packet, direction)
-
-            return on_packet
-        accept = verdicts.accept
-
-        def on_batched(packet: QueuedPacket) -> None:
+        def on_packet(packet: Packet) -> None:
             try:
                 data, now = packet.get_payload(), clock()
                 out = fast(data, now)
             except Exception:
-                slow(packet, direction, verdicts=verdicts)
+                slow(packet, direction, verdicts)  # not decided yet: the full path decides
             else:
                 if out is None:
-                    slow(packet, direction, data, now, verdicts)
+                    slow(packet, direction, verdicts, data, now)  # (bytes and time read)
                 else:
-                    try:  # (as above: counted, never decided again)
+                    try:  # the shortcut counted this packet: it is never decided again
                         accept(packet.id, out)
                     except Exception:
                         failed(packet, direction, verdicts)
             if verdicts.room <= 0:  # the batch is full: the Reader ends the turn
                 raise TurnOver
 
-        return cast(Callback, on_batched)
+        return on_packet
 
-    def packet(self, packet: Packet, direction: Direction, data: bytes | None = None,
-               now: float | None = None, verdicts: Verdicts | None = None) -> None:
+    def packet(self, packet: Packet, direction: Direction, verdicts: Verdicts,
+               data: bytes | None = None, now: float | None = None) -> None:
         """Decide one queued packet (its bytes and the time, if the caller has read them
-        already), into ``verdicts`` if given. Never raises: NetfilterQueue's callback
-        must not."""
+        already) into ``verdicts``. Never raises: NetfilterQueue's callback must not."""
         decided = False
         try:
             if data is None:
@@ -198,36 +170,24 @@ class PacketPath:
             else:
                 verdict = nat[1].handle_packet(data, direction, now, nat[0](data, direction, now))
             if verdict.events and self.settle is not None:
-                self.settle(verdict.events, verdicts is None)  # batched: before the send
-            if verdicts is not None:
-                packet_id = cast(QueuedPacket, packet).id
-                if verdict.action is Action.ACCEPT:
-                    verdicts.accept(packet_id, verdict.data)
-                else:
-                    verdicts.drop(packet_id)
-            elif verdict.action is Action.ACCEPT:
-                if verdict.data is not None:
-                    packet.set_payload(verdict.data)
-                packet.accept()
+                self.settle(verdict.events)
+            if verdict.action is Action.ACCEPT:
+                verdicts.accept(packet.id, verdict.data)
             else:
-                packet.drop()
+                verdicts.drop(packet.id)
             decided = True
             if verdict.events:
                 self.on_events(verdict.events)
         except Exception:
             self._failed(packet, direction, verdicts, decided)
 
-    def _failed(self, packet: Packet, direction: Direction, verdicts: Verdicts | None = None,
+    def _failed(self, packet: Packet, direction: Direction, verdicts: Verdicts,
                 decided: bool = False) -> None:
         """In an ``except``: drop the packet (if no verdict was given yet), count, report."""
         self.counts["packet_error"] += 1
-        if verdicts is not None:
-            if not decided:
-                with contextlib.suppress(Exception):
-                    verdicts.drop(cast(QueuedPacket, packet).id)
-        else:
-            with contextlib.suppress(Exception):  # the verdict may already be given
-                packet.drop()
+        if not decided:
+            with contextlib.suppress(Exception):
+                verdicts.drop(packet.id)
         self.on_trouble("packet_error", f"{direction.name.lower()} packet dropped")
 
 

@@ -150,7 +150,7 @@ class Dispatcher:
             translator, clock, self.counts,  # late-bound: a test may replace either
             lambda events: self.log_events(events),
             lambda kind, what: self._log_trouble(kind, what),
-            lambda events, at_once: self.settle(events, at_once))
+            lambda events: self.settle(events))
         """The per-packet path (:mod:`natedit.nfqueue`): the queues' callbacks."""
 
     def run_timers(self) -> float | None:
@@ -176,15 +176,13 @@ class Dispatcher:
             self._log_trouble("timer_error", "timers failed")
             return now + TIMER_ERROR_BACKOFF
 
-    def settle(self, events: Iterable[Event], at_once: bool = True) -> None:
-        """Before a packet's verdict: a call its events added or changed is claimed in
-        the kernel's ownership sets first (its GRE may follow the packet at once).
-        ``at_once`` False: the verdict waits in a batch, which calls
-        :meth:`settle_pending` before it is sent (one transaction for the batch)."""
+    def settle(self, events: Iterable[Event]) -> None:
+        """Before a packet's verdict: a call its events added or changed is to be claimed
+        in the kernel's ownership sets first (its GRE may follow the packet at once); the
+        verdict waits in a batch, which calls :meth:`settle_pending` before it is sent
+        (one transaction for the batch)."""
         if self.ownership is not None:
             self.ownership.note(events)
-            if at_once:
-                self.ownership.flush()
 
     def settle_pending(self) -> None:
         """Before a batch of verdicts goes to the kernel: what its packets' events

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
+
+from natedit import Direction
+from natedit.nfqueue import PacketPath, Verdicts
+
+
+class QueuedLike(Protocol):
+    """A packet whose verdict :class:`OwnVerdicts` gives on it."""
+
+    @property
+    def id(self) -> int: ...
+    def get_payload(self) -> bytes: ...
+    def set_payload(self, payload: bytes) -> None: ...
+    def accept(self) -> None: ...
+    def drop(self) -> None: ...
 
 
 @dataclass
@@ -42,3 +57,30 @@ class FakePacket:
             self.fail = None  # once: the verdict after it goes through
             raise RuntimeError(f"{name} failed")
         self.calls.append(name)
+
+
+class OwnVerdicts(Verdicts):
+    """A batch of verdicts stood in for that gives each verdict on the packet itself,
+    at once (``set_payload`` for new bytes, then ``accept``; or ``drop``), as
+    NetfilterQueue's own methods would: tests of the per-packet path see the verdict
+    on the packet. ``packets``: the packets it gives verdicts to, by id."""
+
+    def __init__(self, *packets: QueuedLike) -> None:
+        super().__init__(0)
+        self.packets = {p.id: p for p in packets}
+        self.room = 1 << 30
+
+    def accept(self, packet_id: int, payload: bytes | None = None) -> None:
+        packet = self.packets[packet_id]
+        if payload is not None:
+            packet.set_payload(payload)
+        packet.accept()
+
+    def drop(self, packet_id: int) -> None:
+        self.packets[packet_id].drop()
+
+
+def give(path: PacketPath, packet: QueuedLike, direction: Direction,
+         data: bytes | None = None, now: float | None = None) -> None:
+    """``path.packet`` with the verdict given on ``packet`` itself (:class:`OwnVerdicts`)."""
+    path.packet(packet, direction, OwnVerdicts(packet), data, now)

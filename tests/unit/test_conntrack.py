@@ -15,6 +15,7 @@ from natedit.core.errors import ReleaseReason
 from natedit.core.events import CallReleased
 from natedit.core.wire import TCP_SYN, MessageType, build_control_message, build_gre, build_tcp
 from natedit.nfqueue import PacketPath
+from tests.harness.queued import give
 
 OUT, IN = Direction.OUTBOUND, Direction.INBOUND
 CLIENT, SERVER = "10.0.0.5", "203.0.113.2"
@@ -94,6 +95,8 @@ def test_the_packet_path_gives_the_translator_each_connection_address() -> None:
     path.read_nat(NatAddresses(ct), tr)
 
     class Packet:
+        id = 1
+
         def __init__(self, data: bytes) -> None:
             self.data, self.verdict, self.out = data, "", data
 
@@ -113,11 +116,11 @@ def test_the_packet_path_gives_the_translator_each_connection_address() -> None:
 
     def send(payload: bytes, now: float) -> Packet:
         p = Packet(build_tcp(CLIENT, SERVER, 40000, 1723, seq[0], payload))
-        path.packet(p, OUT, now=now)
+        give(path, p, OUT, now=now)
         seq[0] += len(payload)
         return p
 
-    path.packet(Packet(out_segment(b"", TCP_SYN)), OUT, now=0.0)
+    give(path, Packet(out_segment(b"", TCP_SYN)), OUT, now=0.0)
     assert send(HELLO, 0.0).verdict == "accept"
     send(build_control_message(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234), 0.1)
     assert [c.public_address for c in tr.calls()] == [B]

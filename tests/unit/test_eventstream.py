@@ -25,6 +25,7 @@ from natedit.core.events import Action, CallInfo, CallMapped, CallRefused, CallR
 from natedit.core.wire import Direction
 from natedit.eventstream import EventHub, EventServer, Filter
 from natedit.worker import Dispatcher
+from tests.harness.queued import give
 
 CLIENT, SERVER, PUBLIC = "10.0.0.2", "198.51.100.2", "198.51.100.1"
 
@@ -233,6 +234,8 @@ def test_dispatcher_hands_events_to_the_hub() -> None:
             return []
 
     class Packet:
+        id = 1
+
         def get_payload(self) -> bytes:
             return b"x"
 
@@ -244,7 +247,7 @@ def test_dispatcher_hands_events_to_the_hub() -> None:
     dispatcher.events = hub = EventHub()
     sub = hub.subscribe()
     assert sub is not None
-    dispatcher.packets.packet(Packet(), Direction.OUTBOUND)
+    give(dispatcher.packets, Packet(), Direction.OUTBOUND)
     _, event, lost = sub.queue.get_nowait()
     assert event == CallMapped(call(1)) and lost == 0
 

@@ -18,7 +18,7 @@ from natedit.core.events import Event
 from natedit.core.translator import Translator
 from natedit.core.wire import MessageType, build_control_message, build_gre
 from natedit.nfqueue import PacketPath
-from tests.harness.queued import FakePacket
+from tests.harness.queued import FakePacket, OwnVerdicts
 from tests.pptp_flows import IN, OUT, PUBLIC, SERVER, Conversation, establish, make_translator
 
 CLIENT = "10.0.0.11"
@@ -56,11 +56,11 @@ def setup() -> Setup:
 def test_shortcut_hit_both_ways(setup: Setup) -> None:
     tr = setup.translator
     out = FakePacket(build_gre(CLIENT, SERVER, SERVER_CALL_ID, bytes(64)))
-    setup.path.callback(OUT)(out)
+    setup.path.callback(OUT, OwnVerdicts(out))(out)
     assert out.calls == ["get_payload", "set_payload", "accept"]
     assert out.given is not None and out.given[12:16] == bytes([198, 51, 100, 1])
     inbound = FakePacket(build_gre(SERVER, PUBLIC, setup.public_call_id, bytes(64)))
-    setup.path.callback(IN)(inbound)
+    setup.path.callback(IN, OwnVerdicts(inbound))(inbound)
     assert inbound.calls == ["get_payload", "set_payload", "accept"]
     assert inbound.given is not None and inbound.given[16:20] == bytes([10, 0, 0, 11])
     assert tr.stats.gre_packets == [1, 1]
@@ -73,7 +73,7 @@ def test_shortcut_miss_goes_through_the_full_path_once(setup: Setup) -> None:
     tr = setup.translator
     before = sum(tr.stats.verdicts.values())
     unknown = FakePacket(build_gre(SERVER, PUBLIC, setup.public_call_id ^ 1, bytes(64)))
-    setup.path.callback(IN)(unknown)
+    setup.path.callback(IN, OwnVerdicts(unknown))(unknown)
     assert unknown.calls == ["get_payload", "drop"]  # the payload is read once
     assert sum(tr.stats.verdicts.values()) == before + 1
     assert tr.stats.gre_packets == [0, 0]
@@ -82,7 +82,7 @@ def test_shortcut_miss_goes_through_the_full_path_once(setup: Setup) -> None:
 
 def test_short_packet_the_shortcut_cannot_read_goes_to_the_full_path(setup: Setup) -> None:
     short = FakePacket(b"\x45\x00")
-    setup.path.callback(OUT)(short)
+    setup.path.callback(OUT, OwnVerdicts(short))(short)
     assert short.calls[-1] == "drop"
     assert not setup.counts
 
@@ -92,7 +92,7 @@ def test_trouble_after_the_shortcut_counts_the_packet_once(setup: Setup, fail: s
     tr = setup.translator
     before = sum(tr.stats.verdicts.values())
     packet = FakePacket(build_gre(CLIENT, SERVER, SERVER_CALL_ID, bytes(64)), fail=fail)
-    setup.path.callback(OUT)(packet)
+    setup.path.callback(OUT, OwnVerdicts(packet))(packet)
     assert packet.calls[-1] == "drop"  # still a verdict: not accepted untranslated
     assert "accept" not in packet.calls
     assert tr.stats.gre_packets == [1, 0]  # counted once, by the shortcut
@@ -105,7 +105,7 @@ def test_trouble_after_the_shortcut_counts_the_packet_once(setup: Setup, fail: s
 
 def test_trouble_on_the_full_path_drops_and_counts(setup: Setup) -> None:
     packet = FakePacket(build_gre(SERVER, PUBLIC, 0x7777, bytes(8)), fail="drop")
-    setup.path.callback(IN)(packet)  # the verdict drop raised once; the retry drops
+    setup.path.callback(IN, OwnVerdicts(packet))(packet)  # drop raised once; the retry drops
     assert packet.calls == ["get_payload", "drop"]
     assert setup.counts == Counter(packet_error=1)
     assert setup.trouble == [("packet_error", "inbound packet dropped")]

@@ -93,6 +93,8 @@ def test_a_failed_update_is_reported_and_the_sets_are_rebuilt() -> None:
 
 
 def test_the_worker_claims_a_new_call_before_the_verdict_of_its_packet() -> None:
+    """A quiet queue sends each verdict as it is given (nfqueue.Verdicts.limit 0): the
+    sets learn the new call first, in the same step."""
     tr = make_translator()
     nft = FakeNft()
     dispatcher = worker.Dispatcher(tr)
@@ -105,20 +107,23 @@ def test_the_worker_claims_a_new_call_before_the_verdict_of_its_packet() -> None
         order.append("nft")
         return nft_run(commands, **kw)
 
+    class Sock:
+        def sendmsg(self, parts: list[bytes]) -> int:
+            order.append("verdict")
+            return sum(map(len, parts))
+
     nft.run = run  # type: ignore[method-assign]
+    batch = nfqueue.Verdicts(1723)
+    batch.sock = Sock()
+    batch.before_send = dispatcher.settle_pending
+    batch.limit = 0  # quiet
     conv = Conversation(tr, CLIENT)
     conv.open()
     request = conv.segment(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234))
-
-    class Watched(FakePacket):
-        def accept(self) -> None:
-            order.append("accept")
-            super().accept()
-
-    dispatcher.packets.packet(Watched(request), OUT)
-    assert order == ["nft", "accept"]
+    dispatcher.packets.packet(FakePacket(request), OUT, batch)
+    assert order == ["nft", "verdict"]
     dispatcher.flush()
-    assert order == ["nft", "accept"]
+    assert order == ["nft", "verdict"]
 
 
 def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent() -> None:
@@ -153,7 +158,7 @@ def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent()
         conv = Conversation(tr, client)
         conv.open()
         request = conv.segment(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234))
-        dispatcher.packets.packet(Queued(request), OUT, verdicts=batch)
+        dispatcher.packets.packet(Queued(request), OUT, batch)
     assert order == []  # nothing sent yet, nothing claimed yet
     batch.send()
     assert order == ["nft", "verdicts"]

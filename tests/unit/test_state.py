@@ -32,6 +32,7 @@ from natedit.state import (
     restore_into,
 )
 from natedit.worker import Dispatcher
+from tests.harness.queued import give
 from tests.pptp_flows import (
     IN,
     OUT,
@@ -543,6 +544,8 @@ def test_a_failed_write_is_counted_and_retried(tmp_path: Path,
 
 
 class FakePacket:
+    id = 1
+
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
 
@@ -574,11 +577,11 @@ def test_dispatcher_persists_through_the_journal(tmp_path: Path) -> None:
         conv.open()
         conv.send(OUT, msg(MT.OUTGOING_CALL_REQUEST, call_id=0x1234))
         for packet, direction in packets:
-            d.packets.packet(FakePacket(packet), direction)
+            give(d.packets, FakePacket(packet), direction)
         d.flush()
         public = tr.calls()[0].public_call_id
         reply = conv.segment(IN, msg(MT.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public))
-        d.packets.packet(FakePacket(reply), IN)
+        give(d.packets, FakePacket(reply), IN)
         d.flush()
         before = tr.snapshot()
     # "kill -9": nothing more is written; a new worker opens the same file

@@ -24,7 +24,7 @@ from natedit.core.events import (
 from natedit.core.wire import Direction
 from natedit.logs import Throttle, format_event
 from natedit.worker import TIMER_ERROR_BACKOFF, Dispatcher
-from tests.harness.queued import FakePacket
+from tests.harness.queued import FakePacket, give
 
 CALL = CallInfo(
     client_address=IPv4Address("10.0.0.2"),
@@ -90,7 +90,7 @@ def dispatcher(standin: StandIn, clock: Clock) -> Dispatcher:
 
 def test_accept_unchanged(dispatcher: Dispatcher, standin: StandIn) -> None:
     packet = FakePacket(b"same")
-    dispatcher.packets.packet(packet, Direction.INBOUND)
+    give(dispatcher.packets, packet, Direction.INBOUND)
     assert packet.calls == ["get_payload", "accept"]
     assert standin.seen == [(b"same", Direction.INBOUND, 100.0)]
 
@@ -98,7 +98,7 @@ def test_accept_unchanged(dispatcher: Dispatcher, standin: StandIn) -> None:
 def test_accept_with_new_bytes(dispatcher: Dispatcher, standin: StandIn) -> None:
     standin.verdicts[b"old"] = Verdict(Action.ACCEPT, b"new")
     packet = FakePacket(b"old")
-    dispatcher.packets.packet(packet, Direction.OUTBOUND)
+    give(dispatcher.packets, packet, Direction.OUTBOUND)
     assert packet.calls == ["get_payload", "set_payload", "accept"]
     assert packet.given == b"new"
 
@@ -106,7 +106,7 @@ def test_accept_with_new_bytes(dispatcher: Dispatcher, standin: StandIn) -> None
 def test_drop(dispatcher: Dispatcher, standin: StandIn) -> None:
     standin.verdicts[b"bad"] = Verdict(Action.DROP, reason=DropReason.NO_CALL)
     packet = FakePacket(b"bad")
-    dispatcher.packets.packet(packet, Direction.INBOUND)
+    give(dispatcher.packets, packet, Direction.INBOUND)
     assert packet.calls == ["get_payload", "drop"]
 
 
@@ -116,10 +116,10 @@ def test_an_exception_drops_that_packet_only(
     standin.verdicts[b"boom"] = ValueError("bug")
     for _ in range(3):
         packet = FakePacket(b"boom")
-        dispatcher.packets.packet(packet, Direction.OUTBOUND)
+        give(dispatcher.packets, packet, Direction.OUTBOUND)
         assert packet.calls == ["get_payload", "drop"]
     good = FakePacket(b"fine")
-    dispatcher.packets.packet(good, Direction.OUTBOUND)
+    give(dispatcher.packets, good, Direction.OUTBOUND)
     assert good.calls == ["get_payload", "accept"]
     assert dispatcher.counts["packet_error"] == 3
     # One log line (with the traceback) per interval, then a count of what was held back.
@@ -127,7 +127,7 @@ def test_an_exception_drops_that_packet_only(
     assert [r.getMessage() for r in errors] == ["packet_error: outbound packet dropped"]
     assert errors[0].exc_info is not None
     clock.now += 5
-    dispatcher.packets.packet(FakePacket(b"boom"), Direction.OUTBOUND)
+    give(dispatcher.packets, FakePacket(b"boom"), Direction.OUTBOUND)
     assert caplog.records[-1].getMessage() == (
         "packet_error: outbound packet dropped (2 more suppressed)"
     )
@@ -143,7 +143,7 @@ def test_an_exception_after_the_verdict_does_not_give_a_second_one(
 
     monkeypatch.setattr(dispatcher, "log_events", broken)
     packet = FakePacket(b"x")
-    dispatcher.packets.packet(packet, Direction.OUTBOUND)
+    give(dispatcher.packets, packet, Direction.OUTBOUND)
     assert packet.calls == ["get_payload", "accept"]
     assert dispatcher.counts["packet_error"] == 1
 
@@ -155,7 +155,7 @@ def test_events_are_logged_one_line_each(
     standin.verdicts[b"x"] = Verdict(
         Action.ACCEPT, b"y", events=(CallMapped(CALL), CallReleased(CALL, ReleaseReason.DISCONNECT))
     )
-    dispatcher.packets.packet(FakePacket(b"x"), Direction.OUTBOUND)
+    give(dispatcher.packets, FakePacket(b"x"), Direction.OUTBOUND)
     assert [r.getMessage() for r in caplog.records] == [
         format_event(CallMapped(CALL)),
         format_event(CallReleased(CALL, ReleaseReason.DISCONNECT)),
@@ -169,7 +169,7 @@ def test_protocol_violations_are_throttled_per_reason(
                 events=(ProtocolViolation(Malformed.BAD_COOKIE, "x"),))
     standin.verdicts[b"v"] = v
     for _ in range(5):
-        dispatcher.packets.packet(FakePacket(b"v"), Direction.INBOUND)
+        give(dispatcher.packets, FakePacket(b"v"), Direction.INBOUND)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
