@@ -153,26 +153,35 @@ class _Mirror:
         self.dirty.clear()
 
     def changes(self, now: Mapping[Key, object]) -> tuple[list[Op], Callable[[], None]]:
-        """nft lines for the dirty keys against ``now``, and what makes them the mirror's."""
+        """nft lines for the dirty keys against ``now``, and what makes them the mirror's.
+        The work is that of the dirty keys, not of the table: a batch that sets up one
+        call costs the same with 10 calls up as with 60,000."""
         add = {k for k in self.dirty if k in now} - self.keys
         gone = {k for k in self.dirty if k not in now} & self.keys
         self.dirty.clear()
-        counts = self.counts.copy()
-        counts.update(self._count(add))
-        counts.subtract(self._count(gone))
         lines: list[Op] = [("delete", self.exact, sorted(gone))]
+        delta: Counter[Pair] = Counter()
         if self.projected is not None:
+            delta.update(map(self.project, add))
+            delta.subtract(map(self.project, gone))
+            counts = self.counts
             lines.append(("delete", self.projected, sorted(
-                p for p in self.counts if self.counts[p] > 0 and counts[p] <= 0)))
+                p for p, d in delta.items() if counts[p] > 0 and counts[p] + d <= 0)))
         lines.append(("add", self.exact, sorted(add)))
         if self.projected is not None:
             lines.append(("add", self.projected, sorted(
-                p for p in counts if counts[p] > 0 and self.counts[p] <= 0)))
+                p for p, d in delta.items() if counts[p] <= 0 and counts[p] + d > 0)))
         lines = [op for op in lines if op[2]]
 
         def commit() -> None:
-            self.keys = (self.keys - gone) | add
-            self.counts = +counts  # (drops the elements at zero)
+            self.keys -= gone
+            self.keys |= add
+            for p, d in delta.items():
+                n = self.counts[p] + d
+                if n > 0:
+                    self.counts[p] = n
+                else:
+                    self.counts.pop(p, None)  # (no element at zero)
 
         return lines, commit
 

@@ -3,12 +3,16 @@ new call's keys in the kernel before its packet's verdict, repair after a failur
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from ipaddress import IPv4Address
+from typing import Any
 
 from natedit import nfqueue, worker
 from natedit.core.wire import MessageType
 from natedit.nftlib import NftError
-from natedit.owned import Ownership, OwnershipCollector, key_text
+from natedit.owned import Ownership, OwnershipCollector, _Mirror, key_text
+from natedit.owned import server as server_of
 from tests.harness.queued import FakePacket
 from tests.pptp_flows import IN, OUT, PUBLIC, SERVER, Conversation, establish, make_translator, msg
 
@@ -262,3 +266,35 @@ def test_own_peer_follows_own_in_and_goes_with_the_last_call_to_its_server() -> 
     assert (own.owned["own_in"], own.owned["own_peer"]) == (0, 0)
     assert nft.transactions[-1].count("delete element ip natedit own_peer") == 1
     assert f"{SERVER} . {PUBLIC}, {other} . {PUBLIC}" in nft.transactions[-1]
+
+
+def test_a_mirror_s_changes_keep_both_sets_equal_to_the_table_whatever_the_order() -> None:
+    """_Mirror.changes works on the dirty keys only (not the whole table, which made
+    call set-ups slower as the table grew): after any sequence of calls coming and
+    going, flushed in batches, the exact set and the projected set (with its counts)
+    are what the table says."""
+    rng = random.Random(16)
+    mirror = _Mirror("own_out", "own_server")
+    now: dict[tuple[bytes, bytes, int], object] = {}
+    exact: set[tuple[bytes, bytes, int]] = set()
+    projected: set[tuple[bytes, int]] = set()
+    clients = [bytes([10, 0, 0, i]) for i in range(1, 5)]
+    servers = [bytes([198, 51, 100, i]) for i in range(2, 4)]
+    for _ in range(400):
+        for _ in range(rng.randrange(1, 6)):
+            k = (rng.choice(clients), rng.choice(servers), rng.randrange(3))
+            if k in now and rng.random() < 0.6:
+                del now[k]
+            else:
+                now[k] = object()
+            mirror.dirty.add(k)
+        ops, commit = mirror.changes(now)
+        for verb, name, keys in ops:
+            target: set[Any] = exact if name == "own_out" else projected
+            for key in keys:
+                assert (key not in target) if verb == "add" else (key in target)
+                (target.add if verb == "add" else target.discard)(key)
+        commit()
+        assert exact == set(now) == mirror.keys
+        assert projected == {server_of(k) for k in now} == set(mirror.counts)
+        assert mirror.counts == Counter(server_of(k) for k in now)
