@@ -359,14 +359,14 @@ def run(
                                      None if ownership is None else ownership.start())
         try:
             set_datapath(policy.datapath)
-            info = _announce_ready(policy, flavour, ready_file, status,
-                                   {} if pair is None else {"role": "active"})
             reload.name_process()
-            if pid_file is not None:
+            if pid_file is not None:  # before the ready line: whoever waits for it finds us
                 try:
                     reload.write_pid_file(pid_file)
                 except OSError as exc:  # natedit reload --ready-file still finds us
                     log.warning("cannot write the pid file %s: %s", pid_file, exc)
+            info = _announce_ready(policy, flavour, ready_file, status,
+                                   {} if pair is None else {"role": "active"})
 
             def on_hangup() -> None:
                 reloader.reload()
