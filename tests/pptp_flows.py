@@ -10,11 +10,22 @@ import ipaddress
 import random
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from natedit import Direction, Policy, Verdict
+from natedit.core.calls import Call
 from natedit.core.checksum import internet_checksum
-from natedit.core.table import CallTable, ControlConnection
+from natedit.core.table import (
+    CLIENT_HI,
+    CLIENT_ID,
+    PUBLIC_HI,
+    PUBLIC_ID,
+    SERVER_HI,
+    SERVER_ID,
+    CallTable,
+    ControlConnection,
+)
 from natedit.core.translator import Translator
 from natedit.core.wire import (
     TCP_ACK,
@@ -248,6 +259,61 @@ def assert_table_consistent(table: CallTable, *, one_to_one: bool = True) -> Non
             "client and public high bytes are not one-to-one")
         for call in conn.calls:
             assert call.client_call_id is None or call.client_call_id >> 8 == call.client_call_hi
+        assert_indexes_walk(conn)
+
+
+KEYS: dict[int, Callable[[Call], int | None]] = {
+    CLIENT_ID: lambda c: c.client_call_id,
+    PUBLIC_ID: lambda c: c.public_call_id,
+    SERVER_ID: lambda c: c.server_call_id,
+    CLIENT_HI: lambda c: c.client_call_hi,
+    PUBLIC_HI: lambda c: c.public_call_id >> 8,
+    SERVER_HI: lambda c: None if c.server_call_id is None else c.server_call_id >> 8,
+}
+"""The kinds of key a connection indexes its calls by (``ControlConnection.index``)."""
+
+
+def walk(conn: ControlConnection, kind: int) -> dict[int, list[Call]]:
+    """``conn``'s calls by one kind of key (of :data:`KEYS`), each value's in the
+    connection's order: what its index must hold, found by walking its calls."""
+    out: dict[int, list[Call]] = {}
+    for call in conn.calls:
+        value = KEYS[kind](call)
+        if value is not None:
+            out.setdefault(value, []).append(call)
+    return out
+
+
+def assert_indexes_walk(conn: ControlConnection) -> None:
+    """The index of ``conn`` holds exactly its calls, each key's in the connection's
+    order, and its lookups find what a walk of its calls in order finds first (and
+    None for a value no call has)."""
+    assert list(conn.calls.values()) == sorted(conn.calls.values())
+    assert conn.next_order > max(conn.calls.values(), default=-1)
+    lookups: dict[int, Callable[[int], Call | None]] = {
+        CLIENT_ID: conn.call_by_client_id, PUBLIC_ID: conn.call_by_public_id,
+        SERVER_ID: conn.call_by_server_id}
+    found = {kind: walk(conn, kind) for kind in KEYS}
+    expected: dict[int, list[Call]] = {kind | v: calls for kind, by in found.items()
+                                       for v, calls in by.items()}
+    assert {k: list(conn.calls_with(k)) for k in conn.index} == expected
+    for key, held in conn.index.items():  # one call alone, several as a list
+        assert isinstance(held, Call) or len(held) > 1, f"{key:#x}: {held}"
+    for kind, lookup in lookups.items():
+        assert all(lookup(v) is calls[0] for v, calls in found[kind].items()), kind
+        near = {0, 0xFFFF} | {v ^ bit for v in found[kind] for bit in (1, 0x100)}
+        assert all(lookup(v) is None for v in near - found[kind].keys()), kind
+    by_client, by_public = found[CLIENT_HI], found[PUBLIC_HI]
+    for hi in range(0x100):
+        assert conn.public_hi_for_client_hi(hi) == (
+            by_client[hi][0].public_call_id >> 8 if hi in by_client else None)
+        assert conn.client_hi_for_public_hi(hi) == (
+            by_public[hi][0].client_call_hi if hi in by_public else None)
+        assert conn.public_his_for_client_hi(hi) == {
+            c.public_call_id >> 8 for c in by_client.get(hi, [])}
+        assert conn.client_his_for_public_hi(hi) == {
+            c.client_call_hi for c in by_public.get(hi, [])}
+        assert conn.uses_public_hi(hi) == (hi in by_public)
 
 
 def high_bytes_one_to_one(conn: ControlConnection) -> bool:

@@ -123,8 +123,8 @@ class Allocator:
             own = self._outside_range(used)
             if own is not None:
                 return own
-        want = {c.public_call_id >> 8 for c in conn.calls if c.client_call_hi == client_call_hi}
-        avoid = {c.public_call_id >> 8 for c in conn.calls}
+        want = conn.public_his_for_client_hi(client_call_hi)
+        avoid = conn.uses_public_hi
         first, last = self.policy.call_id_first, self.policy.call_id_last
         n_blocks = (last >> 8) - (first >> 8) + 1
         in_use = len(used)
@@ -133,10 +133,10 @@ class Allocator:
             return cid not in used and mine(cid)
 
         def new_block(hi: int) -> bool:
-            return hi not in avoid
+            return not avoid(hi)
 
         def light_new_block(hi: int) -> bool:  # at most the average load
-            return hi not in avoid and blocks.get(hi, 0) * n_blocks <= in_use
+            return not avoid(hi) and blocks.get(hi, 0) * n_blocks <= in_use
 
         spread = self.policy.allocation is Allocation.RANDOM
 

@@ -40,7 +40,7 @@ from .errors import DropReason, PassReason, ReleaseReason
 from .policy import DisconnectRule
 from .stats import Stats
 from .stream import Piece, Stream
-from .table import CallTable, ControlConnection
+from .table import SERVER_HI, CallTable, ControlConnection
 from .wire import CallIdField, Direction, FieldKind, MessageType
 
 _NEW, _OWN, _PEER, _SERVER = FieldKind.NEW, FieldKind.OWN, FieldKind.PEER, FieldKind.SERVER
@@ -169,7 +169,7 @@ class CallIdFields:
         old = conn.call_by_client_id(call_id)
         if old is not None and old is not call:
             self.table.release(old, ReleaseReason.REPLACED)  # the client reused a live Call ID
-        call.client_call_id = call_id
+        conn.set_ids(call, client_call_id=call_id)
 
     def _decide(self, conn: ControlConnection, kind: FieldKind,
                 value: int) -> tuple[Call | None, int | None]:
@@ -214,15 +214,14 @@ class CallIdFields:
         (it leaves as it came): what every call of ``conn`` it may name agrees on
         (one call under the high-byte rule; maybe several once the rule was relaxed)."""
         if kind is _OWN:
-            his = {c.public_call_id >> 8 for c in conn.calls if c.client_call_hi == hi}
+            his = conn.public_his_for_client_hi(hi)
             return his.pop() if len(his) == 1 else None
         if kind is _PEER:
-            his = {c.client_call_hi for c in conn.calls if c.public_call_id >> 8 == hi}
+            his = conn.client_his_for_public_hi(hi)
             return his.pop() if len(his) == 1 else None
         # Disconnect: the value may be a server or a public Call ID. Each candidate
         # call says what the high byte becomes; write it only when they all agree.
         rfc = self.table.policy.disconnect_rule is DisconnectRule.RFC
-        his = {hi if rfc else c.client_call_hi for c in conn.calls
-               if c.server_call_id is not None and c.server_call_id >> 8 == hi}
-        his |= {c.client_call_hi for c in conn.calls if c.public_call_id >> 8 == hi}
+        his = {hi if rfc else c.client_call_hi for c in conn.calls_with(SERVER_HI | hi)}
+        his |= conn.client_his_for_public_hi(hi)
         return his.pop() if len(his) == 1 else None

@@ -20,8 +20,16 @@ Indexes, all kept by this module only:
   uniqueness the allocator guarantees;
 * ``by_server[(client, server, server_call_id)]`` - outbound GRE (it
   carries the server's Call ID) once the server has answered;
-* ``ControlConnection.calls`` - the few calls of one control connection,
-  for the control messages that name them.
+* ``ControlConnection.calls`` - the calls of one control connection, in the
+  order they were mapped, and its ``index`` of them by client, public and server
+  Call ID and by client, public and server high byte, for the control messages
+  that name them: each lookup finds in O(1) the call a walk of ``calls`` in
+  order would find first (thousands of calls on one connection stay cheap). A
+  call joins and leaves them only through :meth:`ControlConnection.add_call`
+  and ``remove_call``, and its client and server Call IDs are set only through
+  :meth:`ControlConnection.set_ids` (the table's :meth:`CallTable._register`,
+  :meth:`CallTable.release`, :meth:`CallTable.set_server_call_id`,
+  :meth:`CallTable.restore`; the fields' new client Call ID).
 
 Split fields. A Call ID field may be cut between two TCP segments, and the
 first byte must be forwarded before the second is seen. So that one byte is
@@ -37,8 +45,9 @@ keeps that, the allocator relaxes it rather than refuse the call (counted:
 from __future__ import annotations
 
 import random
+from bisect import insort
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 
 from .allocator import Allocator
@@ -63,10 +72,26 @@ ConnKey = tuple[bytes, int, bytes, int]
 """(client address, client port, server address, server port), addresses packed."""
 
 
+CLIENT_ID, PUBLIC_ID, SERVER_ID, CLIENT_HI, PUBLIC_HI, SERVER_HI = (k << 16 for k in range(6))
+"""The kinds of key of a connection's index (``ControlConnection.index``): a key is
+its kind | a Call ID (client, public, server) or a high byte (of those)."""
+
+
+def index_keys(call: Call) -> list[int]:
+    """The keys ``call`` has in its connection's index (its Call IDs known so far)."""
+    public = call.public_call_id
+    keys = [PUBLIC_ID | public, CLIENT_HI | call.client_call_hi, PUBLIC_HI | public >> 8]
+    if call.client_call_id is not None:
+        keys.append(CLIENT_ID | call.client_call_id)
+    if call.server_call_id is not None:
+        keys += (SERVER_ID | call.server_call_id, SERVER_HI | call.server_call_id >> 8)
+    return keys
+
+
 class ControlConnection:
-    __slots__ = ("calls", "client_address", "client_ip", "client_port", "fin", "key",
-                 "last_seen", "public_ip", "refused_at", "released", "server_address",
-                 "server_ip", "server_port", "started", "streams")
+    __slots__ = ("calls", "client_address", "client_ip", "client_port", "fin", "index", "key",
+                 "last_seen", "next_order", "public_ip", "refused_at", "released",
+                 "server_address", "server_ip", "server_port", "started", "streams")
 
     def __init__(self, key: ConnKey, now: float, *, started: bool = True,
                  addresses: tuple[IPv4Address, IPv4Address] | None = None) -> None:
@@ -75,7 +100,17 @@ class ControlConnection:
         self.client_address, self.server_address = addresses or (
             IPv4Address(self.client_ip), IPv4Address(self.server_ip))
         """(The table gives its shared objects.)"""
-        self.calls: list[Call] = []
+        self.calls: dict[Call, int] = {}
+        """The live calls, in the order they were mapped (each with its number in that
+        order); joined and left through :meth:`add_call` and :meth:`remove_call` only."""
+        self.next_order = 0
+        """The number in ``calls`` of the next call to join."""
+        self.index: dict[int, Call | list[Call]] = {}
+        """The calls by each of their keys (:func:`index_keys`): the one call with the
+        key, or the several that share it in the order of ``calls``, so that the first
+        is the call a walk of ``calls`` in order finds first (also while several share a
+        key: a server that hands out a live call's Call ID again). One dict of plain
+        values per connection: many connections cost the garbage collector little."""
         self.streams = (Stream(), Stream())
         """Byte streams by Direction: client->server, server->client."""
         self.fin = [False, False]
@@ -101,35 +136,107 @@ class ControlConnection:
     def expires(self, policy: Policy) -> float:
         return self.last_seen + policy.control_idle_timeout
 
+    # -- its calls: the one place that keeps the index ---------------------------------
+
+    def add_call(self, call: Call) -> None:
+        """``call`` joins the connection (after its other calls) and the index."""
+        self.calls[call] = self.next_order
+        self.next_order += 1
+        for key in index_keys(call):
+            self._enter(call, key)
+
+    def remove_call(self, call: Call) -> None:
+        """``call`` leaves the connection and the index."""
+        for key in index_keys(call):
+            self._leave(call, key)
+        del self.calls[call]
+
+    def set_ids(self, call: Call, client_call_id: int | None = None,
+                server_call_id: int | None = None) -> None:
+        """Give ``call`` its client or server Call ID (None: that one unchanged); the
+        only writer of them, which moves the call in the index when it has joined."""
+        joined = call in self.calls
+        if client_call_id is not None:
+            old = call.client_call_id
+            if joined and old is not None:
+                self._leave(call, CLIENT_ID | old)
+            call.client_call_id = client_call_id
+            if joined:
+                self._enter(call, CLIENT_ID | client_call_id)
+        if server_call_id is not None:
+            old = call.server_call_id
+            if joined and old is not None:
+                self._leave(call, SERVER_ID | old)
+                self._leave(call, SERVER_HI | old >> 8)
+            call.server_call_id = server_call_id
+            if joined:
+                self._enter(call, SERVER_ID | server_call_id)
+                self._enter(call, SERVER_HI | server_call_id >> 8)
+
+    def _enter(self, call: Call, key: int) -> None:
+        held = self.index.setdefault(key, call)
+        if held is call:
+            return
+        if isinstance(held, list):
+            if self.calls[held[-1]] < self.calls[call]:
+                held.append(call)  # (the newest call)
+            else:
+                insort(held, call, key=self.calls.__getitem__)
+        else:
+            self.index[key] = sorted((held, call), key=self.calls.__getitem__)
+
+    def _leave(self, call: Call, key: int) -> None:
+        held = self.index[key]
+        if held is call:
+            del self.index[key]
+        else:
+            assert isinstance(held, list)
+            held.remove(call)
+            if len(held) == 1:
+                self.index[key] = held[0]
+
+    def first(self, key: int) -> Call | None:
+        """The first call in order with ``key`` (a kind | a value), or None."""
+        held = self.index.get(key)
+        return held[0] if isinstance(held, list) else held
+
+    def calls_with(self, key: int) -> Sequence[Call]:
+        """The calls with ``key``, in order."""
+        held = self.index.get(key)
+        return () if held is None else held if isinstance(held, list) else (held,)
+
     def call_by_client_id(self, call_id: int) -> Call | None:
-        for call in self.calls:
-            if call.client_call_id == call_id:
-                return call
-        return None
+        held = self.index.get(CLIENT_ID | call_id)  # (first(), inlined: per message)
+        return held[0] if isinstance(held, list) else held
 
     def call_by_public_id(self, call_id: int) -> Call | None:
-        for call in self.calls:
-            if call.public_call_id == call_id:
-                return call
-        return None
+        held = self.index.get(PUBLIC_ID | call_id)  # (first(), inlined: per message)
+        return held[0] if isinstance(held, list) else held
 
     def call_by_server_id(self, call_id: int) -> Call | None:
-        for call in self.calls:
-            if call.server_call_id == call_id:
-                return call
-        return None
+        held = self.index.get(SERVER_ID | call_id)  # (first(), inlined: per message)
+        return held[0] if isinstance(held, list) else held
 
     def public_hi_for_client_hi(self, hi: int) -> int | None:
-        for call in self.calls:
-            if call.client_call_hi == hi:
-                return call.public_call_id >> 8
-        return None
+        call = self.first(CLIENT_HI | hi)
+        return None if call is None else call.public_call_id >> 8
 
     def client_hi_for_public_hi(self, hi: int) -> int | None:
-        for call in self.calls:
-            if call.public_call_id >> 8 == hi:
-                return call.client_call_hi
-        return None
+        call = self.first(PUBLIC_HI | hi)
+        return None if call is None else call.client_call_hi
+
+    def public_his_for_client_hi(self, hi: int) -> set[int]:
+        """The public high bytes of the calls with client high byte ``hi`` (one under
+        the high-byte rule; maybe several once the allocator relaxed it)."""
+        return {c.public_call_id >> 8 for c in self.calls_with(CLIENT_HI | hi)}
+
+    def client_his_for_public_hi(self, hi: int) -> set[int]:
+        """The client high bytes of the calls with public high byte ``hi``."""
+        return {c.client_call_hi for c in self.calls_with(PUBLIC_HI | hi)}
+
+    def uses_public_hi(self, hi: int) -> bool:
+        """Whether a call of the connection has a public Call ID in block ``hi``."""
+        return PUBLIC_HI | hi in self.index
 
 
 class CallTable:
@@ -290,7 +397,7 @@ class CallTable:
         self.allocator.take((call.public_ip, call.server_ip), call.public_call_id)
         self.by_public[(call.public_ip, call.server_ip, call.public_call_id)] = call
         self.per_client[call.client_ip] += 1
-        call.conn.calls.append(call)
+        call.conn.add_call(call)
         if call.server_call_id is not None:
             self._take_server_key(call, call.server_call_id)
         self.schedule(call, call.expires(self.policy))
@@ -357,15 +464,14 @@ class CallTable:
             return RestoreOutcome.TOO_MANY_CONNECTIONS
         conn.public_ip = public_ip
         call = Call(conn, hi, self._public(public_ip), rec.public_call_id, now)
-        call.client_call_id = cid
+        conn.set_ids(call, cid, rec.server_call_id)
         call.state = state
-        call.server_call_id = rec.server_call_id
         self._register(call)
         return None
 
     def set_server_call_id(self, call: Call, server_call_id: int) -> None:
         self._leave_server_key(call)
-        call.server_call_id = server_call_id
+        call.conn.set_ids(call, server_call_id=server_call_id)
         self._take_server_key(call, server_call_id)
 
     # -- the lifecycle (calls.TRANSITIONS, the only way a call changes state) -----------
@@ -422,7 +528,7 @@ class CallTable:
         self.per_client[call.client_ip] -= 1
         if not self.per_client[call.client_ip]:
             del self.per_client[call.client_ip]
-        call.conn.calls.remove(call)
+        call.conn.remove_call(call)
         self.outbox.stats.calls_released[reason] += 1
         self.outbox.events.append(CallReleased(info, reason))
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "natedit"
 CORE = PACKAGE / "core"
 
 STDLIB_FOR_CORE = frozenset({
-    "__future__", "array", "collections", "dataclasses", "enum", "heapq", "ipaddress",
+    "__future__", "array", "bisect", "collections", "dataclasses", "enum", "heapq", "ipaddress",
     "random", "struct", "typing",
 })
 """Pure modules only: no clock (time), no sockets, threads, processes, files (os, io,

@@ -84,7 +84,7 @@ def sequential_calls(t: CallTable, conn: ControlConnection, n: int) -> int:
             return cid - 1
         call = t.allocate(conn, cid >> 8, PUB, 0.0)
         assert call is not None
-        call.client_call_id = cid
+        conn.set_ids(call, client_call_id=cid)
     return n
 
 
@@ -247,7 +247,7 @@ def test_other_connections_leave_a_connections_block_to_it() -> None:
     conn = t.connection((bytes([10, 0, 0, 5]), 40000, SRV, 1723), 0.0, create=True)
     assert conn is not None
     assert sequential_calls(t, conn, 200) == 200
-    block = conn.calls[0].public_call_id >> 8
+    block = next(iter(conn.calls)).public_call_id >> 8
     rng = random.Random(5)
     for i in range(10_000):
         other = t.connection((bytes([10, 2, i >> 8, i & 0xFF]), 40000, SRV, 1723), 0.0,

@@ -76,7 +76,7 @@ def conn_of(t: CallTable, client: bytes = CLIENTS[0], port: int = 40000,
 def new_call(t: CallTable, conn: ControlConnection, client_call_id: int) -> Call | None:
     call = t.allocate(conn, client_call_id >> 8, PUB, 0.0)
     if call is not None:
-        call.client_call_id = client_call_id
+        conn.set_ids(call, client_call_id=client_call_id)
     return call
 
 
@@ -181,7 +181,7 @@ class TableMachine(RuleBasedStateMachine):
         assert call.state is CallState.REQUESTED
         if old is not None:  # the translator releases a reused client Call ID
             self.t.release(old, ReleaseReason.DISCONNECT)
-        call.client_call_id = client_call_id
+        conn.set_ids(call, client_call_id=client_call_id)
 
     @rule(which=st.integers(0, 100), his=st.lists(st.integers(0, 0xFF), min_size=2,
                                                    max_size=4))
@@ -197,7 +197,7 @@ class TableMachine(RuleBasedStateMachine):
         for hi in his:
             call = self.t.allocate(conn, hi, PUB, 0.0)
             assert call is not None
-            call.client_call_id = hi << 8 | (len(conn.calls) & 0xFF)
+            conn.set_ids(call, client_call_id=hi << 8 | (len(conn.calls) & 0xFF))
         if self.t.relaxed > relaxed:
             event("high-byte rule relaxed")
             self.relaxed_conns.add(conn)
