@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
 from natedit import nfqueue, worker
+from natedit.core.translator import Translator
 from natedit.core.wire import MessageType
 from natedit.nftlib import NftError
 from natedit.owned import Ownership, OwnershipCollector, _Mirror, key_text
@@ -96,43 +98,18 @@ def test_a_failed_update_is_reported_and_the_sets_are_rebuilt() -> None:
     assert not own.pending and own.owned["own_in"] == 1
 
 
-def test_the_worker_claims_a_new_call_before_the_verdict_of_its_packet() -> None:
-    """A quiet queue sends each verdict as it is given (nfqueue.Verdicts.limit 0): the
-    sets learn the new call first, in the same step."""
-    tr = make_translator()
-    nft = FakeNft()
-    dispatcher = worker.Dispatcher(tr)
-    dispatcher.ownership = Ownership(tr, nft=nft)
-    dispatcher.ownership.start()
-    order: list[str] = []
-    nft_run = nft.run
+@dataclass
+class Recorded:
+    """A worker whose ownership set updates and verdict writes are recorded in order."""
 
-    def run(commands: str, **kw: bool) -> str:
-        order.append("nft")
-        return nft_run(commands, **kw)
-
-    class Sock:
-        def sendmsg(self, parts: list[bytes]) -> int:
-            order.append("verdict")
-            return sum(map(len, parts))
-
-    nft.run = run  # type: ignore[method-assign]
-    batch = nfqueue.Verdicts(1723)
-    batch.sock = Sock()
-    batch.before_send = dispatcher.settle_pending
-    batch.limit = 0  # quiet
-    conv = Conversation(tr, CLIENT)
-    conv.open()
-    request = conv.segment(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234))
-    dispatcher.packets.packet(FakePacket(request), OUT, batch)
-    assert order == ["nft", "verdict"]
-    dispatcher.flush()
-    assert order == ["nft", "verdict"]
+    tr: Translator
+    nft: FakeNft
+    dispatcher: worker.Dispatcher
+    batch: nfqueue.Verdicts
+    order: list[str]
 
 
-def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent() -> None:
-    """The worker's verdicts go to the kernel once per queue and turn (nfqueue.Verdicts):
-    the new calls of the whole batch go into the sets in one transaction, just before."""
+def recorded() -> Recorded:
     tr = make_translator()
     nft = FakeNft()
     dispatcher = worker.Dispatcher(tr)
@@ -154,6 +131,28 @@ def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent()
     batch = nfqueue.Verdicts(1723)
     batch.sock = Sock()
     batch.before_send = dispatcher.settle_pending
+    return Recorded(tr, nft, dispatcher, batch, order)
+
+
+def test_the_worker_claims_a_new_call_before_the_verdict_of_its_packet() -> None:
+    """A quiet queue sends each verdict as it is given (nfqueue.Verdicts.limit 0): the
+    sets learn the new call first, in the same step."""
+    r = recorded()
+    r.batch.limit = 0  # quiet
+    conv = Conversation(r.tr, CLIENT)
+    conv.open()
+    request = conv.segment(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234))
+    r.dispatcher.packets.packet(FakePacket(request), OUT, r.batch)
+    assert r.order == ["nft", "verdicts"]
+    r.dispatcher.flush()
+    assert r.order == ["nft", "verdicts"]
+
+
+def test_with_batched_verdicts_the_sets_learn_the_batch_once_before_it_is_sent() -> None:
+    """The worker's verdicts go to the kernel once per queue and turn (nfqueue.Verdicts):
+    the new calls of the whole batch go into the sets in one transaction, just before."""
+    r = recorded()
+    tr, nft, dispatcher, batch, order = r.tr, r.nft, r.dispatcher, r.batch, r.order
 
     class Queued(FakePacket):
         id = 1
