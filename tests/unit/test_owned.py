@@ -21,6 +21,23 @@ from tests.pptp_flows import IN, OUT, PUBLIC, SERVER, Conversation, establish, m
 CLIENT = "10.0.0.11"
 
 
+def established(tr: Translator, own: Ownership,
+                pairs: list[tuple[str, str]]) -> list[Conversation]:
+    """One established call per (client, server) (client Call ID 0x1234, server Call ID
+    0x80), every event noted by ``own``; their control connections."""
+    convs = []
+    for client, server in pairs:
+        conv = Conversation(tr, client, server=server)
+        conv.open()
+        own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
+        [public] = [k[2] for k, c in tr.table.by_public.items()
+                    if c.client_ip == IPv4Address(client).packed]
+        reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public)
+        own.note(conv.send(IN, reply).events)
+        convs.append(conv)
+    return convs
+
+
 class FakeNft:
     """Records every transaction; ``fail`` makes the next ones raise."""
 
@@ -202,16 +219,7 @@ def test_own_server_goes_with_the_last_call_that_names_it() -> None:
     nft = FakeNft()
     own = Ownership(tr, nft=nft)
     own.start()
-    convs = []
-    for client in (CLIENT, "10.0.0.12"):
-        conv = Conversation(tr, client)
-        conv.open()
-        own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
-        [public] = [k[2] for k, c in tr.table.by_public.items()
-                    if c.client_ip == IPv4Address(client).packed]
-        reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public)
-        own.note(conv.send(IN, reply).events)
-        convs.append(conv)
+    convs = established(tr, own, [(CLIENT, SERVER), ("10.0.0.12", SERVER)])
     own.flush()
     assert (own.owned["own_out"], own.owned["own_server"], own.owned["own_in"]) == (2, 1, 2)
     own.note(convs[0].send(IN, msg(MessageType.CALL_DISCONNECT_NOTIFY, call_id=0x80)).events)
@@ -241,16 +249,7 @@ def test_own_peer_follows_own_in_and_goes_with_the_last_call_to_its_server() -> 
     own = Ownership(tr, nft=nft)
     own.start()
     other = "198.51.100.3"
-    convs = []
-    for client, server in ((CLIENT, SERVER), ("10.0.0.12", SERVER), ("10.0.0.13", other)):
-        conv = Conversation(tr, client, server=server)
-        conv.open()
-        own.note(conv.send(OUT, msg(MessageType.OUTGOING_CALL_REQUEST, call_id=0x1234)).events)
-        [public] = [k[2] for k, c in tr.table.by_public.items()
-                    if c.client_ip == IPv4Address(client).packed]
-        reply = msg(MessageType.OUTGOING_CALL_REPLY, call_id=0x80, peer_call_id=public)
-        own.note(conv.send(IN, reply).events)
-        convs.append(conv)
+    convs = established(tr, own, [(CLIENT, SERVER), ("10.0.0.12", SERVER), ("10.0.0.13", other)])
     own.flush()
     assert (own.owned["own_in"], own.owned["own_peer"]) == (3, 2)
     assert nft.transactions[-1].count("own_peer") == 1
