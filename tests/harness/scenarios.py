@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # pac.py is imported lazily: it is also run as `python -m tes
     from .pac import PacServer
 
 ServerKind = Literal["pptpd", "pac"]
+REPO = Path(__file__).resolve().parents[2]
+"""This checkout: natedit runs from it (``python -m natedit`` finds its cwd's first)."""
 
 HELLO_TIMEOUT = 6.0  # pptp-linux waits 1 s after starting its call manager
 RETURN_TIMEOUT = 3.0
@@ -160,6 +163,25 @@ class CallResult:
             f"rc={self.pptp_returncode} [{phases}]"
         )
 
+
+
+def natedit_gateway(name: str, policy: str | None = None, *, state: bool = False) -> Gateway:
+    """``natedit run`` of this checkout as the gateway (on MASQUERADE): ``policy`` the
+    YAML text of its policy file (None: the built-in default), its pid file
+    ``natedit.pid`` in ``lab.tmpdir``; ``state``: a state file there too (else none)."""
+
+    def argv(lab: Lab, ready: Path) -> list[str]:
+        tmp = lab.tmpdir
+        args = [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
+                "--pid-file", str(tmp / "natedit.pid"),
+                "--state", str(tmp / "state.db") if state else ""]
+        if policy is not None:
+            path = tmp / f"{name}.yaml"
+            path.write_text(policy)
+            args += ["--policy", str(path)]
+        return args
+
+    return worker_gateway(name, argv, cwd=str(REPO))
 
 @dataclass
 class GatewayProcess:

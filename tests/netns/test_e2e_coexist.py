@@ -12,36 +12,18 @@ which natedit must never count. The README's real-peer table has the figures.
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from natedit.lab.topology import Lab
 from tests.harness import KERNEL_HELPER, MASQUERADE_ONLY, ScenarioResult, coexist, require_netns
-from tests.harness.scenarios import Gateway, worker_gateway
+from tests.harness.scenarios import Gateway, natedit_gateway
 
 pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _natedit(name: str, policy: str | None = None) -> Gateway:
-    def argv(lab: Lab, ready: Path) -> list[str]:
-        tmp = lab.tmpdir
-        args = [sys.executable, "-m", "natedit", "run", "--ready-file", str(ready),
-                "--pid-file", str(tmp / "natedit.pid"), "--state", str(tmp / "state.db")]
-        if policy is not None:
-            path = tmp / f"{name}.yaml"
-            path.write_text(policy)
-            args += ["--policy", str(path)]
-        return args
-
-    return worker_gateway(name, argv, cwd=str(REPO))
-
-
-NATEDIT = _natedit("natedit")
-NATEDIT_KERNEL = _natedit("natedit-kernel", "datapath: kernel\n")
+NATEDIT = natedit_gateway("natedit", state=True)
+NATEDIT_KERNEL = natedit_gateway("natedit-kernel", "datapath: kernel\n", state=True)
 
 PLAIN = pytest.param(MASQUERADE_ONLY, id="plain")
 HELPER = pytest.param(KERNEL_HELPER, id="kernel-helper")
@@ -151,9 +133,9 @@ def test_gre_v0_passes_untouched(base: Gateway) -> None:
         assert_natedit_dropped_nothing(r, own_calls=1)
 
 
-NATEDIT_POOL_OF_THE_GATEWAYS_ID = _natedit(
+NATEDIT_POOL_OF_THE_GATEWAYS_ID = natedit_gateway(
     "natedit-pool", f"call_ids:\n  first: {coexist.GATEWAY_CALL_ID}\n"
-                    f"  last: {coexist.GATEWAY_CALL_ID}\n")
+                    f"  last: {coexist.GATEWAY_CALL_ID}\n", state=True)
 
 
 def test_gateway_own_call_id_is_not_given_to_an_inside_call() -> None:

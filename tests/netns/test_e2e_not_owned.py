@@ -55,7 +55,7 @@ from natedit.lab.topology import PUBLIC_GW_ADDR, SERVER_ADDR, Lab
 from natedit.metrics import parse_queue_stats
 from tests.harness import require_netns, scenarios
 from tests.harness.kernel import kernel_maps
-from tests.harness.scenarios import Gateway
+from tests.harness.scenarios import Gateway, natedit_gateway
 
 pytestmark = pytest.mark.netns
 
@@ -159,16 +159,7 @@ STRANGER = "198.51.100.77"
 
 
 def gateway(datapath: str) -> Gateway:
-    def setup(lab: Lab) -> None:
-        lab.gateway_masquerade_only()
-        path, ready = lab.tmpdir / "policy.yaml", lab.tmpdir / "natedit.ready"
-        path.write_text(f"datapath: {datapath}\n")
-        lab.start_gateway_process(
-            [sys.executable, "-m", "natedit", "run", "--policy", str(path), "--ready-file",
-             str(ready), "--pid-file", str(lab.tmpdir / "natedit.pid"), "--state", ""],
-            ready=ready.exists, cwd=str(REPO), name="natedit")
-
-    return Gateway(f"natedit-{datapath}", setup)
+    return natedit_gateway(f"natedit-{datapath}", f"datapath: {datapath}\n")
 
 
 def http(lab: Lab, path: str) -> str:

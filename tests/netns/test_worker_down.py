@@ -31,7 +31,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -39,12 +38,11 @@ from natedit.core.wire import build_gre
 from natedit.lab.topology import PUBLIC_GW_ADDR, SERVER_ADDR, Lab
 from tests.harness import require_netns, scenarios
 from tests.harness.capture import OCRP, OCRQ
-from tests.harness.scenarios import Gateway
+from tests.harness.scenarios import Gateway, natedit_gateway
 from tests.netns.test_worker_netns import GRE_RECEIVER, GRE_SENDER
 
 pytestmark = pytest.mark.netns
 
-REPO = Path(__file__).resolve().parents[2]
 FORCED = 0x1234
 SCCRQ = 1
 """Start-Control-Connection-Request."""
@@ -55,16 +53,7 @@ UNOWNED = 0x4242
 
 
 def natedit(mode: str) -> Gateway:
-    def setup(lab: Lab) -> None:
-        lab.gateway_masquerade_only()
-        policy, ready = lab.tmpdir / "policy.yaml", lab.tmpdir / "natedit.ready"
-        policy.write_text(f"on_worker_down: {mode}\n")
-        lab.start_gateway_process(
-            [sys.executable, "-m", "natedit", "run", "--policy", str(policy), "--ready-file",
-             str(ready), "--pid-file", str(lab.tmpdir / "natedit.pid"), "--state", ""],
-            ready=ready.exists, cwd=str(REPO), name="natedit")
-
-    return Gateway(f"natedit-{mode}", setup)
+    return natedit_gateway(f"natedit-{mode}", f"on_worker_down: {mode}\n")
 
 
 def counters(lab: Lab) -> dict[str, int]:
