@@ -19,6 +19,7 @@ and the temp dir.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -197,6 +198,12 @@ class Lab(Scoped):
             self.mounts.close()
         if hasattr(self, "syslog"):
             self.syslog.close()
+        if not hasattr(self, "tmpdir") and not self.keep_tmp:
+            # a signal between mkdtemp and the assignment (seen once under SIGINT): the
+            # directory carries this lab's unique prefix, and nothing is in it yet
+            for left in Path(tempfile.gettempdir()).glob(f"{self.prefix}-*"):
+                with contextlib.suppress(OSError):
+                    left.rmdir()
         if hasattr(self, "tmpdir") and not self.keep_tmp:
             mounted = [p for p in self.tmpdir.rglob("*") if p.is_dir() and os.path.ismount(p)]
             if mounted:
